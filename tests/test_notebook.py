@@ -1,0 +1,90 @@
+"""Setup-cell helpers, and the places that must agree with them."""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from kn_tutorial import notebook as N
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_on_colab(monkeypatch):
+    import sys
+
+    assert N.on_colab() is ("google.colab" in sys.modules)
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    assert N.on_colab()
+
+
+def test_setup_seeds_and_reads_model(monkeypatch):
+    import matplotlib as mpl
+    import numpy as np
+    import torch
+
+    monkeypatch.delenv("KN_MODEL", raising=False)
+    with mpl.rc_context():
+        assert N.setup(seed=3) == "atlas"
+        a = (random.random(), np.random.rand(), torch.rand(1).item())
+        N.setup(seed=3)
+        b = (random.random(), np.random.rand(), torch.rand(1).item())
+        assert a == b
+        assert mpl.rcParams["image.cmap"] == "cividis"
+        monkeypatch.setenv("KN_MODEL", "gpt2-xl")
+        assert N.setup() == "gpt2-xl"
+
+
+def test_colab_badge():
+    url = "https://colab.research.google.com/github/kn-tutorial/kn-tutorial/blob/main/book/06_rome.ipynb"
+    assert N.colab_url("book/06_rome.ipynb") == url
+    assert N.colab_url("./book/06_rome.ipynb") == url
+    assert N.colab_url("06_rome.ipynb") == url
+    md = N.colab_badge("book/06_rome.ipynb")
+    assert md == f"[![Open In Colab]({N.COLAB_BADGE_SVG})]({url})"
+    assert f'href="{url}"' in N.colab_badge("06_rome.ipynb", html=True)
+    with pytest.raises(ValueError):
+        N.colab_url("book/intro.md")
+
+
+def test_colab_install_is_pinned():
+    assert N.COLAB_SPEC == f"kn_tutorial @ git+https://github.com/{N.REPO}@{N.RELEASE_TAG}"
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", N.RELEASE_TAG)
+    assert N.COLAB_INSTALL == f'pip install -q "{N.COLAB_SPEC}"'
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^version\s*=\s*"([^"]+)"', pyproject, re.M).group(1)
+    assert N.RELEASE_TAG == f"v{version}", "bump RELEASE_TAG with the version in pyproject.toml"
+
+
+def test_repo_url_agrees_with_book_config_and_readme():
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["repository"]["url"] == N.REPO_URL
+    readme = (ROOT / "README.md").read_text()
+    for repo in re.findall(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/", readme):
+        assert repo == N.REPO
+    assert N.COLAB_SPEC in readme
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for url in re.findall(r'^(?:Homepage|Source)\s*=\s*"([^"]+)"', pyproject, re.M):
+        assert url == N.REPO_URL
+
+
+def _book_notebooks():
+    return sorted(p for p in (ROOT / "book").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", _book_notebooks(), ids=lambda p: p.name)
+def test_chapter_notebook_conventions(path):
+    """Colab install pinned to COLAB_SPEC; every nbval-skip cell says why."""
+    nb = json.loads(path.read_text())
+    sources = ["".join(c.get("source", "")) for c in nb["cells"]]
+    for src in sources:
+        for spec in re.findall(r"kn_tutorial @ git\+[^\s\"']+", src):
+            assert spec == N.COLAB_SPEC, f"{path.name}: installs {spec!r}, expected {N.COLAB_SPEC!r}"
+    for cell, src in zip(nb["cells"], sources):
+        if "nbval-skip" in cell.get("metadata", {}).get("tags", []):
+            assert re.search(r"^#\s*skip-reason:\s*\S", src, re.M), (
+                f"{path.name}: a cell tagged nbval-skip needs a '# skip-reason: ...' line:\n{src[:200]}"
+            )
