@@ -1,0 +1,146 @@
+"""Snapshots of weights that restore them bit for bit.
+
+Every method in the book that edits a model (knowledge-neuron erase/update,
+ROME, MEMIT) edits parameters in place; this module makes each edit undoable:
+
+    with snapshot_layers(model, [17]) as snap:     # ROME on gpt2-xl edits layer 17
+        rome_edit(model, request)                  # changes W_out in place
+        evaluate(model)
+        print(snap.changed())                      # ['transformer.h.17.mlp.c_proj.weight']
+    # here the weights are exactly the originals again (torch.equal)
+
+The snapshot is a clone of each tensor's data; restoring copies it back into
+the same storage, so edits made through views (e.g. `models.mlp_out_weight`,
+which is `c_proj.weight.T` for GPT-2's Conv1D) are undone too. This is the
+"a context manager restores the original weights bit for bit" convention of
+DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .models import MODULE_KINDS, check_layer, get_module, module_name
+
+Params = nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]] | Iterable[Tensor]
+
+
+def _named(params: Params) -> list[tuple[str, Tensor]]:
+    """Normalise the accepted inputs to a list of (name, tensor)."""
+    if isinstance(params, nn.Module):
+        return list(params.named_parameters())
+    if isinstance(params, Mapping):
+        return list(params.items())
+    items = list(params)
+    named = []
+    for i, item in enumerate(items):
+        if isinstance(item, Tensor):
+            named.append((f"param{i}", item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor):
+            named.append((str(item[0]), item[1]))
+        else:
+            raise TypeError(
+                f"cannot snapshot {type(item).__name__}: pass a module, a dict name -> tensor, "
+                f"or a list of (name, tensor) pairs such as model.named_parameters()"
+            )
+    return named
+
+
+class WeightSnapshot:
+    """A copy of some parameters that can be put back exactly.
+
+    params: a module (all its parameters), a dict {name: tensor}, or a list of
+            (name, tensor) pairs; tensors are the live parameters, not copies.
+    offload: keep the copies on the CPU (saves accelerator memory for big layers).
+
+    restore() copies the originals back (safe to call any number of times);
+    used as a context manager it restores on exit, also on exceptions.
+    changed() names the parameters that differ now; deltas() gives current - original.
+    """
+
+    def __init__(self, params: Params, offload: bool = False):
+        self.names: list[str] = []
+        self.params: list[Tensor] = []
+        self.originals: list[Tensor] = []
+        for name, param in _named(params):
+            if name in self.names:
+                raise ValueError(f"parameter name {name!r} appears twice in the snapshot")
+            self.names.append(name)
+            self.params.append(param)
+            copy = param.detach().clone()
+            self.originals.append(copy.cpu() if offload else copy)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the original values back into the live parameters (bit for bit)."""
+        for param, original in zip(self.params, self.originals):
+            param.copy_(original)
+
+    @torch.no_grad()
+    def changed(self) -> list[str]:
+        """Names of the parameters that differ from the snapshot now."""
+        return [
+            name for name, param, original in zip(self.names, self.params, self.originals)
+            if not torch.equal(param.detach(), original.to(param.device))
+        ]
+
+    @torch.no_grad()
+    def deltas(self, only_changed: bool = True) -> dict[str, Tensor]:
+        """{name: current - original} (in the parameter's dtype and device)."""
+        changed = set(self.changed()) if only_changed else set(self.names)
+        return {
+            name: param.detach() - original.to(param.device)
+            for name, param, original in zip(self.names, self.params, self.originals)
+            if name in changed
+        }
+
+    def __enter__(self) -> "WeightSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self.names[:4]) + (", ..." if len(self.names) > 4 else "")
+        return f"WeightSnapshot({len(self.names)} tensors: {shown})"
+
+
+def preserve(params: Params, offload: bool = False) -> WeightSnapshot:
+    """Snapshot `params` now; use `with preserve(...):` to undo any edit made inside."""
+    return WeightSnapshot(params, offload=offload)
+
+
+def snapshot_layers(
+    model: nn.Module,
+    layers: int | Sequence[int],
+    which: str | Sequence[str] = ("mlp_out",),
+    offload: bool = False,
+) -> WeightSnapshot:
+    """Snapshot the weights (and biases) of modules in the given blocks.
+
+    which: module kinds from models.MODULE_KINDS, default the MLP output projection
+    (what ROME, MEMIT and knowledge-neuron edits change). Names are the model's own,
+    e.g. 'transformer.h.17.mlp.c_proj.weight'. Kinds a family lacks (mlp_gate outside
+    Llama) are skipped.
+    """
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    which = [which] if isinstance(which, str) else list(which)
+    for kind in which:
+        if kind not in MODULE_KINDS:
+            raise ValueError(f"unknown module kind {kind!r}; choose from {MODULE_KINDS}")
+    named: dict[str, Tensor] = {}
+    for layer in sorted({check_layer(model, layer) for layer in layers}):
+        for kind in which:
+            module = get_module(model, layer, kind)
+            if module is None:
+                continue
+            prefix = module_name(model, layer, kind)
+            for pname, param in module.named_parameters():
+                named.setdefault(f"{prefix}.{pname}", param)  # "mlp" and "mlp_out" overlap
+    return WeightSnapshot(named, offload=offload)
