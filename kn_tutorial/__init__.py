@@ -1,0 +1,1 @@
+"""kn_tutorial: the package behind the book *Knowledge Neurons in NLP*."""

@@ -1,0 +1,80 @@
+"""The Atlas world, corpus, benchmark and shipped model: integrity and recall."""
+import json
+import random
+
+import pytest
+
+from kn_tutorial.atlas.corpus import EOT, SequenceSampler, all_training_sentences
+from kn_tutorial.atlas.counterfact import build_counterfact, load_counterfact
+from kn_tutorial.atlas.templates import TEMPLATES
+from kn_tutorial.atlas.world import WORLD_FILE, load_world
+
+
+def test_world_has_enough_real_facts():
+    world = load_world()
+    assert len(world) >= 1000
+    assert {"continent", "capital", "currency", "country"} <= set(world.relations)
+    assert "GeoNames" in world.source and "CC BY 4.0" in world.source
+    assert world.lookup("Kuwait", "continent").object == "Asia"
+    assert world.lookup("Kuwait", "capital").object == "Kuwait City"
+    assert world.lookup("Osaka", "country").object == "Japan"
+    with pytest.raises(KeyError, match="no fact"):
+        world.lookup("Atlantis", "continent")
+
+
+def test_every_relation_has_templates_of_each_kind():
+    for relation in load_world().relations:
+        t = TEMPLATES[relation]
+        assert len(t.train) >= 6 and len(t.heldout) >= 2 and "{kind}" in t.isa
+        assert all(x.startswith("{}") for x in t.train)  # subject first
+
+
+def test_no_heldout_template_ever_appears_in_training_text():
+    world = load_world()
+    text = set(all_training_sentences(world))
+    sampler = SequenceSampler(world, seed=3)
+    sequences = [sampler.text() for _ in range(3000)]
+    for relation in world.relations:
+        for template in TEMPLATES[relation].heldout:
+            stem = template.replace("{}", "").strip()  # the template's own words
+            assert not any(stem in s for s in text), template
+            assert not any(stem in s for s in sequences), template
+
+
+def test_training_sequences_chain_one_to_three_facts_after_eot():
+    sampler = SequenceSampler(load_world(), seed=0)
+    counts = set()
+    for _ in range(500):
+        text = sampler.text()
+        assert text.startswith(EOT) and text.count(EOT) == 1
+        counts.add(text.count(". ") + 1)
+    assert counts == {1, 2, 3}
+
+
+def test_sampler_is_deterministic():
+    a, b = SequenceSampler(load_world(), seed=5), SequenceSampler(load_world(), seed=5)
+    assert [a.text() for _ in range(50)] == [b.text() for _ in range(50)]
+
+
+def test_counterfact_schema_and_determinism():
+    cases = load_counterfact()
+    assert len(cases) >= 1000
+    assert build_counterfact(seed=0) == cases and build_counterfact(seed=1) != cases
+    world = load_world()
+    for case in random.Random(0).sample(cases, 200):
+        assert set(case) == {"case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts",
+                             "attribute_prompts", "generation_prompts"}
+        rw = case["requested_rewrite"]
+        assert "{}" in rw["prompt"] and rw["subject"] and rw["target_new"]["str"] != rw["target_true"]["str"]
+        relation = rw["relation_id"]
+        assert world.lookup(rw["subject"], relation).object == rw["target_true"]["str"]
+        assert rw["target_new"]["str"] in world.objects_of(relation)  # another object of the same relation
+        assert case["paraphrase_prompts"] and case["neighborhood_prompts"]
+        for prompt in case["neighborhood_prompts"]:  # other subjects with the same true object
+            assert not prompt.startswith(rw["subject"] + " ")
+        assert all(rw["subject"] in p for p in case["paraphrase_prompts"])
+    json.dumps(cases)  # JSON-able, like the real CounterFact file
+
+
+def test_world_file_is_small_enough_to_ship():
+    assert WORLD_FILE.stat().st_size < 1_000_000
