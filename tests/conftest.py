@@ -70,3 +70,34 @@ def make_tiny_model():
 def input_ids() -> torch.Tensor:
     """[batch 2, seq 5] random token ids."""
     return torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+
+
+_TOKENIZER = None
+
+
+def tiny_tokenizer():
+    """A byte-level BPE (GPT-2 conventions, about 400 tokens) trained on 300 Atlas sentences, cached."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from kn_tutorial.atlas.corpus import all_training_sentences
+        from kn_tutorial.atlas.tokenizer import train_tokenizer
+        from kn_tutorial.atlas.world import load_world
+
+        _TOKENIZER = train_tokenizer(all_training_sentences(load_world())[::50], vocab_size=400)
+    return _TOKENIZER
+
+
+def tiny_lm(family: str = "gpt2", seed: int = 0):
+    """(model, tokenizer): a tiny random model of `family` whose vocabulary is tiny_tokenizer()'s."""
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(family)
+    config.vocab_size = len(tokenizer)
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, attr, tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2)
+    return model.eval(), tokenizer

@@ -1,0 +1,310 @@
+"""ROME: Rank-One Model Editing (Meng et al., 2022, "Locating and Editing Factual Associations in GPT").
+
+A fact (s, r, o) is recalled when the MLP output projection W of one layer maps the
+subject's key k (the MLP's hidden activation at the subject's last token) to a value v
+that the later layers read as o. To write a new object o*, ROME
+
+1. computes k*: the key of the subject, averaged over random prefixes (`compute_k_star`);
+2. finds v* = W k* + b + δ, where δ is added to the MLP output at the subject and optimised
+   so the model says o*, with a KL term keeping "{} is a" unchanged and δ's norm clamped
+   (`compute_v_star`);
+3. inserts the pair with the rank-one update that changes W least on all other keys
+   (`rank_one_update`):
+
+       Ŵ = W + Λ (C⁻¹k*)ᵀ,   Λ = (v* − W k* − b) / ((C⁻¹k*)ᵀ k*),   C = E[k kᵀ],
+
+   the solution of  min ‖Ŵ K − W K‖  subject to  Ŵ k* + b = v*.
+
+`edit(model, tokenizer, request)` runs all three and returns a handle that restores the
+weights bit for bit (`.restore()`, or use it as a context manager).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .hooks import Recorder, patch
+from .models import check_layer, get_device, mlp_out_weight, module_name, value_bias
+from .scoring import target_ids
+from .stats import second_moment
+from .tokens import subject_span
+from .weights import WeightSnapshot
+
+HPARAMS_DIR = Path(__file__).parent / "hparams" / "rome"
+
+
+@dataclass
+class RomeHparams:
+    layer: int
+    v_lr: float = 0.5
+    v_steps: int = 20
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    prefixes: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (length, how many) of random prefixes
+    mom2_corpus: str = "atlas"
+    mom2_n_samples: int = 4000
+    ridge: float = 0.0  # C + ridge · mean(diag C) · I; 0 = plain C (Cholesky in float64)
+    seed: int = 0
+
+    @classmethod
+    def for_model(cls, name: str) -> "RomeHparams":
+        """The hyper-parameters stored in `hparams/rome/<name>.json` (the paper's for GPT-2/GPT-J)."""
+        name = str(name).rstrip("/")
+        if name.endswith("atlas/model"):  # the shipped Atlas model's _name_or_path is its folder
+            name = "atlas"
+        path = HPARAMS_DIR / f"{Path(name).name}.json"
+        if not path.exists():
+            known = sorted(p.stem for p in HPARAMS_DIR.glob("*.json"))
+            raise ValueError(f"no ROME hyper-parameters for {name!r}; known: {known}. "
+                             "Pass RomeHparams(layer=...) yourself.")
+        data = json.loads(path.read_text())
+        data.pop("_comment", None)
+        data["kl_prompts"] = tuple(data.get("kl_prompts", cls.kl_prompts))
+        data["prefixes"] = tuple(tuple(x) for x in data.get("prefixes", cls.prefixes))
+        return cls(**data)
+
+
+def prepare_request(request: dict) -> tuple[str, str, str]:
+    """(prompt template with '{}', subject, target_new) with clear errors for bad requests."""
+    for key in ("prompt", "subject", "target_new"):
+        if key not in request:
+            raise KeyError(f"the request lacks {key!r}; expected CounterFact style: "
+                           "{'prompt': '{} lies in', 'subject': 'Kuwait', 'target_new': {'str': 'Europe'}}")
+    subject = request["subject"]
+    if not isinstance(subject, str) or not subject.strip():
+        raise ValueError("the request's subject is empty")
+    prompt = request["prompt"]
+    if "{}" not in prompt:
+        if subject not in prompt:
+            raise ValueError(f"the subject {subject!r} is not in the prompt {prompt!r}: "
+                             "write the prompt with '{}' where the subject goes")
+        prompt = prompt.replace(subject, "{}", 1)
+    target = request["target_new"]
+    target = target["str"] if isinstance(target, dict) else target
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError("the request's target_new is empty")
+    return prompt, subject, target
+
+
+@torch.no_grad()
+def sample_prefixes(model, tokenizer, lengths: tuple[tuple[int, int], ...], seed: int = 0) -> list[str]:
+    """Random texts sampled from the model itself (top-5 sampling from <|endoftext|>), seeded.
+
+    Sampled without a KV cache: every step reruns the (short) prefix, so no attention mask
+    over cached positions can go wrong. Returns '' (no prefix) first, then 'text. ' prefixes.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = get_device(model)
+    out = [""]
+    for length, count in lengths:
+        ids = torch.full((count, 1), tokenizer.eos_token_id, dtype=torch.long, device=device)
+        for _ in range(length):
+            logits = model(input_ids=ids).logits[:, -1].float().cpu()
+            top = logits.topk(5, dim=-1)
+            choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+            ids = torch.cat([ids, top.indices.gather(1, choice).to(device)], dim=1)
+        for row in ids[:, 1:]:
+            text = tokenizer.decode(row, skip_special_tokens=True).replace("{", "").replace("}", "").strip()
+            out.append(text.rstrip(".") + ". ")
+    return out
+
+
+def _last_subject_positions(tokenizer, prompts: list[str], subject: str) -> list[int]:
+    # The prefix may mention the subject too: the request's own occurrence is the last one.
+    return [subject_span(tokenizer, p, subject, occurrence=-1)[1] - 1 for p in prompts]
+
+
+def _batch(tokenizer, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.eos_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def compute_k_star(model, tokenizer, prompt: str, subject: str, layer: int, prefixes: list[str]) -> torch.Tensor:
+    """k* = mean over prefixes of the key at the subject's last token: [d_ff]."""
+    prompts = [p + prompt.replace("{}", subject) for p in prefixes]
+    positions = _last_subject_positions(tokenizer, prompts, subject)
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    input_ids, mask = _batch(tokenizer, rows, get_device(model))
+    with Recorder(model, [("key", layer)]) as rec:
+        model(input_ids=input_ids, attention_mask=mask)
+    keys = rec[("key", layer)][torch.arange(len(rows)), torch.tensor(positions)]  # [n_prefixes, d_ff]
+    return keys.float().mean(0)
+
+
+@dataclass
+class VStarResult:
+    delta: torch.Tensor  # [d_model], added to the MLP output at the subject
+    losses: list[dict] = field(default_factory=list)  # per step: nll, kl, weight decay
+
+
+def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, layer: int,
+                   prefixes: list[str], hparams: RomeHparams) -> VStarResult:
+    """Optimise δ so that adding it to the MLP output of `layer` at the subject makes the model
+    say `target` after every prefixed prompt, while KL(P(· | "{s} is a") before ‖ after) stays small.
+
+    loss(δ) = mean_prompts −(1/|o*|) Σ_j log P(o*_j | ...)  +  kl_factor · KL  +  v_weight_decay · ‖δ‖² / ‖m‖²
+    with ‖δ‖ clamped to clamp_norm_factor · ‖m‖, m the MLP output at the subject (no prefix).
+    """
+    device = get_device(model)
+    target_tokens = target_ids(tokenizer, target)
+    rewrite_prompts = [p + prompt.replace("{}", subject) for p in prefixes]
+    kl_prompts = [k.replace("{}", subject) for k in hparams.kl_prompts]
+    rows, answer_positions = [], []
+    for text in rewrite_prompts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows.append(ids + target_tokens[:-1])
+        answer_positions.append(list(range(len(ids) - 1, len(ids) - 1 + len(target_tokens))))
+    kl_rows = [tokenizer(k, add_special_tokens=False)["input_ids"] for k in kl_prompts]
+    input_ids, mask = _batch(tokenizer, rows + kl_rows, device)
+    lookup = torch.tensor(_last_subject_positions(tokenizer, rewrite_prompts + kl_prompts, subject), device=device)
+    row_index = torch.arange(len(lookup), device=device)
+    n_rewrite = len(rows)
+    kl_last = torch.tensor([len(r) - 1 for r in kl_rows], device=device)
+    answer_rows = torch.tensor([i for i, pos in enumerate(answer_positions) for _ in pos], device=device)
+    answer_cols = torch.tensor([c for pos in answer_positions for c in pos], device=device)
+    answer_tokens = torch.tensor(target_tokens * n_rewrite, device=device)
+
+    with torch.no_grad(), Recorder(model, [("mlp_out", layer)]) as rec:
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+    base_out = rec[("mlp_out", layer)][0, lookup[0]].float()
+    kl_before = torch.log_softmax(logits[n_rewrite + torch.arange(len(kl_rows), device=device), kl_last].float(), -1)
+
+    param = next(model.parameters())
+    delta = torch.zeros(base_out.shape[0], device=device, dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    max_norm = hparams.clamp_norm_factor * base_out.norm()
+    losses = []
+
+    def add_delta(out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[row_index, lookup] = out[row_index, lookup] + delta.to(out.dtype)
+        return out
+
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(hparams.v_steps):
+            with patch(model, "mlp_out", layer, add_delta):
+                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+            logprobs = torch.log_softmax(logits[answer_rows, answer_cols], -1)
+            token_logprobs = logprobs.gather(1, answer_tokens[:, None]).squeeze(1).view(n_rewrite, -1)
+            nll = -token_logprobs.mean(1).mean()
+            kl_after = torch.log_softmax(logits[n_rewrite + torch.arange(len(kl_rows), device=device), kl_last], -1)
+            kl = torch.nn.functional.kl_div(kl_after, kl_before, log_target=True, reduction="batchmean")
+            decay = hparams.v_weight_decay * delta.norm() ** 2 / base_out.norm() ** 2
+            loss = nll + hparams.kl_factor * kl + decay
+            losses.append({"nll": nll.item(), "kl": kl.item(), "decay": decay.item(),
+                           "p_target": token_logprobs.sum(1).exp().mean().item()})
+            if nll.item() < 5e-2:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+    del param
+    return VStarResult(delta.detach(), losses)
+
+
+def solve_c_inverse_k(mom2: torch.Tensor, k_star: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """u = C⁻¹ k* by Cholesky in float64 (C is symmetric positive semi-definite).
+
+    C of a small model's keys can be badly conditioned (1e8 has been seen), which float32
+    solves get wrong; float64 Cholesky is accurate there. A singular C needs ridge > 0."""
+    c = mom2.to(torch.float64)
+    if ridge > 0:
+        c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    factor, info = torch.linalg.cholesky_ex(c)
+    if info.item() != 0:
+        raise ValueError("the second moment C is singular (not positive definite), so C⁻¹k* does not exist; "
+                         "use more text for the statistics or set ridge > 0 (e.g. ridge=1e-4)")
+    return torch.cholesky_solve(k_star.to(torch.float64)[:, None], factor)[:, 0]
+
+
+def rank_one_update(weight: torch.Tensor, mom2: torch.Tensor, k_star: torch.Tensor, residual: torch.Tensor,
+                    ridge: float = 0.0) -> torch.Tensor:
+    """ΔW = Λ (C⁻¹k*)ᵀ with Λ = residual / ((C⁻¹k*)ᵀ k*), where residual = v* − W k* − b.
+
+    weight: W as [d_model, d_ff] (W @ k = value). Adds ΔW to `weight` in place and returns ΔW,
+    so that afterwards (W + ΔW) k* = W k* + residual."""
+    u = solve_c_inverse_k(mom2, k_star, ridge)  # [d_ff], float64
+    lam = residual.to(torch.float64) / (u @ k_star.to(torch.float64))  # Λ: [d_model]
+    delta_w = torch.outer(lam, u).to(weight.dtype).to(weight.device)  # [d_model, d_ff]
+    with torch.no_grad():
+        weight.add_(delta_w)
+    return delta_w
+
+
+@dataclass
+class RomeEdit:
+    """What an edit changed, and the means to take it back exactly."""
+
+    request: dict
+    layer: int
+    k_star: torch.Tensor
+    v_star: torch.Tensor
+    delta_w: torch.Tensor
+    v_losses: list[dict]
+    snapshot: WeightSnapshot
+
+    def restore(self) -> None:
+        self.snapshot.restore()
+
+    def __enter__(self) -> "RomeEdit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def edit(model, tokenizer, request: dict, hparams: RomeHparams | None = None, mom2: torch.Tensor | None = None) -> RomeEdit:
+    """Write request (CounterFact style) into the model with ROME; returns a restorable handle.
+
+    Nothing in the model changes until every step has succeeded; the update is a single
+    in-place addition to one weight matrix, recorded in the returned snapshot."""
+    prompt, subject, target = prepare_request(request)
+    if hparams is None:
+        hparams = RomeHparams.for_model(getattr(model.config, "_name_or_path", ""))
+    layer = check_layer(model, hparams.layer)
+    hparams = replace(hparams, layer=layer)
+    subject_span(tokenizer, prompt.replace("{}", subject), subject)  # subject must tokenise inside the prompt
+    prefixes = sample_prefixes(model, tokenizer, hparams.prefixes, seed=hparams.seed)
+    k_star = compute_k_star(model, tokenizer, prompt, subject, layer, prefixes)
+    v = compute_v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams)
+    if mom2 is None:
+        mom2 = second_moment(model, tokenizer, layer, corpus=hparams.mom2_corpus, n_samples=hparams.mom2_n_samples)
+    weight = mlp_out_weight(model, layer)
+    bias = value_bias(model, layer)
+    with torch.no_grad():
+        current = weight.float() @ k_star + (bias.float() if bias is not None else 0)
+    v_star = current + v.delta
+    u = solve_c_inverse_k(mom2, k_star, hparams.ridge)  # raises before any weight changes
+    del u
+    name = module_name(model, layer, "mlp_out") + ".weight"
+    snapshot = WeightSnapshot([(name, model.get_submodule(module_name(model, layer, "mlp_out")).weight)])
+    try:
+        delta_w = rank_one_update(weight, mom2, k_star, v.delta, hparams.ridge)
+    except BaseException:
+        snapshot.restore()
+        raise
+    return RomeEdit(dict(request), layer, k_star, v_star, delta_w, v.losses, snapshot)
+
+
+def hparams_dict(hparams: RomeHparams) -> dict:
+    return asdict(hparams)
