@@ -345,9 +345,20 @@ def _load_from(source: str, device: torch.device, dtype: torch.dtype | None, loc
     if dtype is None:
         big = _estimate_n_params(config) > _BIG_MODEL_PARAMS
         dtype = torch.float16 if (device.type == "cuda" and big) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        source, config=config, local_files_only=local_only, **{_dtype_kwarg(): dtype}
-    )
+    from transformers.utils import logging as hf_logging
+
+    from .progress import progress_enabled
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress_enabled():  # transformers' "Loading weights" bar follows the package switch too
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, config=config, local_files_only=local_only, **{_dtype_kwarg(): dtype}
+        )
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     return model, tokenizer
 
