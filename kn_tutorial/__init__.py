@@ -6,7 +6,7 @@ Every computation the chapters show lives here, one module per idea:
 teaching model and its world), and one module per method of the book.
 """
 from .models import load_model
-from .progress import progress, set_progress
+from .progress import set_progress
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "progress", "set_progress", "__version__"]
+__all__ = ["load_model", "set_progress", "__version__"]
