@@ -1,0 +1,197 @@
+"""Integrated gradients (Dai et al. 2022) checked against its definition on tiny models.
+
+Independent derivations: the naive loop (one layer, one step, full forward and backward at a
+time, no cache); completeness against P(x with the layer's neurons at w̄) − P(x with them at 0)
+measured with hooks.set_neurons and scoring.score; the gradient against central finite
+differences; the Riemann points against their formulas."""
+import pytest
+import torch
+
+from kn_tutorial import attribution as A
+from kn_tutorial.hooks import count_hooks, record, set_neurons
+from kn_tutorial.models import d_ff, n_layers
+from kn_tutorial.scoring import encode, score
+from tests.conftest import FAMILIES, tiny_lm
+
+PROMPT = "Kuwait lies on the continent of"
+TARGET = " Kuwait City"  # several tokens in the tiny tokenizer: exercises teacher forcing
+
+
+def _prob(model, tokenizer, prompt, target, first=False):
+    out = score(model, tokenizer, [prompt], [target])
+    return float(out["first_prob"][0] if first else out["logprob"][0].exp())
+
+
+def _gap(model, tokenizer, prompt, target, layer, position=-1, first=False):
+    """P(layer's keys at w̄) − P(layer's keys at 0) at the prompt position, via set_neurons."""
+    n = encode(tokenizer, [prompt]).prompt_lengths[0]
+    with set_neurons(model, layer, list(range(d_ff(model))), value=0.0, positions=[position % n]):
+        p0 = _prob(model, tokenizer, prompt, target, first)
+    return _prob(model, tokenizer, prompt, target, first) - p0
+
+
+def test_riemann_alphas_follow_their_formulas():
+    torch.testing.assert_close(A.riemann_alphas(4, "right"), torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(A.riemann_alphas(4, "left"), torch.tensor([0.0, 0.25, 0.5, 0.75], dtype=torch.float64))
+    torch.testing.assert_close(A.riemann_alphas(2, "midpoint"), torch.tensor([0.25, 0.75], dtype=torch.float64))
+    with pytest.raises(ValueError, match="rule"):
+        A.riemann_alphas(4, "trapezoid")
+    with pytest.raises(ValueError, match="steps"):
+        A.riemann_alphas(0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_naive_loop(family):
+    model, tok = tiny_lm(family)
+    naive = A.integrated_gradients_naive(model, tok, PROMPT, TARGET, steps=3)
+    scale = naive.abs().max()
+    assert scale > 0
+    for engine in A.ENGINES:
+        fast = A.integrated_gradients(model, tok, PROMPT, TARGET, steps=3, engine=engine)
+        assert fast.shape == (n_layers(model), d_ff(model)) and fast.dtype == torch.float32
+        torch.testing.assert_close(fast / scale, naive / scale, rtol=0, atol=1e-5)
+    # another position (multi-token suffix after the cache), another rule, small chunks
+    naive = A.integrated_gradients_naive(model, tok, PROMPT, TARGET, steps=2, position=2, rule="left")
+    fast = A.integrated_gradients(model, tok, PROMPT, TARGET, steps=2, position=2, rule="left", batch_size=3)
+    torch.testing.assert_close(fast / naive.abs().max(), naive / naive.abs().max(), rtol=0, atol=1e-5)
+    assert type(model) not in A._GROW_FAILED, "the grow engine fell back to flat"
+    assert count_hooks(model) == 0
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_attention_also_matches(family):
+    """Eager attention builds an explicit mask tensor: the "grow" engine must broadcast it."""
+    model, tok = tiny_lm(family)
+    model.set_attn_implementation("eager")
+    naive = A.integrated_gradients_naive(model, tok, PROMPT, TARGET, steps=2, position=1)
+    fast = A.integrated_gradients(model, tok, PROMPT, TARGET, steps=2, position=1)
+    torch.testing.assert_close(fast / naive.abs().max(), naive / naive.abs().max(), rtol=0, atol=1e-5)
+    assert type(model) not in A._GROW_FAILED
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_completeness_error_shrinks_with_steps(family):
+    """Σ_i Attr(w_i) → P(w̄) − P(0) per layer: error O(1/m) for right sums, O(1/m²) for midpoints."""
+    model, tok = tiny_lm(family)
+    gaps = torch.tensor([_gap(model, tok, PROMPT, TARGET, layer) for layer in range(n_layers(model))])
+    torch.testing.assert_close(A.probability_gap(model, tok, PROMPT, TARGET), gaps, rtol=1e-4, atol=1e-9)
+    for rule, order in (("right", 1), ("midpoint", 2)):
+        errors = []
+        for m in (4, 16, 64):
+            attr = A.integrated_gradients(model, tok, PROMPT, TARGET, steps=m, rule=rule)
+            errors.append(((attr.sum(-1).double() - gaps).abs() / gaps.abs().max()).max().item())
+        assert errors[0] > errors[1] > errors[2], (rule, errors)
+        # the error falls like 1/m^order: 4x more steps divide it by at least 4^order / 1.5
+        assert errors[2] <= 1.5 * errors[1] / 4**order, (rule, errors)
+    assert errors[2] < 0.01  # midpoint, m = 64: within 1% of the largest layer gap
+
+
+def test_first_token_mode_and_completeness():
+    model, tok = tiny_lm("gpt2")
+    gap = _gap(model, tok, PROMPT, TARGET, 1, first=True)
+    attr = A.integrated_gradients(model, tok, PROMPT, TARGET, steps=32, layers=[1], rule="midpoint",
+                                  target_tokens="first")
+    assert abs(attr.sum().item() - gap) < 1e-3 * abs(gap)
+    # a one-token target scores the same either way
+    one = A.integrated_gradients(model, tok, PROMPT, " Asia", steps=2)
+    torch.testing.assert_close(one, A.integrated_gradients(model, tok, PROMPT, " Asia", steps=2, target_tokens="first"))
+
+
+def test_gradient_matches_finite_differences():
+    """activation × gradient (m = 1) against central differences of P in float64."""
+    model, tok = tiny_lm("gpt2")
+    model.double()
+    layer, eps = 1, 1e-5
+    ids = encode(tok, [PROMPT]).input_ids
+    w_bar = record(model, [("key", layer)], input_ids=ids)[("key", layer)][0, -1]
+    axg = A.activation_times_gradient(model, tok, PROMPT, TARGET, layers=[layer])[0]
+    for neuron in axg.abs().topk(3).indices.tolist() + [0]:
+        probs = []
+        for sign in (1, -1):
+            value = float(w_bar[neuron]) + sign * eps
+            with set_neurons(model, layer, [neuron], value=value, positions=[ids.shape[1] - 1]):
+                probs.append(_prob(model, tok, PROMPT, TARGET))
+        expected = float(w_bar[neuron]) * (probs[0] - probs[1]) / (2 * eps)
+        assert abs(axg[neuron].item() - expected) < 1e-5 * axg.abs().max().item() + 1e-12
+
+
+def test_path_probabilities_endpoints_and_suppression():
+    model, tok = tiny_lm("gpt_neox")
+    path = A.path_probabilities(model, tok, PROMPT, TARGET, [0.0, 0.5, 1.0])
+    assert path.shape == (2, 3)
+    clean = _prob(model, tok, PROMPT, TARGET)
+    torch.testing.assert_close(path[:, 2], torch.full((2,), clean), rtol=1e-4, atol=0)
+    every_neuron = [(0, i) for i in range(d_ff(model))]
+    zeroed = A.suppressed_probability(model, tok, PROMPT, TARGET, every_neuron)
+    assert abs(path[0, 0].item() - zeroed) < 1e-4 * clean
+    assert A.suppressed_probability(model, tok, PROMPT, TARGET, []) == pytest.approx(clean, rel=1e-5)
+
+
+def test_batch_of_facts_layers_subset_and_chunks():
+    model, tok = tiny_lm("gptj")
+    prompts = [PROMPT, "Osaka is a major city of", "Peru's capital is"]
+    targets = [" Asia", " Japan", " Lima"]
+    batch = A.integrated_gradients(model, tok, prompts, targets, steps=3)
+    assert batch.shape == (3, 2, d_ff(model))
+    for i in range(3):
+        single = A.integrated_gradients(model, tok, prompts[i], targets[i], steps=3, batch_size=4)
+        torch.testing.assert_close(batch[i], single, rtol=1e-4, atol=1e-9)
+    flipped = A.integrated_gradients(model, tok, prompts[1], targets[1], steps=3, layers=[1, 0])
+    torch.testing.assert_close(flipped, batch[1].flip(0), rtol=1e-4, atol=1e-9)
+
+
+def test_baselines_and_top_neurons():
+    model, tok = tiny_lm("llama")
+    acts = A.key_activations(model, tok, PROMPT)
+    ids = encode(tok, [PROMPT]).input_ids
+    recorded = record(model, [("key", 0), ("key", 1)], input_ids=ids)
+    torch.testing.assert_close(acts, torch.stack([recorded[("key", l)][0, -1] for l in (0, 1)]))
+    scores = torch.tensor([[0.0, 5.0, -9.0], [3.0, 1.0, 4.0]])
+    assert A.top_neurons(scores, 3) == [(0, 1), (1, 2), (1, 0)]
+
+
+def test_clear_errors():
+    model, tok = tiny_lm("gpt2")
+    with pytest.raises(IndexError, match="position"):
+        A.integrated_gradients(model, tok, PROMPT, TARGET, position=50)
+    with pytest.raises(ValueError, match="target_tokens"):
+        A.integrated_gradients(model, tok, PROMPT, TARGET, target_tokens="last")
+    with pytest.raises(ValueError, match="engine"):
+        A.integrated_gradients(model, tok, PROMPT, TARGET, engine="fast")
+    with pytest.raises(ValueError, match="non-empty"):
+        A.integrated_gradients(model, tok, PROMPT, "  ")
+    with pytest.raises(ValueError, match="2 prompts but 3 targets"):
+        A.integrated_gradients(model, tok, [PROMPT, PROMPT], ["a", "b", "c"])
+    assert count_hooks(model) == 0
+
+
+def test_grow_falls_back_to_flat_with_a_warning(monkeypatch):
+    model, tok = tiny_lm("gpt2")
+    want = A.integrated_gradients(model, tok, PROMPT, TARGET, steps=2, engine="flat")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the mask does not broadcast")
+    monkeypatch.setattr(A, "_run_rows_grow", broken)
+    monkeypatch.setattr(A, "_GROW_FAILED", set())
+    with pytest.warns(UserWarning, match="engine='flat'"):
+        got = A.integrated_gradients(model, tok, PROMPT, TARGET, steps=2)
+    torch.testing.assert_close(got, want)
+
+
+def test_ladder_shares_gradients_but_not_results():
+    model, tok = tiny_lm("gpt2")
+    ladder = A.integrated_gradients_ladder(model, tok, PROMPT, TARGET, steps=(1, 2, 4), layers=[1])
+    assert set(ladder) == {(rule, m) for rule in A.RULES for m in (1, 2, 4)}
+    for (rule, m), attr in ladder.items():
+        alone = A.integrated_gradients(model, tok, PROMPT, TARGET, steps=m, rule=rule, layers=[1])
+        torch.testing.assert_close(attr, alone, rtol=1e-4, atol=1e-6 * alone.abs().max().item())
+
+
+def test_batched_suppression_equals_one_set_at_a_time():
+    model, tok = tiny_lm("gpt_neox")
+    sets = [[], [(0, 3)], [(0, 3), (1, 7), (1, 100)], [(1, i) for i in range(50)]]
+    batched = A.suppressed_probabilities(model, tok, PROMPT, TARGET, sets)
+    single = torch.tensor([A.suppressed_probability(model, tok, PROMPT, TARGET, s) for s in sets])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=0)
+    assert count_hooks(model) == 0
