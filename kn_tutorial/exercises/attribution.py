@@ -16,7 +16,6 @@ import torch
 
 from .. import attribution as reference
 from ..models import n_layers
-
 from . import run_stub as _run
 
 PROMPT, TARGET = "Kuwait lies on the continent of", " Asia"

@@ -17,15 +17,7 @@ import torch
 from ..memnet import analysis as ref_analysis
 from ..memnet import model as ref_model
 
-_TODO = "Not implemented yet: fill in the stub above (the solution is in the dropdown below it)."
-
-
-def _run(fn, *args):
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        print(_TODO)
-        return None
+from . import run_stub as _run
 
 
 def check_position_encoding(position_encoding) -> bool:

@@ -16,15 +16,7 @@ import torch
 from ..memories import value_top_tokens as reference_value_top_tokens
 from ..models import d_model, get_module, n_layers
 
-_TODO = "Not implemented yet: fill in the stub above (the solution is in the dropdown below it)."
-
-
-def _run(fn, *args):
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        print(_TODO)
-        return None
+from . import run_stub as _run
 
 
 @torch.no_grad()

@@ -20,15 +20,7 @@ from ..tokens import subject_span
 from ..tracing import ROLES, noise_level, restore_states, subject_noise
 from ..tracing import token_roles as reference_token_roles
 
-_TODO = "Not implemented yet: fill in the stub above (the solution is in the dropdown below it)."
-
-
-def _run(fn, *args):
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        print(_TODO)
-        return None
+from . import run_stub as _run
 
 
 def check_token_roles(token_roles) -> bool:
