@@ -28,7 +28,7 @@ import torch
 
 from .hooks import Recorder, patch
 from .models import check_layer, get_device, mlp_out_weight, module_name, value_bias
-from .scoring import target_ids
+from .scoring import pad_rows, target_ids
 from .stats import second_moment
 from .tokens import subject_span
 from .weights import WeightSnapshot
@@ -120,13 +120,7 @@ def _last_subject_positions(tokenizer, prompts: list[str], subject: str) -> list
 
 
 def _batch(tokenizer, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), tokenizer.eos_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return input_ids.to(device), mask.to(device)
+    return pad_rows(rows, tokenizer.eos_token_id, device)
 
 
 @torch.no_grad()

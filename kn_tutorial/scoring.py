@@ -46,16 +46,22 @@ def encode(tokenizer, prompts: list[str], targets: list[str] | None = None, devi
         rows.append(ids + tids)
         prompt_lengths.append(len(ids))
         target_lengths.append(len(tids))
-    width = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    input_ids, attention_mask = pad_rows(rows, pad, device)
+    return Batch(input_ids, attention_mask, prompt_lengths, target_lengths)
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> right-padded input_ids [b, s] and attention_mask [b, s]."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : len(row)] = 1
     if device is not None:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    return Batch(input_ids, attention_mask, prompt_lengths, target_lengths)
+    return input_ids, attention_mask
 
 
 def _model_device(model) -> torch.device:
