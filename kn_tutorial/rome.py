@@ -21,7 +21,7 @@ weights bit for bit (`.restore()`, or use it as a context manager).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -174,7 +174,6 @@ def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, lay
     base_out = rec[("mlp_out", layer)][0, lookup[0]].float()
     kl_before = torch.log_softmax(logits[n_rewrite + torch.arange(len(kl_rows), device=device), kl_last].float(), -1)
 
-    param = next(model.parameters())
     delta = torch.zeros(base_out.shape[0], device=device, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
     max_norm = hparams.clamp_norm_factor * base_out.norm()
@@ -212,7 +211,6 @@ def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, lay
     finally:
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
-    del param
     return VStarResult(delta.detach(), losses)
 
 
@@ -237,7 +235,11 @@ def rank_one_update(weight: torch.Tensor, mom2: torch.Tensor, k_star: torch.Tens
 
     weight: W as [d_model, d_ff] (W @ k = value). Adds ΔW to `weight` in place and returns ΔW,
     so that afterwards (W + ΔW) k* = W k* + residual."""
-    u = solve_c_inverse_k(mom2, k_star, ridge)  # [d_ff], float64
+    return apply_rank_one(weight, solve_c_inverse_k(mom2, k_star, ridge), k_star, residual)
+
+
+def apply_rank_one(weight: torch.Tensor, u: torch.Tensor, k_star: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Add ΔW = Λ uᵀ, Λ = residual / (uᵀ k*), to `weight` in place, given u = C⁻¹k*; returns ΔW."""
     lam = residual.to(torch.float64) / (u @ k_star.to(torch.float64))  # Λ: [d_model]
     delta_w = torch.outer(lam, u).to(weight.dtype).to(weight.device)  # [d_model, d_ff]
     with torch.no_grad():
@@ -289,16 +291,12 @@ def edit(model, tokenizer, request: dict, hparams: RomeHparams | None = None, mo
         current = weight.float() @ k_star + (bias.float() if bias is not None else 0)
     v_star = current + v.delta
     u = solve_c_inverse_k(mom2, k_star, hparams.ridge)  # raises before any weight changes
-    del u
     name = module_name(model, layer, "mlp_out") + ".weight"
     snapshot = WeightSnapshot([(name, model.get_submodule(module_name(model, layer, "mlp_out")).weight)])
     try:
-        delta_w = rank_one_update(weight, mom2, k_star, v.delta, hparams.ridge)
+        delta_w = apply_rank_one(weight, u, k_star, v.delta)
     except BaseException:
         snapshot.restore()
         raise
     return RomeEdit(dict(request), layer, k_star, v_star, delta_w, v.losses, snapshot)
 
-
-def hparams_dict(hparams: RomeHparams) -> dict:
-    return asdict(hparams)

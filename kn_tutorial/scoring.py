@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import get_device
 from .progress import progress
 
 
@@ -64,10 +65,6 @@ def pad_rows(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     return input_ids, attention_mask
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def score(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 256,
           show_progress: bool = False) -> dict[str, torch.Tensor]:
@@ -79,7 +76,7 @@ def score(model, tokenizer, prompts: list[str], targets: list[str], batch_size: 
     starts = range(0, len(prompts), batch_size)
     for start in progress(starts, desc="scoring", disable=not show_progress):
         batch = encode(tokenizer, prompts[start:start + batch_size], targets[start:start + batch_size],
-                       device=_model_device(model))
+                       device=get_device(model))
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         for i, (p_len, t_len) in enumerate(zip(batch.prompt_lengths, batch.target_lengths)):
@@ -100,7 +97,7 @@ def next_token_probs(model, tokenizer, prompts: list[str], batch_size: int = 256
     """P(next token | prompt) for every prompt: [n_prompts, vocab]."""
     chunks = []
     for start in range(0, len(prompts), batch_size):
-        batch = encode(tokenizer, prompts[start:start + batch_size], device=_model_device(model))
+        batch = encode(tokenizer, prompts[start:start + batch_size], device=get_device(model))
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         rows = torch.arange(len(batch.prompt_lengths))
         chunks.append(torch.softmax(logits[rows, batch.last_prompt_index()].float(), -1).cpu())

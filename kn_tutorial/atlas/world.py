@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -210,9 +210,3 @@ def write_world(path: Path = WORLD_FILE) -> World:
     load_world.cache_clear()
     return load_world()
 
-
-def objects_by_relation(world: World) -> dict[str, Counter]:
-    out: dict[str, Counter] = defaultdict(Counter)
-    for f in world.facts:
-        out[f.relation][f.object] += 1
-    return dict(out)
