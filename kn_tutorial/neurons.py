@@ -1,0 +1,705 @@
+"""Knowledge neurons: refinement, suppression and amplification, erasing and updating
+(Dai et al., 2022, "Knowledge Neurons in Pretrained Transformers", sections 3.2-5).
+
+Notation (the book's): a fact (s, r, o) is asked with n prompts x_1..x_n (for Atlas, the
+relation's training and held-out templates filled with s). Attr_j(w_i^(l)) is the
+integrated-gradients attribution of FFN neuron i of layer l on prompt x_j
+(`attribution.integrated_gradients`, m = 20 steps, at the last prompt token).
+
+Refinement (Dai et al., section 3.2):
+  1. per prompt, keep the neurons with Attr_j(w_i^(l)) > t · max_{l', i'} Attr_j(w_i'^(l')),
+     t = 0.2 ("coarse" neurons; none when the largest attribution is not positive);
+  2. keep the neurons kept for more than a fraction p of the fact's n prompts:
+     count_i^(l) > p · n. These are the fact's knowledge neurons N(s, r, o);
+  3. p starts at 0.7 and moves by 0.05 (up when the mean |N| over the analysed facts is
+     above 5, down when it is below 2) until the mean lies in [2, 5] (`adapt_p`).
+A neuron that is a knowledge neuron of many facts of one relation (at least a share
+`RELATION_SHARE` = 10% of them; Dai et al. drop such neurons before updating a fact)
+expresses the relation, not the fact: `relation_neurons` separates the two kinds.
+
+Manipulations, each undone exactly:
+  suppress / amplify   the activation w_i^(l) at the last prompt token is multiplied by
+                       0 or 2 (a hook; `scaled_scores`, many rows with different neurons
+                       in one batch). Multiplying at *every* position is the same as
+                       multiplying the value slot v_i (row i of V) by the factor, or, for
+                       0, zeroing key row k_i and its bias (`scale_value_slots`,
+                       `zero_key_rows`, weight edits returning a WeightSnapshot).
+  erase a relation     zero the value slots of the relation's most common knowledge
+                       neurons (Dai et al. keep the 20 most common).
+  update a fact        v_i ← v_i − λ₁ e(o) + λ₂ e(o*) for each knowledge neuron i of the
+                       fact (minus relation-level ones), with e the output embedding of
+                       the object's first token (Dai et al.: λ₁ = 1, λ₂ = 8); `kn_edit`.
+"""
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .attribution import integrated_gradients
+from .hooks import patch
+from .models import check_layer, d_ff, get_device, key_bias, key_matrix, unembedding_matrix, value_matrix
+from .progress import progress
+from .scoring import score, target_ids
+from .weights import WeightSnapshot, snapshot_layers
+
+Neuron = tuple[int, int]  # (layer, index into the layer's d_ff neurons)
+
+THRESHOLD = 0.2  # t: fraction of the prompt's largest attribution
+P_START, P_STEP = 0.7, 0.05  # p: the share of prompts, and how it moves
+TARGET_RANGE = (2.0, 5.0)  # the mean number of knowledge neurons per fact p aims at
+RELATION_SHARE = 0.1  # a knowledge neuron of >= 10% of a relation's facts is relation-level
+_EPS = 1e-9
+
+
+# --------------------------------------------------------------------------------------
+# Prompts of a fact
+# --------------------------------------------------------------------------------------
+
+def fact_prompts(fact, heldout: bool = True) -> list[str]:
+    """The n diverse prompts of an Atlas fact: its relation's training templates, then the
+    held-out paraphrases (heldout=True), each filled with the subject."""
+    from .atlas.templates import TEMPLATES, fill
+
+    templates = TEMPLATES[fact.relation]
+    chosen = (*templates.train, *templates.heldout) if heldout else templates.train
+    return [fill(t, fact.subject, fact.subject_kind) for t in chosen]
+
+
+# --------------------------------------------------------------------------------------
+# Refinement
+# --------------------------------------------------------------------------------------
+
+def coarse_mask(attributions: Tensor, threshold: float = THRESHOLD, min_layer: int = 0) -> Tensor:
+    """Per prompt, the neurons above t · that prompt's largest attribution.
+
+    attributions: [n, L, d_ff] (n prompts of one fact) -> bool [n, L, d_ff]. A prompt whose
+    largest attribution is not positive keeps no neuron. min_layer > 0 considers only layers
+    min_layer.. (the maximum is taken over them; lower layers keep nothing)."""
+    if attributions.dim() != 3:
+        raise ValueError(f"attributions must be [n_prompts, L, d_ff], got shape {tuple(attributions.shape)}")
+    if not 0 <= min_layer < attributions.shape[1]:
+        raise ValueError(f"min_layer {min_layer} is not a layer of attributions with {attributions.shape[1]} layers")
+    considered = attributions[:, min_layer:]  # [n, L - min_layer, d_ff]
+    top = considered.flatten(1).max(dim=1).values  # [n]
+    keep = torch.zeros_like(attributions, dtype=torch.bool)
+    keep[:, min_layer:] = (considered > threshold * top[:, None, None]) & (top > 0)[:, None, None]
+    return keep
+
+
+def prompt_counts(attributions: Tensor, threshold: float = THRESHOLD, min_layer: int = 0) -> Tensor:
+    """For how many of the fact's n prompts each neuron is a coarse neuron: int [L, d_ff]."""
+    return coarse_mask(attributions, threshold, min_layer).sum(dim=0)
+
+
+def shared_neurons(counts: Tensor, n_prompts: int, p: float) -> list[Neuron]:
+    """Neurons kept for more than a fraction p of the n prompts (count > p·n), as
+    (layer, neuron) pairs, most shared first (ties: lower layer, lower index)."""
+    keep = counts.double() > p * n_prompts + _EPS
+    idx = keep.nonzero().tolist()  # [[layer, neuron], ...] in (layer, neuron) order
+    idx.sort(key=lambda ln: -int(counts[ln[0], ln[1]]))  # stable: ties keep (layer, neuron) order
+    return [(int(layer), int(neuron)) for layer, neuron in idx]
+
+
+def refine(attributions: Tensor, threshold: float = THRESHOLD, p: float = P_START) -> list[Neuron]:
+    """Dai et al.'s refinement of one fact: [n, L, d_ff] attributions -> knowledge neurons."""
+    return shared_neurons(prompt_counts(attributions, threshold), attributions.shape[0], p)
+
+
+@dataclass
+class AdaptedP:
+    """The p reached by `adapt_p`, the mean count there, and every p tried on the way."""
+
+    p: float
+    mean_count: float
+    converged: bool  # False when no p on the 0.05 grid puts the mean inside the range
+    history: list[tuple[float, float]]  # (p, mean number of knowledge neurons per fact)
+
+
+def mean_count(counts: Sequence[Tensor], n_prompts: Sequence[int], p: float) -> float:
+    """Mean number of knowledge neurons per fact at p."""
+    return sum(int((c.double() > p * n + _EPS).sum()) for c, n in zip(counts, n_prompts)) / len(counts)
+
+
+def adapt_p(counts: Sequence[Tensor], n_prompts: Sequence[int], start: float = P_START, step: float = P_STEP,
+            target: tuple[float, float] = TARGET_RANGE) -> AdaptedP:
+    """Move p from `start` by `step` until the mean number of knowledge neurons per fact
+    (over all the facts given) lies in `target` (inclusive).
+
+    Above the range p goes up (fewer neurons), below it p goes down. The walk stops inside
+    the range, or when p would leave [0, 1], or when it would revisit a p (the mean jumped
+    over the range between two neighbouring p); then `converged` is False and p is the one
+    tried whose mean was closest to the range.
+    """
+    if not counts or len(counts) != len(n_prompts):
+        raise ValueError(f"need one count tensor per fact and its number of prompts; got {len(counts)} "
+                         f"and {len(n_prompts)}")
+    low, high = target
+    history: list[tuple[float, float]] = []
+    k = 0
+    while True:
+        p = round(start + k * step, 10)
+        mean = mean_count(counts, n_prompts, p)
+        history.append((p, mean))
+        if low <= mean <= high:
+            return AdaptedP(p, mean, True, history)
+        k_next = k + (1 if mean > high else -1)
+        p_next = round(start + k_next * step, 10)
+        if not 0.0 <= p_next < 1.0 or any(abs(p_next - q) < _EPS for q, _ in history):
+            def distance(entry):
+                return max(low - entry[1], entry[1] - high, 0.0)
+            best = min(history, key=distance)
+            return AdaptedP(best[0], best[1], False, history)
+        k = k_next
+
+
+@dataclass
+class FactNeurons:
+    """What refinement found for one fact: prompt counts and its knowledge neurons at p."""
+
+    subject: str
+    relation: str
+    object: str
+    prompts: list[str]
+    counts: Tensor  # int [L, d_ff]: for how many prompts each neuron is a coarse neuron
+    p: float = P_START
+    neurons: list[Neuron] = field(default_factory=list)
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts)
+
+    def at(self, p: float) -> list[Neuron]:
+        return shared_neurons(self.counts, self.n_prompts, p)
+
+    def set_p(self, p: float) -> "FactNeurons":
+        self.p, self.neurons = p, self.at(p)
+        return self
+
+
+def attribute_fact(model, tokenizer, prompts: Sequence[str], target: str, steps: int = 20,
+                   threshold: float = THRESHOLD, min_layer: int = 0) -> Tensor:
+    """Integrated gradients of every prompt of one fact, reduced to prompt counts [L, d_ff]."""
+    attributions = integrated_gradients(model, tokenizer, list(prompts), target, steps=steps)  # [n, L, d_ff]
+    return prompt_counts(attributions, threshold, min_layer)
+
+
+def find_knowledge_neurons(model, tokenizer, facts, steps: int = 20, threshold: float = THRESHOLD,
+                           start: float = P_START, min_layer: int = 0,
+                           show_progress: bool = False) -> tuple[list[FactNeurons], AdaptedP]:
+    """Refinement over a set of Atlas facts with the adaptive p: (per-fact results, the p reached).
+    min_layer > 0 refines within layers min_layer.. only (see `coarse_mask`)."""
+    found = []
+    for fact in progress(list(facts), desc="knowledge neurons", disable=not show_progress):
+        prompts = fact_prompts(fact)
+        counts = attribute_fact(model, tokenizer, prompts, " " + fact.object, steps, threshold, min_layer)
+        found.append(FactNeurons(fact.subject, fact.relation, fact.object, prompts, counts))
+    adapted = adapt_p([f.counts for f in found], [f.n_prompts for f in found], start=start)
+    for f in found:
+        f.set_p(adapted.p)
+    return found, adapted
+
+
+def relation_neurons(found: Sequence[FactNeurons], min_share: float = RELATION_SHARE) -> dict[str, dict[Neuron, float]]:
+    """Per relation, the knowledge neurons shared by at least `min_share` of its analysed
+    facts, with that share, most shared first."""
+    out: dict[str, dict[Neuron, float]] = {}
+    for relation in sorted({f.relation for f in found}):
+        facts = [f for f in found if f.relation == relation]
+        tally = Counter(n for f in facts for n in set(f.neurons))
+        out[relation] = {n: c / len(facts) for n, c in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))
+                         if c / len(facts) >= min_share - _EPS}
+    return out
+
+
+def split_neurons(fact: FactNeurons, relation_level: dict[str, dict[Neuron, float]]) -> tuple[list[Neuron], list[Neuron]]:
+    """(fact-specific, relation-level) knowledge neurons of a fact."""
+    shared = relation_level.get(fact.relation, {})
+    return [n for n in fact.neurons if n not in shared], [n for n in fact.neurons if n in shared]
+
+
+def most_common(found: Sequence[FactNeurons], relation: str, k: int = 20) -> list[tuple[Neuron, int]]:
+    """The k knowledge neurons shared by the most facts of `relation`, with their counts."""
+    tally = Counter(n for f in found if f.relation == relation for n in set(f.neurons))
+    return sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+def random_like(neurons: Sequence[Neuron], width: int, generator: torch.Generator,
+                exclude: Sequence[Neuron] = ()) -> list[Neuron]:
+    """As many random neurons as `neurons` has in each layer, from the same layers, none of
+    them in `neurons` or `exclude` (the control of every experiment here)."""
+    banned = set(map(tuple, neurons)) | set(map(tuple, exclude))
+    per_layer = Counter(layer for layer, _ in neurons)
+    out = []
+    for layer in sorted(per_layer):
+        allowed = torch.tensor([i for i in range(width) if (layer, i) not in banned])
+        pick = allowed[torch.randperm(len(allowed), generator=generator)[:per_layer[layer]]]
+        out += [(layer, int(i)) for i in sorted(pick.tolist())]
+    return out
+
+
+def layer_histogram(neuron_lists: Sequence[Sequence[Neuron]], n_layer: int) -> list[int]:
+    """How many of the listed neurons sit in each layer: [n_layer] counts."""
+    counts = [0] * n_layer
+    for neurons in neuron_lists:
+        for layer, _ in neurons:
+            counts[layer] += 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------
+# Suppress and amplify by hooks: many rows, each with its own neurons, in one batch
+# --------------------------------------------------------------------------------------
+
+def _prompt_lengths(tokenizer, prompts: Sequence[str]) -> list[int]:
+    return [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+
+
+@torch.no_grad()
+def scaled_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                  row_neurons: Sequence[Sequence[Neuron]], factors: float | Sequence[float],
+                  positions: str = "last", batch_size: int = 256) -> dict[str, Tensor]:
+    """Score each (prompt, target) with its own neurons' activations multiplied by a factor.
+
+    Row r: the key activations of `row_neurons[r]` (0 suppresses, 2 amplifies) are
+    multiplied by factors[r] at the last prompt token (positions="last", Dai et al.'s
+    intervention, where the answer is predicted) or at every token (positions="all",
+    which equals editing the weights, see `scale_value_slots`). Returns `scoring.score`'s
+    dict: logprob (summed over the target's tokens, teacher forcing), first_prob, ... [rows].
+    """
+    if positions not in ("last", "all"):
+        raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
+    n = len(prompts)
+    if not (len(targets) == len(row_neurons) == n):
+        raise ValueError(f"{n} prompts, {len(targets)} targets and {len(row_neurons)} neuron lists: need one each")
+    factors = [float(factors)] * n if isinstance(factors, (int, float)) else [float(f) for f in factors]
+    width, device = d_ff(model), get_device(model)
+    parts = []
+    for start in range(0, n, batch_size):
+        rows = range(start, min(start + batch_size, n))
+        scale: dict[int, Tensor] = {}  # layer -> [b, d_ff] multipliers (1 = untouched)
+        for b, r in enumerate(rows):
+            for layer, neuron in row_neurons[r]:
+                layer = check_layer(model, layer)
+                if not 0 <= neuron < width:
+                    raise IndexError(f"neuron {neuron} out of range: layers have {width} neurons")
+                if layer not in scale:
+                    scale[layer] = torch.ones(len(rows), width, device=device)
+                scale[layer][b, neuron] = factors[r]
+        last = torch.tensor(_prompt_lengths(tokenizer, [prompts[r] for r in rows]), device=device) - 1  # [b]
+
+        def edit(layer: int):
+            def fn(key: Tensor) -> Tensor:  # key: [b, s, d_ff]
+                factor = scale[layer].to(key.dtype)
+                if positions == "all":
+                    return key * factor[:, None, :]
+                new = key.clone()
+                at = torch.arange(len(key), device=key.device)
+                new[at, last] = key[at, last] * factor
+                return new
+            return fn
+
+        with ExitStack() as stack:
+            for layer in scale:
+                stack.enter_context(patch(model, "key", layer, edit(layer)))
+            parts.append(score(model, tokenizer, [prompts[r] for r in rows], [targets[r] for r in rows],
+                               batch_size=len(rows)))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+# --------------------------------------------------------------------------------------
+# The same by editing weights (exact undo through WeightSnapshot)
+# --------------------------------------------------------------------------------------
+
+def _by_layer(model, neurons: Sequence[Neuron]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    width = d_ff(model)
+    for layer, neuron in neurons:
+        if not 0 <= int(neuron) < width:
+            raise IndexError(f"neuron {neuron} out of range: layers have {width} neurons")
+        out.setdefault(check_layer(model, layer), []).append(int(neuron))
+    return out
+
+
+@torch.no_grad()
+def scale_value_slots(model, neurons: Sequence[Neuron], factor: float) -> WeightSnapshot:
+    """Multiply value slots v_i (rows of V, the MLP output projection) by `factor` (0 erases,
+    2 amplifies), in place. Returns the snapshot taken before: `.restore()` undoes it."""
+    by_layer = _by_layer(model, neurons)
+    snapshot = snapshot_layers(model, sorted(by_layer), which=("mlp_out",))
+    for layer, idx in by_layer.items():
+        value_matrix(model, layer)[idx] *= factor  # a view: edits the parameter
+    return snapshot
+
+
+@torch.no_grad()
+def zero_key_rows(model, neurons: Sequence[Neuron]) -> WeightSnapshot:
+    """Zero key rows k_i (and b_K,i) so the neurons' activations are f(0) = 0 everywhere
+    (GELU, and Llama's act(g)·(x k_i) whose up projection is zeroed). Returns the snapshot."""
+    by_layer = _by_layer(model, neurons)
+    snapshot = snapshot_layers(model, sorted(by_layer), which=("mlp_in",))
+    for layer, idx in by_layer.items():
+        key_matrix(model, layer)[idx] = 0.0
+        bias = key_bias(model, layer)
+        if bias is not None:
+            bias[idx] = 0.0
+    return snapshot
+
+
+# --------------------------------------------------------------------------------------
+# Dai et al.'s experiment: suppress / amplify, with a random control
+# --------------------------------------------------------------------------------------
+
+GROUPS = ("this fact", "same relation", "other relations")
+
+
+def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95% confidence interval."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    if n == 1:
+        return m, float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m, z * sd / math.sqrt(n)
+
+
+def probe_prompts(fact: FactNeurons, pool: Sequence, n_same: int = 5, n_other: int = 5,
+                  seed: int = 0) -> list[tuple[str, str, str]]:
+    """(group, prompt, target) rows for one fact: all its own prompts; one random prompt of
+    each of n_same other facts of its relation and n_other facts of other relations, drawn
+    from `pool` (Atlas Facts) with a seed."""
+    from .atlas.templates import TEMPLATES, fill
+
+    rng = random.Random(f"{seed}:{fact.subject}:{fact.relation}")
+    rows = [("this fact", p, " " + fact.object) for p in fact.prompts]
+    same = [f for f in pool if f.relation == fact.relation and f.subject != fact.subject]
+    other = [f for f in pool if f.relation != fact.relation]
+    for group, chosen in (("same relation", rng.sample(same, min(n_same, len(same)))),
+                          ("other relations", rng.sample(other, min(n_other, len(other))))):
+        for f in chosen:
+            t = TEMPLATES[f.relation]
+            rows.append((group, fill(rng.choice((*t.train, *t.heldout)), f.subject, f.subject_kind), " " + f.object))
+    return rows
+
+
+def suppress_amplify(model, tokenizer, found: Sequence[FactNeurons], pool: Sequence, factors=(0.0, 2.0),
+                     n_same: int = 5, n_other: int = 5, seed: int = 0, relation_level=None,
+                     show_progress: bool = False) -> list[dict]:
+    """For every fact: multiply its knowledge neurons (and, as the control, as many random
+    neurons from the same layers) by each factor at the last prompt token, and measure the
+    change of the correct object's probability on its own prompts, on facts of the same
+    relation and on facts of other relations. One batch per fact.
+
+    relation_level: if given (from `relation_neurons`), also the fact-specific neurons
+    alone ("fact-specific", with their own random control).
+    Returns one record per (fact, neuron set, factor, group): mean over the group's prompts
+    of the relative change (P' − P)/P, of ΔP and of Δlog P, and the mean clean P.
+    """
+    records = []
+    width = d_ff(model)
+    for index, fact in enumerate(progress(list(found), desc="suppress/amplify", disable=not show_progress)):
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{fact.subject}:{fact.relation}".encode()))
+        sets = {"knowledge": fact.neurons}
+        if relation_level is not None:
+            sets["fact-specific"] = split_neurons(fact, relation_level)[0]
+        sets = {**sets, **{f"random ({name})": random_like(neurons, width, generator, exclude=fact.neurons)
+                           for name, neurons in sets.items()}}
+        sets = {k: v for k, v in sets.items() if v}
+        rows = probe_prompts(fact, pool, n_same, n_other, seed)
+        conditions = [(None, 1.0)] + [(name, f) for name in sets for f in factors]
+        prompts = [p for _ in conditions for _, p, _ in rows]
+        targets = [t for _ in conditions for _, _, t in rows]
+        neurons = [sets[name] if name else [] for name, _ in conditions for _ in rows]
+        facs = [f for _, f in conditions for _ in rows]
+        logp = scaled_scores(model, tokenizer, prompts, targets, neurons, facs)["logprob"].double()
+        logp = logp.view(len(conditions), len(rows))  # [conditions, rows]
+        clean = logp[0]
+        for c, (name, factor) in enumerate(conditions[1:], start=1):
+            for group in GROUPS:
+                cols = [j for j, row in enumerate(rows) if row[0] == group]
+                if not cols:
+                    continue
+                before, after = clean[cols].exp(), logp[c, cols].exp()
+                records.append({
+                    "fact": index, "subject": fact.subject, "relation": fact.relation, "neurons": name,
+                    "factor": factor, "group": group, "n_neurons": len(sets[name]),
+                    "rel_change": float(((after - before) / before).mean()),
+                    "dp": float((after - before).mean()), "dlogp": float((logp[c, cols] - clean[cols]).mean()),
+                    "p_clean": float(before.mean()),
+                })
+    return records
+
+
+def summarize_effects(records: Sequence[dict], metric: str = "rel_change") -> list[dict]:
+    """Mean and 95% CI over facts of `metric` per (neuron set, factor, group)."""
+    keys = sorted({(r["neurons"], r["factor"], r["group"]) for r in records},
+                  key=lambda k: (k[0], k[1], GROUPS.index(k[2])))
+    out = []
+    for name, factor, group in keys:
+        values = [r[metric] for r in records if (r["neurons"], r["factor"], r["group"]) == (name, factor, group)]
+        m, ci = mean_ci(values)
+        out.append({"neurons": name, "factor": factor, "group": group, "metric": metric, "mean": m,
+                    "ci95": ci, "n": len(values)})
+    return out
+
+
+def plot_effects(summary: Sequence[dict], sets=("knowledge", "random (knowledge)"), axes=None, percent: bool = True):
+    """Dai et al.'s figure from `summarize_effects` rows (one metric): bars of the mean change
+    with 95% CI for suppressing (×0) and amplifying (×2), per group of prompts, each neuron
+    set in `sets` side by side (knowledge neurons next to their random control)."""
+    import matplotlib.pyplot as plt
+
+    metric = summary[0]["metric"]
+    factors = sorted({r["factor"] for r in summary})
+    if axes is None:
+        _, axes = plt.subplots(1, len(factors), figsize=(5.2 * len(factors), 3.4))
+    axes = [axes] if not hasattr(axes, "__len__") else list(axes)
+    scale = 100.0 if percent and metric != "dlogp" else 1.0
+    width = 0.8 / len(sets)
+    for ax, factor in zip(axes, factors):
+        for j, name in enumerate(sets):
+            rows = {s["group"]: s for s in summary if s["neurons"] == name and s["factor"] == factor}
+            means = [scale * rows[g]["mean"] if g in rows else float("nan") for g in GROUPS]
+            cis = [scale * rows[g]["ci95"] if g in rows else 0.0 for g in GROUPS]
+            xs = [i + (j - (len(sets) - 1) / 2) * width for i in range(len(GROUPS))]
+            ax.bar(xs, means, width, yerr=cis, capsize=3, label=name, color=f"C{j}")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(GROUPS)), labels=list(GROUPS))
+        ax.set_title("suppress (×0)" if factor == 0 else f"amplify (×{factor:g})")
+        ax.set_ylabel({"rel_change": "change of P(correct) (%)" if scale == 100 else "relative change of P(correct)",
+                       "dlogp": "Δ log P(correct) (nats)",
+                       "dp": "ΔP(correct) (points)" if scale == 100 else "ΔP(correct)"}.get(metric, metric))
+    axes[0].legend(fontsize=8)
+    return axes
+
+
+# --------------------------------------------------------------------------------------
+# Erasing a relation
+# --------------------------------------------------------------------------------------
+
+def erase_relation(model, tokenizer, found: Sequence[FactNeurons], relation: str, eval_facts: Sequence,
+                   k: int = 20, seed: int = 0) -> list[dict]:
+    """Zero the value slots of the k most common knowledge neurons of `relation` (and, as
+    the control, of as many random neurons from the same layers) and score every fact in
+    `eval_facts` on its first training template before and after. Weights are restored
+    after each edit. Returns one record per (neuron set, evaluated relation)."""
+    from .atlas.templates import TEMPLATES, fill
+
+    neurons = [n for n, _ in most_common(found, relation, k)]
+    generator = torch.Generator().manual_seed(seed)
+    sets = {"knowledge": neurons, "random": random_like(neurons, d_ff(model), generator)}
+    prompts = [fill(TEMPLATES[f.relation].train[0], f.subject, f.subject_kind) for f in eval_facts]
+    targets = [" " + f.object for f in eval_facts]
+    before = score(model, tokenizer, prompts, targets)
+    records = []
+    for name, chosen in sets.items():
+        with scale_value_slots(model, chosen, 0.0):
+            after = score(model, tokenizer, prompts, targets)
+        for rel in sorted({f.relation for f in eval_facts}):
+            idx = [i for i, f in enumerate(eval_facts) if f.relation == rel]
+            records.append({
+                "erased": relation, "neurons": name, "n_neurons": len(chosen), "relation": rel, "n_facts": len(idx),
+                "acc_before": float(before["all_correct"][idx].float().mean()),
+                "acc_after": float(after["all_correct"][idx].float().mean()),
+                "p_before": float(before["logprob"][idx].exp().mean()),
+                "p_after": float(after["logprob"][idx].exp().mean()),
+                "dlogp": float((after["logprob"][idx] - before["logprob"][idx]).mean()),
+            })
+    return records
+
+
+# --------------------------------------------------------------------------------------
+# Updating a fact (the interface the ROME chapter compares against)
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class KnEdit:
+    """What `kn_edit` changed, and the means to take it back exactly."""
+
+    request: dict
+    neurons: list[Neuron]  # the value slots changed
+    old_token: int  # first token of the old object (its embedding is subtracted)
+    new_token: int  # first token of the new object (its embedding is added)
+    lambda_old: float
+    lambda_new: float
+    snapshot: WeightSnapshot
+
+    def restore(self) -> None:
+        self.snapshot.restore()
+
+    def __enter__(self) -> "KnEdit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def request_prompts(request: dict) -> list[str]:
+    """The prompts refinement uses for a CounterFact-style request: the Atlas templates of its
+    relation when `relation_id` names an Atlas relation, else the rewrite prompt alone."""
+    from .atlas.templates import TEMPLATES
+
+    rel = request.get("relation_id")
+    prompt, subject = request["prompt"], request["subject"]
+    if rel in TEMPLATES:
+        t = TEMPLATES[rel]
+        kind = request.get("subject_kind", "city" if rel == "country" else "country")
+        return [x.replace("{kind}", kind).replace("{}", subject) for x in (*t.train, *t.heldout)]
+    return [prompt.replace("{}", subject)]
+
+
+def request_neurons(model, tokenizer, request: dict, prompts: Sequence[str] | None = None, p: float | None = None,
+                    threshold: float = THRESHOLD, steps: int = 20, exclude: Sequence[Neuron] = ()) -> list[Neuron]:
+    """Knowledge neurons of the request's true fact (target_true, or the model's own greedy
+    first token when absent): refinement over `prompts`; p=None adapts p on this one fact;
+    `exclude` (e.g. the relation-level neurons) is dropped."""
+    prompts = list(prompts) if prompts is not None else request_prompts(request)
+    old = _old_target(model, tokenizer, request)
+    counts = attribute_fact(model, tokenizer, prompts, old, steps, threshold)
+    if p is None:
+        p = adapt_p([counts], [len(prompts)]).p
+    banned = set(map(tuple, exclude))
+    return [n for n in shared_neurons(counts, len(prompts), p) if n not in banned]
+
+
+def _old_target(model, tokenizer, request: dict) -> str:
+    true = request.get("target_true", {}).get("str") if isinstance(request.get("target_true"), dict) else None
+    if true:
+        return " " + true.lstrip()
+    from .scoring import next_token_probs
+
+    token = int(next_token_probs(model, tokenizer, [request["prompt"].replace("{}", request["subject"])])[0].argmax())
+    return tokenizer.decode([token])
+
+
+@torch.no_grad()
+def kn_edit(model, tokenizer, request: dict, neurons: Sequence[Neuron] | None = None, lambda_old: float = 1.0,
+            lambda_new: float = 8.0, prompts: Sequence[str] | None = None, p: float | None = None,
+            threshold: float = THRESHOLD, steps: int = 20, exclude: Sequence[Neuron] = ()) -> KnEdit:
+    """Update a fact through its knowledge neurons (Dai et al., section 5.1):
+
+        v_i ← v_i − λ_old · e(o) + λ_new · e(o*)    for every knowledge neuron i
+
+    request: CounterFact style, {"prompt": "{} lies on the continent of", "subject": "Kuwait",
+        "target_new": {"str": "Europe"}, "target_true": {"str": "Asia"} (optional),
+        "relation_id": ... (optional; Atlas relations give the fact's n prompts)}.
+    neurons: the value slots to change; None finds them (`request_neurons`, with p, threshold,
+        steps, prompts and exclude).
+    e(o): row of the output embedding (unembedding) matrix for the object's first token with
+        its leading space (tied to the input embedding in GPT-2 and Atlas).
+    Returns a KnEdit; `with kn_edit(...) as e:` or `e.restore()` puts the weights back bit for bit.
+    """
+    target_new = request["target_new"]["str"]
+    old = _old_target(model, tokenizer, request)
+    if neurons is None:
+        with torch.enable_grad():
+            neurons = request_neurons(model, tokenizer, request, prompts, p, threshold, steps, exclude)
+    neurons = [(check_layer(model, layer), int(i)) for layer, i in neurons]
+    old_token, new_token = target_ids(tokenizer, old)[0], target_ids(tokenizer, target_new)[0]
+    embed = unembedding_matrix(model)  # [vocab, d_model]
+    delta = (lambda_new * embed[new_token].float() - lambda_old * embed[old_token].float())  # [d_model]
+    by_layer = _by_layer(model, neurons)
+    snapshot = snapshot_layers(model, sorted(by_layer), which=("mlp_out",))
+    for layer, idx in by_layer.items():
+        values = value_matrix(model, layer)  # [d_ff, d_model], a view of the weight
+        values[idx] += delta.to(values.dtype)
+    return KnEdit(dict(request), neurons, old_token, new_token, lambda_old, lambda_new, snapshot)
+
+
+# --------------------------------------------------------------------------------------
+# The explorer
+# --------------------------------------------------------------------------------------
+
+def single_neuron_effects(model, tokenizer, fact: FactNeurons, prompt_index: int = 0, factors=(0.0, 2.0)) -> dict:
+    """P(correct) on one prompt of the fact with each knowledge neuron alone, and all of them,
+    multiplied by each factor (one batch): {factor: [P per neuron..., P all]}, plus "clean"."""
+    prompt, target = fact.prompts[prompt_index], " " + fact.object
+    sets = [[n] for n in fact.neurons] + [list(fact.neurons)]
+    rows = [(s, f) for f in factors for s in sets]
+    out = scaled_scores(model, tokenizer, [prompt] * (len(rows) + 1), [target] * (len(rows) + 1),
+                        [[]] + [s for s, _ in rows], [1.0] + [f for _, f in rows])["logprob"].exp()
+    result = {"clean": float(out[0])}
+    for j, f in enumerate(factors):
+        result[f] = out[1 + j * len(sets): 1 + (j + 1) * len(sets)].tolist()
+    return result
+
+
+def neuron_explorer(model, tokenizer, found: Sequence[FactNeurons], relation_level=None):
+    """An ipywidgets explorer (headless-safe): pick a fact and one of its prompts; see its
+    knowledge neurons (prompt share, relation-level or not) and P(correct) as each neuron
+    alone, and all together, is suppressed (×0) or amplified (×2)."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from IPython.display import HTML, display
+
+    labels = [(f"{f.subject} —{f.relation}→ {f.object}  ({len(f.neurons)} neurons)", i) for i, f in enumerate(found)]
+    pick = widgets.Dropdown(options=labels, value=0, description="fact", layout={"width": "34em"})
+    prompt = widgets.IntSlider(value=0, min=0, max=max(f.n_prompts for f in found) - 1, description="prompt #")
+
+    def show(i, j):
+        fact = found[i]
+        j = min(j, fact.n_prompts - 1)
+        shared = (relation_level or {}).get(fact.relation, {})
+        rows = "".join(
+            f"<tr><td>{layer}</td><td>{neuron}</td><td>{int(fact.counts[layer, neuron])}/{fact.n_prompts}</td>"
+            f"<td>{'relation-level ({:.0%})'.format(shared[(layer, neuron)]) if (layer, neuron) in shared else 'fact'}</td></tr>"
+            for layer, neuron in fact.neurons)
+        display(HTML(f"<p>prompt: <b>{fact.prompts[j]}</b> → {fact.object}; p = {fact.p:.2f}</p>"
+                     "<table><tr><th>layer</th><th>neuron</th><th>prompts</th><th>kind</th></tr>"
+                     f"{rows}</table>"))
+        if not fact.neurons:
+            return
+        effects = single_neuron_effects(model, tokenizer, fact, j)
+        names = [f"L{layer}.{neuron}" for layer, neuron in fact.neurons] + ["all"]
+        fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(names) + 2), 2.8))
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], effects[0.0], 0.4, label="suppressed (×0)", color="C0")
+        ax.bar([x + 0.2 for x in xs], effects[2.0], 0.4, label="amplified (×2)", color="C1")
+        ax.axhline(effects["clean"], color="black", ls="--", lw=1, label=f"unchanged P = {effects['clean']:.3f}")
+        ax.set_xticks(list(xs), labels=names)
+        ax.set_ylabel("P(correct)")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8, loc="lower left")
+        plt.show()
+
+    out = widgets.interactive_output(show, {"i": pick, "j": prompt})
+    return widgets.VBox([widgets.HBox([pick, prompt]), out])
+
+
+# --------------------------------------------------------------------------------------
+# Saving refinement results (the chapter loads the 200-fact study from a JSON file)
+# --------------------------------------------------------------------------------------
+
+def found_to_json(found: Sequence[FactNeurons]) -> list[dict]:
+    """Per fact: subject, relation, object, prompts, p, knowledge neurons, and the sparse
+    prompt counts [[layer, neuron, count], ...] (enough to refine again at any p)."""
+    out = []
+    for f in found:
+        idx = f.counts.nonzero().tolist()
+        out.append({"subject": f.subject, "relation": f.relation, "object": f.object, "prompts": list(f.prompts),
+                    "p": f.p, "neurons": [list(n) for n in f.neurons], "shape": list(f.counts.shape),
+                    "counts": [[l, i, int(f.counts[l, i])] for l, i in idx]})
+    return out
+
+
+def found_from_json(items: Sequence[dict]) -> list[FactNeurons]:
+    """The inverse of `found_to_json`."""
+    found = []
+    for item in items:
+        counts = torch.zeros(item["shape"], dtype=torch.long)
+        for layer, neuron, count in item["counts"]:
+            counts[layer, neuron] = count
+        f = FactNeurons(item["subject"], item["relation"], item["object"], list(item["prompts"]), counts)
+        f.p, f.neurons = item["p"], [tuple(n) for n in item["neurons"]]
+        found.append(f)
+    return found
