@@ -9,6 +9,10 @@ A chapter starts with::
     from kn_tutorial.notebook import setup
     MODEL_NAME = setup(seed=0)  # "atlas" unless KN_MODEL says otherwise
 
+On a GPU runtime (Colab with a T4, say) ``setup`` also prints which real models the
+chapter can run on instead of Atlas (``gpu_offer``): gpt2-medium and gpt2-xl fit a T4,
+GPT-J needs 24 GB or more. The choice is read from ``KN_MODEL``; on a CPU nothing is printed.
+
 The install line cannot come from this module (on Colab the module is not there
 yet), so it is written out in each notebook as ``"%" + COLAB_INSTALL``;
 ``COLAB_SPEC`` below is the one place that says what it must be, and
@@ -28,7 +32,10 @@ __all__ = [
     "COLAB_SPEC",
     "COLAB_INSTALL",
     "DEFAULT_MODEL",
+    "GPU_MODELS",
+    "GPTJ_MIN_GB",
     "on_colab",
+    "gpu_offer",
     "model_name",
     "setup",
     "colab_url",
@@ -47,6 +54,14 @@ COLAB_SPEC = f"kn_tutorial @ git+{REPO_URL}@{RELEASE_TAG}"
 COLAB_INSTALL = f'pip install -q "{COLAB_SPEC}"'
 
 DEFAULT_MODEL = "atlas"
+#: Real models offered on a GPU runtime: name -> (parameters, GPU memory of float32 weights).
+GPU_MODELS = {
+    "gpt2-medium": ("355M", "about 1.5 GB"),
+    "gpt2-xl": ("1.5B", "about 6 GB"),
+}
+GPTJ = "EleutherAI/gpt-j-6b"
+#: GPU memory GPT-J needs here (float16 weights, 12 GB, plus gradients and statistics).
+GPTJ_MIN_GB = 24
 COLAB_BADGE_SVG = "https://colab.research.google.com/assets/colab-badge.svg"
 
 
@@ -60,9 +75,43 @@ def model_name() -> str:
     return os.environ.get("KN_MODEL", "").strip() or DEFAULT_MODEL
 
 
-def setup(seed: int = 0) -> str:
+def _gpu_memory_gb() -> float | None:
+    """Total memory of CUDA device 0 in GB, or None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 1e9
+
+
+def gpu_offer(name: str | None = None) -> str | None:
+    """On a GPU runtime, the text that offers the real models; None on a CPU.
+
+    `name` is the model chosen so far (default: ``model_name()``, i.e. ``KN_MODEL``).
+    """
+    memory = _gpu_memory_gb()
+    if memory is None:
+        return None
+    import torch
+
+    name = name or model_name()
+    gpu = f"{torch.cuda.get_device_name(0)}, {memory:.0f} GB"
+    lines = [f"This runtime has a GPU ({gpu}). The chapter runs on {name!r}."]
+    if name == DEFAULT_MODEL:
+        lines.append("To run it on a real model instead, set KN_MODEL and re-run this cell, e.g.")
+        lines += [f'    %env KN_MODEL={m}    # {params} parameters, {mem} of GPU memory'
+                  for m, (params, mem) in GPU_MODELS.items()]
+    if "gpt-j" in name.lower() or name == DEFAULT_MODEL:
+        verdict = "this GPU has enough" if memory >= GPTJ_MIN_GB else "this GPU has too little"
+        lines.append(f"GPT-J ({GPTJ}) needs a GPU with {GPTJ_MIN_GB} GB or more: {verdict}.")
+    return "\n".join(lines)
+
+
+def setup(seed: int = 0, offer: bool = True) -> str:
     """Seed Python, NumPy and torch, set plot defaults, return the model name.
 
+    On a GPU runtime it also prints ``gpu_offer()``, the real models the chapter can run on,
+    unless ``offer=False`` (for a chapter that always uses Atlas).
     Plots get the colour-blind-safe ``tableau-colorblind10`` colour cycle and the
     perceptually uniform, colour-blind-safe ``cividis`` colormap by default.
     """
@@ -94,6 +143,9 @@ def setup(seed: int = 0) -> str:
             "axes.spines.right": False,
         }
     )
+    text = gpu_offer() if offer else None
+    if text:
+        print(text)
     return model_name()
 
 

@@ -1,0 +1,229 @@
+"""The chapters' exercises, as a teacher hands them out (ARENA style, see chapter 3).
+
+* the student notebooks in book/exercises/ are in sync with the chapters: regenerating
+  them with scripts/make_student_notebooks.py gives identical files;
+* they hold no solution and no output, and every stub is still there;
+* every check in kn_tutorial.exercises passes on the reference solution taken from the
+  chapter's <details> dropdown, and on the stub prints the not-implemented reminder and
+  returns a falsy value (the convention of kn_tutorial/exercises/__init__.py).
+
+The checks run in a namespace holding the chapter's imports and the Atlas model (the
+checks use small inputs). When a stub, check or solution needs a name the chapter
+defines elsewhere, the chapter cell that defines it is run first, the way a reader runs
+the chapter from the top; a name no earlier cell defines fails with a message saying so.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib.util
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kn_tutorial.exercises import TODO
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("make_student_notebooks", ROOT / "scripts" / "make_student_notebooks.py")
+msn = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = msn  # dataclasses look their module up there
+_spec.loader.exec_module(msn)
+
+REGENERATE = "python scripts/make_student_notebooks.py"
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _all_exercises() -> list:
+    return [ex for path in msn.chapters() for ex in msn.exercises(_load(path), path.stem)]
+
+
+EXERCISES = _all_exercises()
+
+
+# ---- the student notebooks ------------------------------------------------------------------
+
+def test_student_notebooks_are_in_sync_with_the_chapters():
+    want = msn.render()
+    have = {p.name: p.read_text(encoding="utf-8") for p in [*msn.OUT.glob("*.ipynb"), msn.OUT / "README.md"]
+            if p.is_file()}
+    assert sorted(have) == sorted(want), f"book/exercises/ has {sorted(have)}, expected {sorted(want)}: run `{REGENERATE}`"
+    stale = [name for name in want if have[name] != want[name]]
+    assert not stale, f"out of date: {stale}; run `{REGENERATE}`"
+    assert msn.main(["--check"]) == 0
+
+
+def test_regenerating_is_deterministic():
+    assert msn.render() == msn.render()
+
+
+@pytest.mark.parametrize("path", sorted(msn.OUT.glob("*.ipynb")), ids=lambda p: p.name)
+def test_student_notebook_has_stubs_but_no_solutions_or_outputs(path):
+    student = _load(path)
+    chapter = _load(msn.BOOK / path.name)
+    assert not msn.exercises(student), "a solution dropdown survived"
+    text = "\n".join(msn.source(c) for c in student["cells"])
+    assert "<details" not in text and "Solution</summary>" not in text
+    for cell in student["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+    n_stubs = sum("raise NotImplementedError" in msn.source(c) for c in student["cells"])
+    assert n_stubs == len(msn.exercises(chapter)) > 0
+    assert f"blob/main/book/exercises/{path.name}" in text  # the Colab badge opens the student version
+    ids = [c["id"] for c in student["cells"]]
+    assert len(ids) == len(set(ids))
+    nbformat = pytest.importorskip("nbformat")
+    nbformat.validate(nbformat.reads(path.read_text(encoding="utf-8"), as_version=4))
+
+
+def test_solution_removal_keeps_the_text_around_it():
+    notebook = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": "code", "id": "a", "metadata": {}, "execution_count": 3, "outputs": [{"x": 1}],
+         "source": "def my_f(x):\n    raise NotImplementedError\n\n\ncheck_f(my_f)"},
+        {"cell_type": "markdown", "id": "b", "metadata": {},
+         "source": "<details><summary>Solution</summary>\n\n```python\ndef my_f(x):\n    return x\n```\n\n"
+                   "Why it works.\n\n</details>\n\n### Exercise 2: next\n"}]}
+    (ex,) = msn.exercises(notebook, "99_toy")
+    assert ex.solution == "def my_f(x):\n    return x\n" and "NotImplementedError" in ex.stub
+    cells = msn.student_version(notebook, "99_toy")["cells"]
+    assert cells[1]["outputs"] == [] and cells[1]["execution_count"] is None
+    assert "Why it works" not in cells[2]["source"] and cells[2]["source"].endswith("### Exercise 2: next\n")
+
+
+@pytest.mark.parametrize("path", msn.chapters(), ids=lambda p: p.name)
+def test_every_chapter_after_the_first_has_two_to_four_exercises(path):
+    if path.name.startswith("00_"):
+        pytest.skip("chapter 0 introduces the Atlas model and has no exercises")
+    n = len(msn.exercises(_load(path), path.stem))
+    assert 2 <= n <= 4, f"{path.name} has {n} exercises (stub + <details> solution pairs); the book asks for 2-4"
+
+
+# ---- the checks: pass on the solution, remind on the stub ----------------------------------
+
+_MAGIC = re.compile(r"^(\s*)[%!].*$", re.M)
+_NAMESPACES: dict[str, dict] = {}
+_ATLAS: tuple | None = None
+
+
+def _python(src: str) -> str:
+    """Cell source with IPython magics (%pip, !ls) replaced by `pass`."""
+    return _MAGIC.sub(lambda m: m.group(1) + "pass", src)
+
+
+def _bound_names(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.For, ast.With)):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            if isinstance(node, ast.With):
+                targets = [item.optional_vars for item in node.items]
+            for target in targets:
+                for sub in ast.walk(target) if target is not None else ():
+                    if isinstance(sub, ast.Name):
+                        names.add(sub.id)
+    return names
+
+
+def _code_cells(chapter: str) -> list[str]:
+    notebook = _load(msn.BOOK / f"{chapter}.ipynb")
+    return [_python(msn.source(c)) for c in notebook["cells"] if c["cell_type"] == "code"]
+
+
+def _namespace(chapter: str) -> dict:
+    """The chapter's top-level imports, executed once per chapter."""
+    if chapter not in _NAMESPACES:
+        ns: dict = {"__name__": f"chapter_{chapter}", "MODEL_NAME": "atlas"}
+        exec("from IPython.display import display", ns)
+        for src in _code_cells(chapter):
+            try:
+                tree = ast.parse(src)
+            except SyntaxError:
+                continue
+            imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+            exec(compile(ast.Module(body=imports, type_ignores=[]), chapter, "exec"), ns)
+        _NAMESPACES[chapter] = ns
+    return _NAMESPACES[chapter]
+
+
+def _atlas():
+    global _ATLAS
+    if _ATLAS is None:
+        from kn_tutorial.models import load_model
+
+        _ATLAS = load_model("atlas", device="cpu")
+    return _ATLAS
+
+
+def _run(code: str, ns: dict, chapter: str, mode: str = "exec"):
+    """exec/eval `code` in `ns`; a missing name is defined first by the chapter cell that binds it."""
+    for _ in range(25):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                torch.manual_seed(0)
+                result = (eval if mode == "eval" else exec)(compile(code, chapter, mode), ns)
+            return result, out.getvalue()
+        except NameError as err:
+            name = err.name
+            if name in ("model", "tokenizer"):
+                ns["model"], ns["tokenizer"] = _atlas()
+                continue
+            defining = [src for src in _code_cells(chapter) if _binds(src, name)]
+            if not defining:
+                raise AssertionError(f"{chapter}: the exercise needs `{name}`, which no code cell of the chapter "
+                                     f"defines at top level") from err
+            with contextlib.redirect_stdout(io.StringIO()):
+                exec(compile(defining[0], f"{chapter} (cell defining {name})", "exec"), ns)
+    raise AssertionError(f"{chapter}: could not resolve the names the exercise needs")
+
+
+def _binds(src: str, name: str) -> bool:
+    try:
+        return name in _bound_names(ast.parse(src))
+    except SyntaxError:
+        return False
+
+
+def _split_stub(stub: str) -> tuple[str, list[str]]:
+    """(the stub cell without its check calls, the check calls as expressions)."""
+    tree = ast.parse(_python(stub))
+    checks = [n for n in tree.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+              and isinstance(n.value.func, ast.Name) and n.value.func.id.startswith("check_")]
+    rest = [n for n in tree.body if n not in checks]
+    return ast.unparse(ast.Module(body=rest, type_ignores=[])), [ast.unparse(n.value) for n in checks]
+
+
+@pytest.mark.parametrize("ex", EXERCISES, ids=lambda e: f"{e.chapter[:2]}-{e.title.split(':')[0].replace(' ', '')}")
+def test_check_passes_on_the_solution_and_reminds_on_the_stub(ex):
+    setup, checks = _split_stub(ex.stub)
+    assert checks, f"{ex.chapter} / {ex.title}: the stub cell has no check_...(...) call"
+    ns = _namespace(ex.chapter)
+    _run(setup, ns, ex.chapter)
+    for call in checks:
+        result, printed = _run(call, ns, ex.chapter, mode="eval")
+        assert not result, f"{ex.chapter} / {ex.title}: {call} accepted the stub"
+        assert TODO in printed, f"{ex.chapter} / {ex.title}: {call} on the stub printed {printed!r}, not the reminder"
+    _run(ex.solution, ns, ex.chapter)
+    for call in checks:
+        result, printed = _run(call, ns, ex.chapter, mode="eval")
+        assert result is True, f"{ex.chapter} / {ex.title}: {call} on the solution returned {result!r}; it printed {printed!r}"
+
+
+def test_readme_links_the_student_notebooks():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    linked = set(re.findall(r"/blob/main/book/exercises/(\d\d_\w+\.ipynb)\)", readme))
+    generated = {p.name for p in msn.OUT.glob("*.ipynb")}
+    assert generated <= linked, f"README.md has no Colab link for {sorted(generated - linked)}"
+    for name in linked:  # a link whose chapter exists must open a student notebook
+        if (msn.BOOK / name).exists():
+            assert name in generated, f"README.md links book/exercises/{name}, which is not generated"
