@@ -16,7 +16,8 @@ that the later layers read as o. To write a new object o*, ROME
    the solution of  min ‖Ŵ K − W K‖  subject to  Ŵ k* + b = v*.
 
 `edit(model, tokenizer, request)` runs all three and returns a handle that restores the
-weights bit for bit (`.restore()`, or use it as a context manager).
+weights bit for bit (`.restore()`, or use it as a context manager). `lstsq_update` and
+`feasible_perturbations` are independent checks of step 3 (chapter 6 uses them).
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, lay
     """Optimise δ so that adding it to the MLP output of `layer` at the subject makes the model
     say `target` after every prefixed prompt, while KL(P(· | "{s} is a") before ‖ after) stays small.
 
-    loss(δ) = mean_prompts −(1/|o*|) Σ_j log P(o*_j | ...)  +  kl_factor · KL  +  v_weight_decay · ‖δ‖² / ‖m‖²
+    loss(δ) = mean_prompts −(1/|o*|) Σ_j log P(o*_j | ...)  +  kl_factor · KL  +  v_weight_decay · ‖δ‖ / ‖m‖²
     with ‖δ‖ clamped to clamp_norm_factor · ‖m‖, m the MLP output at the subject (no prefix).
     """
     device = get_device(model)
@@ -196,9 +197,9 @@ def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, lay
             nll = -token_logprobs.mean(1).mean()
             kl_after = torch.log_softmax(logits[n_rewrite + torch.arange(len(kl_rows), device=device), kl_last], -1)
             kl = torch.nn.functional.kl_div(kl_after, kl_before, log_target=True, reduction="batchmean")
-            decay = hparams.v_weight_decay * delta.norm() ** 2 / base_out.norm() ** 2
+            decay = hparams.v_weight_decay * delta.norm() / base_out.norm() ** 2  # ‖δ‖, not ‖δ‖² (as in ROME)
             loss = nll + hparams.kl_factor * kl + decay
-            losses.append({"nll": nll.item(), "kl": kl.item(), "decay": decay.item(),
+            losses.append({"nll": nll.item(), "kl": kl.item(), "decay": decay.item(), "delta_norm": delta.norm().item(),
                            "p_target": token_logprobs.sum(1).exp().mean().item()})
             if nll.item() < 5e-2:
                 break
@@ -218,8 +219,9 @@ def solve_c_inverse_k(mom2: torch.Tensor, k_star: torch.Tensor, ridge: float = 0
     """u = C⁻¹ k* by Cholesky in float64 (C is symmetric positive semi-definite).
 
     C of a small model's keys can be badly conditioned (1e8 has been seen), which float32
-    solves get wrong; float64 Cholesky is accurate there. A singular C needs ridge > 0."""
-    c = mom2.to(torch.float64)
+    solves get wrong; float64 Cholesky is accurate there. A singular C needs ridge > 0.
+    Solved on k*'s device (the cached C is loaded on the CPU)."""
+    c = mom2.to(device=k_star.device, dtype=torch.float64)
     if ridge > 0:
         c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     factor, info = torch.linalg.cholesky_ex(c)
@@ -247,6 +249,36 @@ def apply_rank_one(weight: torch.Tensor, u: torch.Tensor, k_star: torch.Tensor, 
     return delta_w
 
 
+def lstsq_update(keys: torch.Tensor, k_star: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """ΔW minimising ‖ΔW K‖ subject to ΔW k* = residual, by a direct least-squares solve (an
+    independent check of `rank_one_update`; it needs the keys themselves, not C).
+
+    Every feasible ΔW is ΔW₀ + N Pᵀ, with ΔW₀ = residual k*ᵀ / ‖k*‖² and P: [d_ff, d_ff − 1] an
+    orthonormal basis of the directions orthogonal to k*; N is then an unconstrained
+    least-squares problem, N (Pᵀ K) ≈ −ΔW₀ K, solved by torch.linalg.lstsq in float64.
+    keys: K as [d_ff, n]; returns ΔW: [d_model, d_ff]."""
+    keys, k, r = keys.to(torch.float64), k_star.to(keys.device, torch.float64), residual.to(keys.device, torch.float64)
+    delta0 = torch.outer(r, k) / (k @ k)  # [d_model, d_ff], satisfies the constraint
+    q, _ = torch.linalg.qr(torch.cat([k[:, None], torch.eye(len(k), dtype=k.dtype, device=k.device)], 1))
+    basis = q[:, 1:len(k)]  # [d_ff, d_ff − 1], orthogonal to k*
+    a = (basis.T @ keys).T  # [n, d_ff − 1]
+    b = -(delta0 @ keys).T  # [n, d_model]
+    n = torch.linalg.lstsq(a.cpu(), b.cpu(), driver="gelsd").solution.to(k.device)  # [d_ff − 1, d_model]
+    return delta0 + n.T @ basis.T
+
+
+def feasible_perturbations(delta_w: torch.Tensor, k_star: torch.Tensor, n: int, scale: float = 0.1,
+                           seed: int = 0) -> torch.Tensor:
+    """n random updates that satisfy the same constraint as delta_w: ΔW + scale·‖ΔW‖·N/‖N‖ with
+    N k* = 0 (Gaussian noise with its k* component projected out); returns [n, d_model, d_ff]."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *delta_w.shape), generator=g, dtype=torch.float64).to(delta_w.device)
+    k = k_star.to(delta_w.device, torch.float64)
+    noise = noise - (noise @ k)[..., None] * k / (k @ k)
+    noise = noise / noise.flatten(1).norm(dim=1)[:, None, None]
+    return delta_w.to(torch.float64) + scale * delta_w.to(torch.float64).norm() * noise
+
+
 @dataclass
 class RomeEdit:
     """What an edit changed, and the means to take it back exactly."""
@@ -269,9 +301,12 @@ class RomeEdit:
         self.restore()
 
 
-def edit(model, tokenizer, request: dict, hparams: RomeHparams | None = None, mom2: torch.Tensor | None = None) -> RomeEdit:
+def edit(model, tokenizer, request: dict, hparams: RomeHparams | None = None, mom2: torch.Tensor | None = None,
+         prefixes: list[str] | None = None) -> RomeEdit:
     """Write request (CounterFact style) into the model with ROME; returns a restorable handle.
 
+    mom2: C of the layer (default: `second_moment`, cached on disk); prefixes: the random prefixes
+    (default: `sample_prefixes` with the hparams' seed; pass them to reuse them across edits).
     Nothing in the model changes until every step has succeeded; the update is a single
     in-place addition to one weight matrix, recorded in the returned snapshot."""
     prompt, subject, target = prepare_request(request)
@@ -280,7 +315,8 @@ def edit(model, tokenizer, request: dict, hparams: RomeHparams | None = None, mo
     layer = check_layer(model, hparams.layer)
     hparams = replace(hparams, layer=layer)
     subject_span(tokenizer, prompt.replace("{}", subject), subject)  # subject must tokenise inside the prompt
-    prefixes = sample_prefixes(model, tokenizer, hparams.prefixes, seed=hparams.seed)
+    if prefixes is None:
+        prefixes = sample_prefixes(model, tokenizer, hparams.prefixes, seed=hparams.seed)
     k_star = compute_k_star(model, tokenizer, prompt, subject, layer, prefixes)
     v = compute_v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams)
     if mom2 is None:

@@ -94,6 +94,23 @@ def compute_second_moment(model, tokenizer, layer: int, texts: Sequence[str], ba
     return (total / n_tokens).cpu(), n_tokens
 
 
+@torch.no_grad()
+def collect_keys(model, tokenizer, layer: int, texts: Sequence[str], batch_size: int = 32,
+                 max_length: int = 128) -> torch.Tensor:
+    """The keys themselves, K as [d_ff, n_tokens] (float32, on the CPU), of every non-padding token
+    of `texts` at `layer`: what C summarises (C = K Kᵀ / n_tokens over the same texts)."""
+    layer = check_layer(model, layer)
+    device = get_device(model)
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_length, add_special_tokens=False).to(device)
+        with Recorder(model, [("key", layer)]) as rec:
+            model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+        chunks.append(rec[("key", layer)][enc.attention_mask.bool()].float().cpu())  # [tokens, d_ff]
+    return torch.cat(chunks).T
+
+
 class StatsCacheError(RuntimeError):
     pass
 

@@ -104,3 +104,105 @@ def test_layer_out_of_range_and_singular_c_leave_the_model_alone():
     with pytest.raises(ValueError, match="singular"):
         rome.edit(model, tokenizer, REQUEST, hp, mom2=torch.zeros_like(mom2))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_lstsq_update_agrees_with_the_closed_form():
+    keys, mom2, weight, k_star, residual = _random_problem(d_model=4, d_ff=8, n=100, seed=3)
+    closed = rome.rank_one_update(weight.clone(), mom2, k_star, residual)
+    direct = rome.lstsq_update(keys, k_star, residual)
+    torch.testing.assert_close(direct, closed, rtol=1e-7, atol=1e-9)
+
+
+def test_feasible_perturbations_keep_the_constraint_and_cost_more():
+    keys, mom2, weight, k_star, residual = _random_problem(seed=4)
+    delta_w = rome.rank_one_update(weight.clone(), mom2, k_star, residual)
+    others = rome.feasible_perturbations(delta_w, k_star, n=10, scale=0.05)
+    torch.testing.assert_close(others @ k_star, residual.expand(10, -1))
+    assert ((others @ keys).flatten(1).norm(dim=1) > (delta_w @ keys).norm()).all()
+
+
+def test_prefixes_are_seeded_and_end_with_a_sentence_break():
+    model, tokenizer = tiny_lm("gpt2")
+    a = rome.sample_prefixes(model, tokenizer, ((3, 2), (5, 1)), seed=1)
+    assert a == rome.sample_prefixes(model, tokenizer, ((3, 2), (5, 1)), seed=1)
+    assert len(a) == 4 and a[0] == "" and all(p.endswith(". ") for p in a[1:])
+    assert not any("{" in p or "}" in p for p in a)
+
+
+def test_v_star_weight_decay_is_the_papers_norm_over_squared_norm():
+    """ROME's regulariser is v_weight_decay · ‖δ‖ / ‖m‖² (not ‖δ‖²): check it on the logged losses."""
+    model, tokenizer, hp, mom2 = _tiny_edit(kl_factor=0.0)
+    prefixes = rome.sample_prefixes(model, tokenizer, hp.prefixes, seed=0)
+    result = rome.compute_v_star(model, tokenizer, "{} lies on the continent of", "Kuwait", "Europe", 0, prefixes, hp)
+    from kn_tutorial.hooks import record
+
+    ids = torch.tensor([tokenizer("Kuwait lies on the continent of", add_special_tokens=False)["input_ids"]])
+    last = rome._last_subject_positions(tokenizer, ["Kuwait lies on the continent of"], "Kuwait")[0]
+    m = record(model, [("mlp_out", 0)], input_ids=ids)[("mlp_out", 0)][0, last]
+    # at every logged step decay / ‖δ‖ must be the constant v_weight_decay / ‖m‖², m the unprefixed MLP output
+    ratios = [row["decay"] / row["delta_norm"] for row in result.losses if row["delta_norm"] > 0]
+    assert ratios and all(r == pytest.approx(hp.v_weight_decay / m.norm().item() ** 2, rel=1e-4) for r in ratios)
+
+
+def test_exercise_checks_accept_solutions_and_reject_mistakes():
+    from kn_tutorial.exercises import rome as ex
+    from kn_tutorial.scoring import score
+
+    def solution(W, C, k, v):
+        u = torch.linalg.solve(C, k)
+        return W + torch.outer((v - W @ k) / (u @ k), u)
+
+    def wrong(W, C, k, v):  # feasible but not minimal: direction k* instead of C⁻¹k*
+        return W + torch.outer((v - W @ k) / (k @ k), k)
+
+    assert ex.check_rank_one_update(solution)
+    with pytest.raises(AssertionError, match="not the smallest"):
+        ex.check_rank_one_update(wrong)
+    model, tokenizer = tiny_lm("gpt2")
+
+    def k_star(model, tokenizer, prompt, subject, layer, prefixes):
+        return rome.compute_k_star(model, tokenizer, prompt, subject, layer, prefixes)
+
+    assert ex.check_k_star(k_star, model, tokenizer)
+
+    def efficacy(model, tokenizer, case):
+        r = case["requested_rewrite"]
+        p = score(model, tokenizer, [r["prompt"].format(r["subject"])] * 2,
+                  [r["target_new"]["str"], r["target_true"]["str"]])["mean_logprob"].exp()
+        return float(p[0] > p[1]), (p[0] - p[1]).item()
+
+    case = {"requested_rewrite": {**REQUEST, "target_true": {"str": "Asia"}}}
+    assert ex.check_efficacy(efficacy, model, tokenizer, case)
+    assert ex.check_efficacy(lambda *a: (_ for _ in ()).throw(NotImplementedError), model, tokenizer, case) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: checks that ROME, FT and the metrics run where the model is")
+def test_everything_runs_on_cuda_where_the_model_is():
+    from kn_tutorial.evaluation import evaluate_editor, sample_text
+    from kn_tutorial.finetune import FTHparams, fine_tune
+
+    model, tokenizer, hp, mom2 = _tiny_edit(ridge=1e-3)
+    model = model.cuda()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = rome.edit(model, tokenizer, REQUEST, hp, mom2=mom2)  # C stays on the CPU, as the cache loads it
+    value = mlp_out_weight(model, 0).double() @ result.k_star.double() + value_bias(model, 0).double()
+    assert result.k_star.is_cuda and ((value - result.v_star.double()).norm() / result.v_star.norm()) < 1e-4
+    result.restore()
+    with fine_tune(model, tokenizer, REQUEST, FTHparams(layer=0, lr=1e-2, steps=3, norm_constraint=1e-3)):
+        pass
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    texts, cached = sample_text(model, tokenizer, ["Kuwait is a", "Osaka lies in the country of"], max_new_tokens=4,
+                                return_logits=True)
+    _, full = sample_text(model, tokenizer, ["Kuwait is a", "Osaka lies in the country of"], max_new_tokens=4,
+                          use_cache=False, return_logits=True)
+    torch.testing.assert_close(cached, full, rtol=1e-3, atol=1e-3)
+    case = {"case_id": 0, "requested_rewrite": {**REQUEST, "target_true": {"str": "Asia"}},
+            "paraphrase_prompts": ["Kuwait's continent is"], "neighborhood_prompts": ["Qatar lies on the continent of"],
+            "generation_prompts": ["Kuwait is a"]}
+    (row,) = evaluate_editor(model, tokenizer, [case], lambda m, t, r: rome.edit(m, t, r, hp, mom2=mom2))
+    assert {"ES", "PS", "NS", "GE"} <= set(row)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    keys = torch.randn(10, 50, dtype=torch.float64, device="cuda")
+    k, r = torch.randn(10, dtype=torch.float64, device="cuda"), torch.randn(4, dtype=torch.float64, device="cuda")
+    closed = rome.rank_one_update(torch.zeros(4, 10, dtype=torch.float64, device="cuda"), (keys @ keys.T / 50).cpu(), k, r)
+    torch.testing.assert_close(rome.lstsq_update(keys, k, r), closed, rtol=1e-6, atol=1e-8)

@@ -60,3 +60,12 @@ def test_unknown_corpus_is_a_clear_error(tmp_path, monkeypatch):
     model, tokenizer = tiny_lm("gpt2")
     with pytest.raises(ValueError, match="unknown corpus"):
         stats.second_moment(model, tokenizer, 0, corpus="nowhere", n_samples=3)
+
+
+def test_collected_keys_give_the_second_moment():
+    model, tokenizer = tiny_lm("gpt2")
+    keys = stats.collect_keys(model, tokenizer, 1, TEXTS, batch_size=5)  # [d_ff, n]
+    mom2, n_tokens = stats.compute_second_moment(model, tokenizer, 1, TEXTS, batch_size=7)
+    assert keys.shape == (mom2.shape[0], n_tokens)
+    expected = keys.double() @ keys.double().T / n_tokens
+    torch.testing.assert_close(mom2, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
