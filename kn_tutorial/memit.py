@@ -1,0 +1,537 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al., 2023).
+
+ROME (`rome.py`) writes one fact into one layer. MEMIT writes n facts at once and spreads
+each over a range of layers R = {l_1 < ... < l_L}. In the book's notation (W: [d_model, d_ff]
+with W k + b = value, keys k taken at the subject's last token):
+
+1. **Targets.** For every request i, z_i = h_i + δ_i is the residual stream (block output,
+   `hooks` site "hidden") of the last layer l_L at the subject's last token that makes the
+   model say the new object: δ_i is optimised like ROME's v* (`compute_targets`), but on the
+   residual stream instead of the MLP output, all requests in one batch.
+2. **Spread.** For each layer l in R, from the first: recompute the keys K_l = [k_1 ... k_n]
+   ([d_ff, n], averaged over random prefixes) and the current residuals h_i of layer l_L in
+   the model edited so far; give layer l its share of what is still missing,
+
+       r_i = (z_i − h_i) / (number of layers of R from l on),
+
+   and solve for all requests jointly (`solve_update`):
+
+       ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹,   C_l = E[k kᵀ]  (stats.second_moment),
+
+   the minimiser of  λ·tr(ΔW C ΔWᵀ) + ‖ΔW K − R‖²: keep the outputs of all other keys
+   (weighted by λ, "mom2_update_weight") while moving the edited keys by R.
+
+With one request and one layer, Sherman-Morrison turns the update into ROME's rank-one
+direction, ΔW = r (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k), which as λ → 0 meets ROME's constraint ΔW k = r.
+
+Requests that share their key (same text up to the subject's last token; in Atlas every
+prompt starts with the subject, so: same subject) are one *key group*: one key can hold one
+value, so MEMIT optimises one δ for the whole group, over all of the group's prompts.
+Two requests that give one (subject, relation) different objects contradict each other and
+are rejected (`find_conflicts`).
+
+Memory: the solve is [d_ff, d_ff] whatever n is; keys and targets are [n, d_ff] and
+[n, d_model]; forward passes run in batches of `batch_size` groups.
+`edit(model, tokenizer, requests)` returns a handle that restores the weights bit for bit.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .hooks import Recorder, patch
+from .models import check_layer, get_device, mlp_out_weight, module_name
+from .progress import progress
+from .rome import prepare_request, sample_prefixes
+from .scoring import pad_rows, target_ids
+from .stats import second_moment
+from .tokens import subject_span
+from .weights import WeightSnapshot
+
+HPARAMS_DIR = Path(__file__).parent / "hparams" / "memit"
+
+
+@dataclass
+class MemitHparams:
+    layers: tuple[int, ...]
+    mom2_update_weight: float = 20000.0  # λ
+    v_lr: float = 0.5
+    v_steps: int = 20
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ factor · ‖h‖ (h: the residual at the subject)
+    kl_factor: float = 0.0625
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    stop_nll: float = 5e-2  # a key group stops optimising once its mean NLL is below this
+    prefixes: tuple[tuple[int, int], ...] = ((10, 5),)  # (length, how many) random prefixes, plus ""
+    mom2_corpus: str = "atlas"
+    mom2_n_samples: int = 4000
+    batch_size: int = 32  # key groups per forward pass
+    seed: int = 0
+
+    @classmethod
+    def for_model(cls, name: str) -> "MemitHparams":
+        """The hyper-parameters in `hparams/memit/<name>.json` (the paper's for GPT-2 XL and GPT-J)."""
+        name = str(name).rstrip("/")
+        if name.endswith("atlas/model"):  # the shipped Atlas model's _name_or_path is its folder
+            name = "atlas"
+        path = HPARAMS_DIR / f"{Path(name).name}.json"
+        if not path.exists():
+            known = sorted(p.stem for p in HPARAMS_DIR.glob("*.json"))
+            raise ValueError(f"no MEMIT hyper-parameters for {name!r}; known: {known}. "
+                             "Pass MemitHparams(layers=(...)) yourself.")
+        data = json.loads(path.read_text())
+        data.pop("_comment", None)
+        data["layers"] = tuple(data["layers"])
+        data["kl_prompts"] = tuple(data.get("kl_prompts", cls.kl_prompts))
+        data["prefixes"] = tuple(tuple(x) for x in data.get("prefixes", cls.prefixes))
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------
+# Requests: relations, conflicts, key groups
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str  # template with "{}"
+    subject: str
+    target: str
+    relation: str
+
+    @property
+    def key_text(self) -> str:  # what the key at the subject's last token can see
+        return self.prompt.split("{}")[0] + self.subject
+
+
+def infer_relation(prompt: str) -> str:
+    """The Atlas relation whose templates include `prompt`, else the template itself."""
+    from .atlas.templates import TEMPLATES
+
+    for name, t in TEMPLATES.items():
+        isa = t.isa.replace("{kind}", "country"), t.isa.replace("{kind}", "city")
+        if prompt in (*t.train, *t.heldout, *t.novel, *isa):
+            return name
+    return prompt
+
+
+def as_request(item: dict) -> Request:
+    """A CounterFact case or its `requested_rewrite` (or any ROME-style request) as a Request."""
+    rewrite = item.get("requested_rewrite", item)
+    prompt, subject, target = prepare_request(rewrite)
+    relation = rewrite.get("relation_id") or infer_relation(prompt)
+    return Request(prompt, subject, target, str(relation))
+
+
+def find_conflicts(requests: list[Request]) -> dict[tuple[str, str], list[str]]:
+    """{(subject, relation): [targets]} for every pair asked to take more than one object."""
+    targets: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in requests:
+        if r.target.strip() not in [t.strip() for t in targets[(r.subject, r.relation)]]:
+            targets[(r.subject, r.relation)].append(r.target)
+    return {pair: ts for pair, ts in targets.items() if len(ts) > 1}
+
+
+def check_conflicts(requests: list[Request]) -> None:
+    conflicts = find_conflicts(requests)
+    if conflicts:
+        shown = "; ".join(f"{s!r} / {rel!r} -> {ts}" for (s, rel), ts in list(conflicts.items())[:10])
+        more = f" (and {len(conflicts) - 10} more)" if len(conflicts) > 10 else ""
+        raise ValueError(f"{len(conflicts)} (subject, relation) pair(s) are asked to take different objects: "
+                         f"{shown}{more}. A fact can hold one object: drop or merge these requests.")
+
+
+def key_groups(requests: list[Request]) -> list[list[int]]:
+    """Indices of requests that share a key (same text up to the subject's end), in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.key_text, []).append(i)
+    return list(groups.values())
+
+
+# --------------------------------------------------------------------------------------
+# Keys and residuals at the subject's last token, batched
+# --------------------------------------------------------------------------------------
+
+def _rows_at_subject(tokenizer, texts: list[str], subjects: list[str]) -> tuple[list[list[int]], list[int]]:
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # a prefix may mention the subject too: the request's own occurrence is the last one
+    last = [subject_span(tokenizer, t, s, occurrence=-1)[1] - 1 for t, s in zip(texts, subjects)]
+    return rows, last
+
+
+@torch.no_grad()
+def _read_at_subject(model, tokenizer, texts: list[str], subjects: list[str], site: str, layer: int,
+                     batch_size: int = 256) -> torch.Tensor:
+    """Activation of (site, layer) at the subject's last token of every text: [n, width], float32."""
+    out = []
+    device = get_device(model)
+    for start in range(0, len(texts), batch_size):
+        rows, last = _rows_at_subject(tokenizer, texts[start:start + batch_size], subjects[start:start + batch_size])
+        input_ids, mask = pad_rows(rows, tokenizer.eos_token_id, device)
+        with Recorder(model, [(site, layer)]) as rec:
+            model(input_ids=input_ids, attention_mask=mask)
+        out.append(rec[(site, layer)][torch.arange(len(rows), device=device), torch.tensor(last, device=device)].float())
+    return torch.cat(out)
+
+
+def compute_keys(model, tokenizer, requests: list[Request], groups: list[list[int]], layer: int,
+                 prefixes: list[str], batch_size: int = 256) -> torch.Tensor:
+    """K: [n_groups, d_ff], each group's key at `layer` averaged over the prefixes."""
+    first = [requests[g[0]] for g in groups]
+    texts = [p + r.prompt.replace("{}", r.subject) for r in first for p in prefixes]
+    subjects = [r.subject for r in first for _ in prefixes]
+    keys = _read_at_subject(model, tokenizer, texts, subjects, "key", layer, batch_size)
+    return keys.view(len(groups), len(prefixes), -1).mean(1)
+
+
+def compute_residuals(model, tokenizer, requests: list[Request], groups: list[list[int]], layer: int,
+                      batch_size: int = 256) -> torch.Tensor:
+    """h: [n_groups, d_model], the residual stream after block `layer` at the subject (no prefix)."""
+    first = [requests[g[0]] for g in groups]
+    texts = [r.prompt.replace("{}", r.subject) for r in first]
+    return _read_at_subject(model, tokenizer, texts, [r.subject for r in first], "hidden", layer, batch_size)
+
+
+# --------------------------------------------------------------------------------------
+# Step 1: target residuals z, optimised for many key groups in one batch
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class MemitTargets:
+    layer: int  # l_L, where z lives
+    z: torch.Tensor  # [n_groups, d_model]
+    h: torch.Tensor  # [n_groups, d_model] the residual before editing
+    final_nll: torch.Tensor  # [n_groups] mean NLL of the new objects with δ added
+    steps: torch.Tensor  # [n_groups] optimisation steps taken
+
+
+def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams):
+    """δ for a few key groups at once. Adam treats each coordinate separately and every group's loss
+    depends only on its own δ, so this equals optimising each group alone (also its early stop)."""
+    device = get_device(model)
+    rows, lookup, row_group, answer_rows, answer_cols, answer_tokens, answer_weight = [], [], [], [], [], [], []
+    for g, members in enumerate(groups):
+        n_rows = len(members) * len(prefixes)
+        for i in members:
+            r = requests[i]
+            tokens = target_ids(tokenizer, r.target)
+            for p in prefixes:
+                text = p + r.prompt.replace("{}", r.subject)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                row = len(rows)
+                rows.append(ids + tokens[:-1])
+                lookup.append(subject_span(tokenizer, text, r.subject, occurrence=-1)[1] - 1)
+                row_group.append(g)
+                for j, t in enumerate(tokens):  # position len(ids)-1+j predicts token j
+                    answer_rows.append(row)
+                    answer_cols.append(len(ids) - 1 + j)
+                    answer_tokens.append(t)
+                    answer_weight.append(1.0 / (len(tokens) * n_rows))  # mean over tokens, then rows
+    n_rewrite = len(rows)
+    kl_group = []
+    for g, members in enumerate(groups):
+        subject = requests[members[0]].subject
+        for k in hparams.kl_prompts:
+            text = k.replace("{}", subject)
+            rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            lookup.append(subject_span(tokenizer, text, subject, occurrence=-1)[1] - 1)
+            row_group.append(g)
+            kl_group.append(g)
+    input_ids, mask = pad_rows(rows, tokenizer.eos_token_id, device)
+    as_long = lambda x: torch.tensor(x, device=device, dtype=torch.long)  # noqa: E731
+    lookup, row_group, kl_group = as_long(lookup), as_long(row_group), as_long(kl_group)
+    answer_rows, answer_cols, answer_tokens = as_long(answer_rows), as_long(answer_cols), as_long(answer_tokens)
+    answer_weight = torch.tensor(answer_weight, device=device)
+    answer_group = row_group[answer_rows]
+    kl_rows = torch.arange(n_rewrite, len(rows), device=device)
+    kl_last = mask[kl_rows].sum(1) - 1
+    n_groups, n_kl = len(groups), len(hparams.kl_prompts)
+
+    with torch.no_grad(), Recorder(model, [("hidden", layer)]) as rec:
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+    hidden = rec[("hidden", layer)]
+    # h of each group: the row without prefix (prefixes[0] is "") of its first request
+    first_rows = as_long([sum(len(m) for m in groups[:g]) * len(prefixes) for g in range(n_groups)])
+    h = hidden[first_rows, lookup[first_rows]].float()  # [G, d_model]
+    kl_before = torch.log_softmax(logits[kl_rows, kl_last].float(), -1)
+
+    delta = torch.zeros_like(h, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    max_norm = hparams.clamp_norm_factor * h.norm(dim=1, keepdim=True)  # [G, 1]
+    active = torch.ones(n_groups, dtype=torch.bool, device=device)
+    steps = torch.zeros(n_groups, dtype=torch.long, device=device)
+    final_nll = torch.zeros(n_groups, device=device)
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for step in range(hparams.v_steps + 1):
+            # only the rows of groups still optimising run (converged groups leave the batch)
+            on = active[row_group]  # [rows]
+            run = on.nonzero().squeeze(1)
+            local = torch.full((len(rows),), -1, dtype=torch.long, device=device)
+            local[run] = torch.arange(len(run), device=device)
+            width = int(mask[run].sum(1).max())
+            run_lookup, run_group = lookup[run], row_group[run]
+
+            def add_delta(out: torch.Tensor) -> torch.Tensor:
+                out = out.clone()
+                index = torch.arange(out.shape[0], device=out.device)
+                out[index, run_lookup] = out[index, run_lookup] + delta[run_group].to(out.dtype)
+                return out
+
+            with patch(model, "hidden", layer, add_delta):
+                logits = model(input_ids=input_ids[run, :width], attention_mask=mask[run, :width]).logits
+            a = on[answer_rows]
+            logprobs = torch.log_softmax(logits[local[answer_rows[a]], answer_cols[a]].float(), -1)
+            token_nll = -logprobs.gather(1, answer_tokens[a, None]).squeeze(1)  # [answers]
+            nll = torch.zeros(n_groups, device=device).index_add(0, answer_group[a], token_nll * answer_weight[a])
+            kl_on = on[kl_rows]
+            kl_after = torch.log_softmax(logits[local[kl_rows[kl_on]], kl_last[kl_on]].float(), -1)
+            kl_rowwise = (kl_before[kl_on].exp() * (kl_before[kl_on] - kl_after)).sum(-1)  # KL(before ‖ after)
+            kl = torch.zeros(n_groups, device=device).index_add(0, kl_group[kl_on], kl_rowwise) / n_kl
+            decay = hparams.v_weight_decay * delta.norm(dim=1) ** 2 / h.norm(dim=1) ** 2
+            final_nll = torch.where(active, nll.detach(), final_nll)
+            active &= nll.detach() >= hparams.stop_nll  # converged groups stop where they are
+            if step == hparams.v_steps or not active.any():
+                break
+            steps += active.long()
+            loss = ((nll + hparams.kl_factor * kl + decay) * active).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            before = delta.detach().clone()
+            optimizer.step()
+            with torch.no_grad():
+                delta.copy_(torch.where(active[:, None], delta, before))  # Adam's momentum must not move them
+                norms = delta.norm(dim=1, keepdim=True)
+                delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+    return h, h + delta.detach(), final_nll, steps
+
+
+def compute_targets(model, tokenizer, requests: list[Request], groups: list[list[int]], layer: int,
+                    prefixes: list[str], hparams: MemitHparams) -> MemitTargets:
+    """z = h + δ for every key group: δ added to the residual after block `layer` at the subject's
+    last token, in every prefixed prompt of the group, minimising
+
+        mean NLL of the new objects + kl_factor · KL(P(·|"{s} is a") before ‖ after) + wd · ‖δ‖²/‖h‖²
+
+    with ‖δ‖ ≤ clamp_norm_factor · ‖h‖; `batch_size` groups per batch."""
+    if not prefixes or prefixes[0] != "":
+        raise ValueError("prefixes must start with '' (the prompt without prefix), as sample_prefixes returns")
+    parts = []
+    chunks = range(0, len(groups), hparams.batch_size)
+    for start in progress(chunks, desc=f"MEMIT targets z at layer {layer}", disable=len(chunks) < 4):
+        parts.append(_optimise_chunk(model, tokenizer, requests, groups[start:start + hparams.batch_size],
+                                     layer, prefixes, hparams))
+    h, z, nll, steps = (torch.cat(x) for x in zip(*parts))
+    return MemitTargets(layer, z, h, nll, steps)
+
+
+# --------------------------------------------------------------------------------------
+# Step 2: the joint least-squares update of one layer
+# --------------------------------------------------------------------------------------
+
+def solve_update(mom2: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, lam: float) -> torch.Tensor:
+    """ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹: [d_model, d_ff], in float64.
+
+    keys: [n, d_ff] (rows k_i), residuals: [n, d_model] (rows r_i), mom2: C [d_ff, d_ff].
+    Minimises λ·tr(ΔW C ΔWᵀ) + Σ_i ‖ΔW k_i − r_i‖²; solved by Cholesky on the keys' device."""
+    device = keys.device
+    k = keys.to(torch.float64)
+    a = lam * mom2.to(device=device, dtype=torch.float64) + k.T @ k  # [d_ff, d_ff]
+    factor, info = torch.linalg.cholesky_ex(a)
+    if info.item() != 0:
+        raise ValueError("λ C + K Kᵀ is not positive definite: use more text for the statistics C, "
+                         "or a larger mom2_update_weight λ")
+    return torch.cholesky_solve(k.T @ residuals.to(device=device, dtype=torch.float64), factor).T
+
+
+# --------------------------------------------------------------------------------------
+# The edit
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class LayerRecord:
+    layer: int
+    residual_norm: float  # mean ‖r_i‖ asked of this layer
+    achieved_norm: float  # mean ‖ΔW k_i‖ it delivered on the edited keys
+    update_norm: float  # ‖ΔW‖_F
+
+
+@dataclass
+class MemitEdit:
+    """What a MEMIT edit changed, and the means to take it back exactly."""
+
+    requests: list[Request]
+    groups: list[list[int]]
+    layers: tuple[int, ...]
+    targets: MemitTargets
+    deltas: dict[int, torch.Tensor]  # layer -> ΔW [d_model, d_ff]
+    records: list[LayerRecord]
+    snapshot: WeightSnapshot
+    prefixes: list[str] = field(default_factory=list)
+
+    def restore(self) -> None:
+        self.snapshot.restore()
+
+    def __enter__(self) -> "MemitEdit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def prepare(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = None):
+    """(requests as Request, key groups, hparams with checked layers, prefixes); raises on conflicts."""
+    if isinstance(requests, dict):
+        requests = [requests]
+    if not requests:
+        raise ValueError("no requests to edit")
+    reqs = [as_request(r) for r in requests]
+    check_conflicts(reqs)
+    for r in reqs:
+        subject_span(tokenizer, r.prompt.replace("{}", r.subject), r.subject)  # subject must tokenise in place
+    if hparams is None:
+        hparams = MemitHparams.for_model(getattr(model.config, "_name_or_path", ""))
+    layers = tuple(sorted({check_layer(model, layer) for layer in hparams.layers}))
+    if not layers:
+        raise ValueError("MEMIT needs at least one layer")
+    hparams = replace(hparams, layers=layers)
+    prefixes = sample_prefixes(model, tokenizer, hparams.prefixes, seed=hparams.seed)
+    return reqs, key_groups(reqs), hparams, prefixes
+
+
+def edit(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = None,
+         mom2: dict[int, torch.Tensor] | None = None, targets: MemitTargets | None = None) -> MemitEdit:
+    """Write all `requests` (CounterFact cases or their `requested_rewrite`s) with MEMIT at once.
+
+    mom2: {layer: C} to skip the (cached) statistics; targets: z from `compute_targets` for
+    these requests (e.g. to try several λ on the same targets). Returns a restorable handle;
+    on any error the weights are restored before it propagates."""
+    reqs, groups, hparams, prefixes = prepare(model, tokenizer, requests, hparams)
+    layers, last = hparams.layers, hparams.layers[-1]
+    if targets is None:
+        targets = compute_targets(model, tokenizer, reqs, groups, last, prefixes, hparams)
+    if targets.z.shape[0] != len(groups) or targets.layer != last:
+        raise ValueError(f"targets are for {targets.z.shape[0]} key groups at layer {targets.layer}, "
+                         f"these requests have {len(groups)} groups and their last layer is {last}")
+    mom2 = dict(mom2 or {})
+    for layer in layers:
+        if layer not in mom2:
+            mom2[layer] = second_moment(model, tokenizer, layer, corpus=hparams.mom2_corpus,
+                                        n_samples=hparams.mom2_n_samples)
+    params = [(module_name(model, layer, "mlp_out") + ".weight",
+               model.get_submodule(module_name(model, layer, "mlp_out")).weight) for layer in layers]
+    snapshot = WeightSnapshot(params)
+    deltas, records = {}, []
+    try:
+        for i, layer in enumerate(layers):
+            keys = compute_keys(model, tokenizer, reqs, groups, layer, prefixes)  # [G, d_ff]
+            h = compute_residuals(model, tokenizer, reqs, groups, last)  # [G, d_model]
+            residuals = (targets.z.to(h.device) - h) / (len(layers) - i)  # this layer's share
+            delta_w = solve_update(mom2[layer], keys, residuals, hparams.mom2_update_weight)
+            weight = mlp_out_weight(model, layer)
+            with torch.no_grad():
+                weight.add_(delta_w.to(weight.dtype))
+            deltas[layer] = delta_w.float()
+            records.append(LayerRecord(layer, residuals.norm(dim=1).mean().item(),
+                                       (keys.double() @ delta_w.T).norm(dim=1).mean().item(),
+                                       delta_w.norm().item()))
+    except BaseException:
+        snapshot.restore()
+        raise
+    return MemitEdit(reqs, groups, layers, targets, deltas, records, snapshot, prefixes)
+
+
+# --------------------------------------------------------------------------------------
+# Looking around: predictions before and after, the scaling plot, an explorer
+# --------------------------------------------------------------------------------------
+
+def prediction_rows(model, tokenizer, cases: list[dict], n_neighbours: int = 2) -> list[dict]:
+    """P(new object) and P(true object) (length-normalised, as evaluation scores them) on each case's
+    rewrite prompt, its paraphrases and its first `n_neighbours` neighbourhood prompts."""
+    from .evaluation import case_prompts
+    from .scoring import score
+
+    rows = []
+    for i, case in enumerate(cases):
+        rewrite = case["requested_rewrite"]
+        prompts = case_prompts(case)
+        for kind, texts in (("rewrite", prompts["rewrite"]), ("paraphrase", prompts["paraphrase"]),
+                            ("neighbour", prompts["neighborhood"][:n_neighbours])):
+            for text in texts:
+                rows.append({"case": i, "kind": kind, "prompt": text,
+                             "new": rewrite["target_new"]["str"], "true": rewrite["target_true"]["str"]})
+    if not rows:
+        return rows
+    prompts = [r["prompt"] for r in rows]
+    p_new = score(model, tokenizer, prompts, [r["new"] for r in rows])["mean_logprob"].exp()
+    p_true = score(model, tokenizer, prompts, [r["true"] for r in rows])["mean_logprob"].exp()
+    for r, a, b in zip(rows, p_new.tolist(), p_true.tolist()):
+        r["p_new"], r["p_true"] = a, b
+    return rows
+
+
+def plot_scaling(data: dict, metrics=("ES", "PS", "NS", "S", "fluency"), methods=None, axes=None):
+    """The scaling curve (Meng et al., 2023, figure 5) from `scripts/memit_scaling.py`'s JSON:
+    one panel per metric, number of edits on a log axis, one line per method."""
+    import matplotlib.pyplot as plt
+
+    results = data["results"]
+    methods = methods or [m for m in ("MEMIT", "ROME", "FT-L", "unedited") if m in results]
+    if axes is None:
+        _, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 3.2), sharex=True)
+    markers = {"MEMIT": "o", "ROME": "s", "FT-L": "^", "unedited": ""}
+    for ax, metric in zip(axes, metrics):
+        for method in methods:
+            rows = [r for r in results[method] if metric in r]
+            style = {"linestyle": ":", "color": "grey"} if method == "unedited" else {}
+            ax.plot([r["n_edits"] for r in rows], [r[metric] for r in rows], marker=markers.get(method, "o"),
+                    label="ROME (sequential)" if method == "ROME" else method, **style)
+        ax.set_xscale("log")
+        ax.set_title(metric if metric != "fluency" else "fluency (n-gram entropy)", fontsize="medium")
+        ax.set_xlabel("edits")
+        if metric != "fluency":
+            ax.set_ylim(-3, 103)
+    axes[0].set_ylabel("score (%)")
+    axes[-1].legend(fontsize="small", frameon=False, loc="lower left")
+    return axes
+
+
+def memit_explorer(model, tokenizer, cases: list[dict], hparams: MemitHparams | None = None,
+                   mom2: dict[int, torch.Tensor] | None = None):
+    """An ipywidgets explorer (headless-safe, nothing blocks): pick a case, type a new object, and
+    see P(new) and P(true) on its prompts before and after a MEMIT edit (undone right after)."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    labels = [(f"{c['requested_rewrite']['prompt'].replace('{}', c['requested_rewrite']['subject'])} "
+               f"-> {c['requested_rewrite']['target_true']['str']}", i) for i, c in enumerate(cases)]
+    case = widgets.Dropdown(options=labels, value=0, description="fact", layout=widgets.Layout(width="60%"))
+    target = widgets.Text(value=cases[0]["requested_rewrite"]["target_new"]["str"], description="new object",
+                          continuous_update=False)
+    case.observe(lambda change: setattr(target, "value", cases[change["new"]]["requested_rewrite"]["target_new"]["str"]),
+                 names="value")
+
+    def show(i, new):
+        if not new.strip():
+            print("type a new object")
+            return
+        chosen = {**cases[i], "requested_rewrite": {**cases[i]["requested_rewrite"], "target_new": {"str": new}}}
+        before = prediction_rows(model, tokenizer, [chosen])
+        with edit(model, tokenizer, [chosen], hparams, mom2=mom2):
+            after = prediction_rows(model, tokenizer, [chosen])
+        print(f"{'prompt':<48} {'P(new) before → after':>24} {'P(true) before → after':>24}")
+        for b, a in zip(before, after):
+            print(f"{b['kind'][:5]:<6}{b['prompt'][:42]:<42} {b['p_new']:>10.3f} → {a['p_new']:<10.3f}  "
+                  f"{b['p_true']:>10.3f} → {a['p_true']:<10.3f}")
+
+    out = widgets.interactive_output(show, {"i": case, "new": target})
+    display(widgets.VBox([case, target, out]))

@@ -1,0 +1,253 @@
+"""The scaling curve of Meng et al. (2023), figure 5, on Atlas-CounterFact: edit n facts at once
+with MEMIT, one after another with ROME, or by fine-tuning, and score ES/PS/NS/S and fluency.
+
+    OMP_NUM_THREADS=1 python scripts/memit_scaling.py                 # writes book/data/memit_scaling.json
+    python scripts/memit_scaling.py --sizes 1 10 100 --eval-cases 100  # a quick look
+
+The n edited cases are the first n of one seeded permutation of all cases (so the sets are nested,
+and sequential ROME reaches every size in one pass, scored at each size on the way). Scores are
+means over a seeded sample of at most --eval-cases of the edited cases (all of them when n is
+smaller); fluency is the n-gram entropy (evaluation.ngram_entropy) of sampled continuations of the
+generation prompts of at most --fluency-cases of them. The JSON says which sizes were subsampled.
+
+Methods (every edit is undone exactly before the next method runs):
+- MEMIT: memit.edit with MemitHparams.for_model(model) (all n requests at once);
+- ROME: rome.edit applied n times in a row (RomeHparams.for_model(model)); stops when it has
+  used --rome-seconds, and the JSON lists the sizes it reached;
+- FT-L: fine-tuning the MLP output projections of MEMIT's layers on the n rewrite prompts at once
+  (Adam; each step a seeded minibatch of at most 256 requests; every entry of ΔW clipped to
+  [−ε, ε] after each step), with finetune.TUNED's learning rate, steps and ε for Atlas;
+- unedited: the same prompts without any edit (the reference for NS and fluency).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kn_tutorial import memit, rome  # noqa: E402
+from kn_tutorial.atlas.counterfact import load_counterfact  # noqa: E402
+from kn_tutorial.evaluation import evaluate_cases, ngram_entropy, summarize  # noqa: E402
+from kn_tutorial.models import get_device, get_module, load_model, module_name  # noqa: E402
+from kn_tutorial.progress import progress  # noqa: E402
+from kn_tutorial.scoring import pad_rows, target_ids  # noqa: E402
+from kn_tutorial.stats import second_moment  # noqa: E402
+from kn_tutorial.weights import WeightSnapshot  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def fluency(model, tokenizer, cases: list[dict], new_tokens: int = 40, seed: int = 0) -> float:
+    """Mean n-gram entropy of top-5 sampled continuations of each case's first two generation prompts."""
+    if not cases:
+        return float("nan")
+    prompts = [p for c in cases for p in c["generation_prompts"][:2]]
+    torch.manual_seed(seed)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(get_device(model))
+        out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=new_tokens,
+                             pad_token_id=tokenizer.eos_token_id)
+    finally:
+        tokenizer.padding_side = side
+    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+    return sum(ngram_entropy(t) for t in texts) / len(texts)
+
+
+def score(model, tokenizer, eval_cases: list[dict], flu_cases: list[dict]) -> dict:
+    out = summarize(evaluate_cases(model, tokenizer, eval_cases))
+    out["fluency"] = fluency(model, tokenizer, flu_cases)
+    return out
+
+
+def fine_tune_many(model, tokenizer, cases: list[dict], layers, lr: float, steps: int, eps: float,
+                   batch: int = 256, seed: int = 0) -> WeightSnapshot:
+    """FT-L on the MLP output projections of `layers`, all rewrites at once; returns the snapshot."""
+    device = get_device(model)
+    rows, answers = [], []  # answers: (row, position, token)
+    for i, case in enumerate(cases):
+        prompt, subject, target = rome.prepare_request(case["requested_rewrite"])
+        ids = tokenizer(prompt.replace("{}", subject), add_special_tokens=False)["input_ids"]
+        new = target_ids(tokenizer, target)
+        rows.append(ids + new[:-1])
+        answers.append([(len(ids) - 1 + j, t, 1 / len(new)) for j, t in enumerate(new)])
+    weights = [get_module(model, layer, "mlp_out").weight for layer in layers]
+    snapshot = WeightSnapshot([(module_name(model, layer, "mlp_out") + ".weight", w)
+                               for layer, w in zip(layers, weights)])
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    optimizer = torch.optim.Adam(weights, lr=lr)
+    rng = random.Random(seed)
+    try:
+        for _ in range(steps):
+            chosen = rng.sample(range(len(rows)), min(batch, len(rows)))
+            input_ids, mask = pad_rows([rows[i] for i in chosen], tokenizer.eos_token_id, device)
+            r, c, t, w = zip(*[(k, pos, tok, wt) for k, i in enumerate(chosen) for pos, tok, wt in answers[i]])
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[list(r), list(c)].float()
+            nll = -(torch.log_softmax(logits, -1)[torch.arange(len(t)), list(t)] * torch.tensor(w, device=device)).sum()
+            nll = nll / len(chosen)
+            optimizer.zero_grad()
+            nll.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for w_, original in zip(weights, snapshot.originals):
+                    w_.copy_(original + (w_ - original).clamp(-eps, eps))
+    finally:
+        for w in weights:
+            w.grad = None
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    return snapshot
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="atlas")
+    parser.add_argument("--sizes", nargs="+", default=["1", "10", "100", "1000", "all"])
+    parser.add_argument("--eval-cases", type=int, default=300)
+    parser.add_argument("--fluency-cases", type=int, default=50)
+    parser.add_argument("--rome-seconds", type=float, default=1200.0)
+    parser.add_argument("--methods", nargs="+", default=["unedited", "MEMIT", "FT-L", "ROME"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None, help="MEMIT key groups per batch (GPU: 256)")
+    parser.add_argument("--lambdas", nargs="*", type=float, default=[],
+                        help="also edit the largest size <= 1000 with these λ (an ablation, same targets)")
+    parser.add_argument("--ranges", nargs="*", default=[],
+                        help='also edit --ranges-n cases with MEMIT on these layer ranges, e.g. "0,1,2" "2,3,4"')
+    parser.add_argument("--ranges-n", type=int, default=200)
+    parser.add_argument("--out", default=str(ROOT / "book" / "data" / "memit_scaling.json"))
+    args = parser.parse_args(argv)
+    started = time.time()
+
+    model, tokenizer = load_model(args.model)
+    cases = load_counterfact()
+    order = random.Random(args.seed).sample(cases, len(cases))
+    sizes = sorted({len(cases) if s == "all" else min(int(s), len(cases)) for s in args.sizes})
+    mh = memit.MemitHparams.for_model(args.model)
+    if args.batch_size:
+        mh = replace(mh, batch_size=args.batch_size)
+    rh = rome.RomeHparams.for_model(args.model)
+    from kn_tutorial.finetune import TUNED
+    ft = TUNED.get(args.model, {"lr": 5e-4, "steps": 25, "norm_constraint": 5e-4})
+
+    def subsets(n):
+        edited = order[:n]
+        rng = random.Random(args.seed + n)
+        scored = edited if n <= args.eval_cases else rng.sample(edited, args.eval_cases)
+        return edited, scored, scored[:args.fluency_cases]
+
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    extra: dict = {}
+    state = {"rome_reached": 0}
+
+    def write(final: bool = False) -> dict:
+        out = {
+            "paper": "Meng et al. (2023), Mass-Editing Memory in a Transformer, figure 5",
+            "model": args.model, "device": str(get_device(model)),
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "n_cases": len(cases), "sizes": sizes, "eval_cases": args.eval_cases, "fluency_cases": args.fluency_cases,
+            "subsampled_sizes": [n for n in sizes if n > args.eval_cases],
+            "rome_reached": state["rome_reached"] if "ROME" in results else None,
+            "rome_seconds_limit": args.rome_seconds,
+            "hparams": {"MEMIT": asdict(mh), "ROME": asdict(rh),
+                        "FT-L": {**ft, "layers": list(mh.layers), "minibatch": 256}},
+            "results": results, **extra, "seed": args.seed, "seconds": time.time() - started, "complete": final,
+            "command": "python scripts/memit_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1, default=str))
+        tmp.replace(args.out)
+        return out
+
+    mom2 = {layer: second_moment(model, tokenizer, layer, corpus=mh.mom2_corpus, n_samples=mh.mom2_n_samples)
+            for layer in mh.layers}
+    sweep_n = max([n for n in sizes if n <= 1000], default=0)
+    sweep_targets = None
+    for n in sizes:
+        edited, scored, flu = subsets(n)
+        if "unedited" in results:
+            results["unedited"].append({"n_edits": n, **score(model, tokenizer, scored, flu)})
+        if "MEMIT" in results:
+            t = time.time()
+            reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, edited, mh)
+            targets = memit.compute_targets(model, tokenizer, reqs, groups, hp.layers[-1], prefixes, hp)
+            if n == sweep_n:
+                sweep_targets = targets
+            with memit.edit(model, tokenizer, edited, mh, mom2=mom2, targets=targets):
+                seconds = time.time() - t
+                results["MEMIT"].append({"n_edits": n, "edit_seconds": seconds, **score(model, tokenizer, scored, flu)})
+        if "FT-L" in results:
+            t = time.time()
+            with fine_tune_many(model, tokenizer, edited, mh.layers, ft["lr"], ft["steps"], ft["norm_constraint"]):
+                seconds = time.time() - t
+                results["FT-L"].append({"n_edits": n, "edit_seconds": seconds, **score(model, tokenizer, scored, flu)})
+        write()
+        print(f"n={n}: " + "; ".join(f"{m} ES {r[-1]['ES']:.1f} PS {r[-1]['PS']:.1f} NS {r[-1]['NS']:.1f}"
+                                     for m, r in results.items() if r), flush=True)
+
+    if args.lambdas and sweep_targets is not None:
+        edited, scored, flu = subsets(sweep_n)
+        extra["lambda_sweep"] = {"n_edits": sweep_n, "rows": []}
+        for lam in args.lambdas:
+            with memit.edit(model, tokenizer, edited, replace(mh, mom2_update_weight=lam), mom2=mom2, targets=sweep_targets):
+                extra["lambda_sweep"]["rows"].append({"lambda": lam, **score(model, tokenizer, scored, flu)})
+            print(f"λ={lam:g}: {extra['lambda_sweep']['rows'][-1]}", flush=True)
+        write()
+
+    if args.ranges:
+        edited, scored, flu = subsets(args.ranges_n)
+        extra["layer_ranges"] = {"n_edits": args.ranges_n, "rows": []}
+        for text in args.ranges:
+            layers = tuple(int(x) for x in text.split(","))
+            hp = replace(mh, layers=layers)
+            t = time.time()
+            with memit.edit(model, tokenizer, edited, hp) as result:
+                row = {"layers": list(layers), "edit_seconds": time.time() - t,
+                       "z_nll": result.targets.final_nll.mean().item(), **score(model, tokenizer, scored, flu)}
+            extra["layer_ranges"]["rows"].append(row)
+            print(f"layers {layers}: ES {row['ES']:.1f} PS {row['PS']:.1f} NS {row['NS']:.1f}", flush=True)
+            write()
+
+    if "ROME" in results:
+        rome_mom2 = second_moment(model, tokenizer, rh.layer, corpus=rh.mom2_corpus, n_samples=rh.mom2_n_samples)
+        snapshot = WeightSnapshot([(module_name(model, rh.layer, "mlp_out") + ".weight",
+                                    get_module(model, rh.layer, "mlp_out").weight)])
+        t, spent = time.time(), 0.0
+        try:
+            for i, case in enumerate(progress(order[:sizes[-1]], desc="sequential ROME")):
+                rome.edit(model, tokenizer, case["requested_rewrite"], rh, mom2=rome_mom2)
+                if i + 1 in sizes:
+                    spent = time.time() - t
+                    edited, scored, flu = subsets(i + 1)
+                    results["ROME"].append({"n_edits": i + 1, "edit_seconds": spent, **score(model, tokenizer, scored, flu)})
+                    state["rome_reached"] = i + 1
+                    write()
+                    print(f"ROME n={i + 1}: ES {results['ROME'][-1]['ES']:.1f} NS {results['ROME'][-1]['NS']:.1f}", flush=True)
+                    t = time.time() - spent  # scoring time does not count
+                if time.time() - t > args.rome_seconds:
+                    break
+        finally:
+            snapshot.restore()
+
+    out = write(final=True)
+    print(f"wrote {args.out} in {out['seconds']:.0f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""MEMIT checked against its definition: the joint least-squares update (closed form, stationarity,
+Sherman-Morrison's rank-one case and ROME's constraint as λ → 0), the spread over layers reaching the
+target residual, batching equal to one group at a time, exact restore, and rejected conflicts."""
+import dataclasses
+
+import pytest
+import torch
+import transformers
+
+from kn_tutorial import memit, rome
+from kn_tutorial.hooks import count_hooks, record
+from kn_tutorial.stats import atlas_corpus, compute_second_moment
+from kn_tutorial.tokens import subject_span
+from tests.conftest import FAMILIES, tiny_config, tiny_tokenizer
+
+KUWAIT = {"prompt": "{} lies on the continent of", "subject": "Kuwait", "target_new": {"str": "Europe"}}
+KUWAIT_CAPITAL = {"prompt": "{} has its capital in", "subject": "Kuwait", "target_new": {"str": "Paris"}}
+OSAKA = {"prompt": "{} lies on the continent of", "subject": "Osaka", "target_new": {"str": "Africa"}}
+
+
+def _random_problem(d_model=6, d_ff=10, n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, d_ff, generator=g, dtype=torch.float64)
+    return keys.T @ keys / n, g  # C = E[k kᵀ]
+
+
+def test_one_request_one_layer_is_rome_rank_one_update():
+    mom2, g = _random_problem()
+    k = torch.randn(10, generator=g, dtype=torch.float64)
+    r = torch.randn(6, generator=g, dtype=torch.float64)
+    for lam in (0.5, 20.0):
+        delta_w = memit.solve_update(mom2, k[None], r[None], lam)
+        u = torch.linalg.solve(mom2, k)  # Sherman-Morrison: r kᵀ(λC + kkᵀ)⁻¹ = r uᵀ / (λ + uᵀk)
+        torch.testing.assert_close(delta_w, torch.outer(r, u) / (lam + u @ k), rtol=1e-9, atol=1e-12)
+        assert torch.linalg.matrix_rank(delta_w).item() == 1
+        torch.testing.assert_close(delta_w @ k, r * (u @ k) / (lam + u @ k))  # a shrunken step towards r
+    # λ → 0: ROME's constrained update, which meets ΔW k = r exactly
+    delta_w = memit.solve_update(mom2, k[None], r[None], 1e-9)
+    torch.testing.assert_close(delta_w @ k, r, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(delta_w, rome.rank_one_update(torch.zeros(6, 10, dtype=torch.float64), mom2, k, r),
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_joint_update_minimises_its_objective():
+    mom2, g = _random_problem(seed=1)
+    keys = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    residuals = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    lam = 3.0
+    delta_w = memit.solve_update(mom2, keys, residuals, lam).requires_grad_(True)
+
+    def objective(w):  # λ tr(ΔW C ΔWᵀ) + Σ_i ‖ΔW k_i − r_i‖²
+        return lam * torch.trace(w @ mom2 @ w.T) + ((keys @ w.T - residuals) ** 2).sum()
+
+    objective(delta_w).backward()
+    assert delta_w.grad.abs().max() < 1e-9  # stationary, and the objective is convex
+    best = objective(delta_w.detach())
+    for _ in range(10):
+        assert objective(delta_w.detach() + 0.01 * torch.randn(6, 10, generator=g, dtype=torch.float64)) > best
+
+
+def _tiny(family="gpt2", n_layer=3, seed=0):
+    """A tiny random model with the Atlas-trained tiny tokenizer, `n_layer` blocks."""
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(family)
+    config.vocab_size = len(tokenizer)
+    for attr in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, attr):
+            setattr(config, attr, n_layer)
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, attr, tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2)
+    return model.eval(), tokenizer
+
+
+_TEXTS = None
+
+
+def _mom2(model, tokenizer, layers):
+    global _TEXTS
+    _TEXTS = _TEXTS or atlas_corpus(200)
+    return {layer: compute_second_moment(model, tokenizer, layer, _TEXTS, max_length=60)[0] for layer in layers}
+
+
+def _hparams(layers, **kw):
+    # prefixes=(): keys and residuals come from the same prompt, so the targets can be met exactly
+    base = dict(mom2_update_weight=1e-6, prefixes=(), v_steps=5, clamp_norm_factor=4.0)
+    return memit.MemitHparams(layers=layers, **{**base, **kw})
+
+
+def test_spread_over_layers_adds_up_to_the_target_residual():
+    model, tokenizer = _tiny(n_layer=3)
+    layers = (0, 1)
+    result = memit.edit(model, tokenizer, [KUWAIT, KUWAIT_CAPITAL, OSAKA], _hparams(layers),
+                        mom2=_mom2(model, tokenizer, layers))
+    assert result.groups == [[0, 1], [2]]  # one key, one value: Kuwait's two requests are one group
+    moved = (result.targets.z - result.targets.h).norm(dim=1)
+    assert (moved > 0.1).all()  # the targets ask for a real change
+    # independent reading of the residual after block l_L at the subject's last token
+    for group in result.groups:
+        r = result.requests[group[0]]
+        prompt = r.prompt.replace("{}", r.subject)
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        hidden = record(model, [("hidden", 1)], input_ids=ids)[("hidden", 1)]
+        last = subject_span(tokenizer, prompt, r.subject)[1] - 1
+        z = result.targets.z[result.groups.index(group)]
+        assert (hidden[0, last] - z).norm() < 1e-4 * z.norm()
+    for rec in result.records:  # each layer delivered the share it was asked for
+        assert abs(rec.achieved_norm - rec.residual_norm) < 1e-4 * rec.residual_norm
+    result.restore()
+
+
+def test_one_request_one_layer_edit_is_rank_one_and_meets_its_constraint():
+    model, tokenizer = _tiny(n_layer=2)
+    mom2 = _mom2(model, tokenizer, [0])
+    result = memit.edit(model, tokenizer, [KUWAIT], _hparams((0,)), mom2=mom2)
+    delta_w = result.deltas[0].double()
+    result.restore()
+    keys = memit.compute_keys(model, tokenizer, result.requests, result.groups, 0, [""])[0].double()
+    residual = (result.targets.z - result.targets.h)[0].double()
+    u = torch.linalg.solve(mom2[0], keys)
+    expected = torch.outer(residual, u) / (1e-6 + u @ keys)
+    torch.testing.assert_close(delta_w, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(delta_w @ keys, residual, rtol=1e-4, atol=1e-5)
+    s = torch.linalg.svdvals(delta_w)
+    assert s[1] < 1e-5 * s[0]
+
+
+@pytest.mark.parametrize("stop_nll", [0.0, None])
+def test_batched_targets_equal_one_group_at_a_time(stop_nll):
+    model, tokenizer = _tiny(n_layer=3)
+    hp = _hparams((0, 1), prefixes=((3, 2),), v_steps=8, v_lr=1.0)
+    reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, [KUWAIT, KUWAIT_CAPITAL, OSAKA], hp)
+    together = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, hp)
+    if stop_nll is None:  # a threshold between the groups' final NLLs: one group stops early
+        hp = dataclasses.replace(hp, stop_nll=together.final_nll.mean().item())
+        together = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, hp)
+        assert together.steps.min() < together.steps.max()
+    for g, group in enumerate(groups):
+        alone = memit.compute_targets(model, tokenizer, reqs, [group], 1, prefixes, hp)
+        torch.testing.assert_close(together.z[g], alone.z[0], rtol=1e-4, atol=1e-5)
+        assert together.steps[g] == alone.steps[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edit_restores_exactly(family):
+    model, tokenizer = _tiny(family, n_layer=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = [p.requires_grad for p in model.parameters()]
+    with memit.edit(model, tokenizer, [KUWAIT, OSAKA], _hparams((0,), mom2_update_weight=1.0),
+                    mom2=_mom2(model, tokenizer, [0])) as result:
+        assert result.snapshot.changed()  # the edit really changed a weight
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert count_hooks(model) == 0
+
+
+def test_conflicting_requests_are_rejected_with_the_pairs_named():
+    model, tokenizer = _tiny(n_layer=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    other = {**KUWAIT, "prompt": "{}'s continent is", "target_new": {"str": "Africa"}}  # same relation, inferred
+    with pytest.raises(ValueError, match=r"'Kuwait' / 'continent' -> \['Europe', 'Africa'\]"):
+        memit.edit(model, tokenizer, [KUWAIT, OSAKA, other], _hparams((0,)))
+    case = {"requested_rewrite": {**OSAKA, "relation_id": "r1", "target_new": {"str": "Asia"}}}
+    with pytest.raises(ValueError, match="Osaka"):
+        memit.edit(model, tokenizer, [{**OSAKA, "relation_id": "r1"}, case], _hparams((0,)))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # the same fact asked twice, or one subject with two relations, is no conflict
+    assert not memit.find_conflicts([memit.as_request(r) for r in (KUWAIT, KUWAIT, KUWAIT_CAPITAL)])
+
+
+def test_hparams_of_the_paper():
+    xl = memit.MemitHparams.for_model("gpt2-xl")
+    assert xl.layers == (13, 14, 15, 16, 17) and xl.mom2_update_weight == 20000
+    gptj = memit.MemitHparams.for_model("EleutherAI/gpt-j-6B")
+    assert gptj.layers == (3, 4, 5, 6, 7, 8) and gptj.mom2_update_weight == 15000
+    with pytest.raises(ValueError, match="known"):
+        memit.MemitHparams.for_model("no-such-model")
+    assert dataclasses.replace(memit.MemitHparams.for_model("atlas")).layers
