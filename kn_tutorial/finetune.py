@@ -21,7 +21,7 @@ import torch
 from .models import check_layer, get_device, get_module, module_name
 from .rome import RomeHparams, prepare_request
 from .scoring import target_ids
-from .weights import WeightSnapshot
+from .weights import Restorable, WeightSnapshot
 
 # The paper's GPT-2 XL settings: 25 Adam steps at lr 5e-4, and for FT+L ε = 5e-4. Atlas keeps the
 # steps and the learning rate; ε = 5e-4 leaves Atlas's larger weights unable to move (efficacy 0), so
@@ -51,22 +51,13 @@ class FTHparams:
 
 
 @dataclass
-class FTEdit:
+class FTEdit(Restorable):
     """What fine-tuning changed, and the means to take it back exactly."""
 
     request: dict
     layer: int
     losses: list[float] = field(default_factory=list)  # NLL before each step
     snapshot: WeightSnapshot | None = None
-
-    def restore(self) -> None:
-        self.snapshot.restore()
-
-    def __enter__(self) -> "FTEdit":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
 
 def fine_tune(model, tokenizer, request: dict, hparams: FTHparams) -> FTEdit:

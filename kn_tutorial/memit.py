@@ -36,7 +36,6 @@ Memory: the solve is [d_ff, d_ff] whatever n is; keys and targets are [n, d_ff] 
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,11 +45,11 @@ import torch
 from .hooks import Recorder, patch
 from .models import check_layer, get_device, mlp_out_weight, module_name
 from .progress import progress
-from .rome import prepare_request, sample_prefixes
+from .rome import prepare_request, read_hparams, sample_prefixes
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
 from .tokens import subject_span
-from .weights import WeightSnapshot
+from .weights import Restorable, WeightSnapshot
 
 HPARAMS_DIR = Path(__file__).parent / "hparams" / "memit"
 
@@ -75,16 +74,7 @@ class MemitHparams:
     @classmethod
     def for_model(cls, name: str) -> "MemitHparams":
         """The hyper-parameters in `hparams/memit/<name>.json` (the paper's for GPT-2 XL and GPT-J)."""
-        name = str(name).rstrip("/")
-        if name.endswith("atlas/model"):  # the shipped Atlas model's _name_or_path is its folder
-            name = "atlas"
-        path = HPARAMS_DIR / f"{Path(name).name}.json"
-        if not path.exists():
-            known = sorted(p.stem for p in HPARAMS_DIR.glob("*.json"))
-            raise ValueError(f"no MEMIT hyper-parameters for {name!r}; known: {known}. "
-                             "Pass MemitHparams(layers=(...)) yourself.")
-        data = json.loads(path.read_text())
-        data.pop("_comment", None)
+        data = read_hparams(HPARAMS_DIR, name, "MEMIT", "MemitHparams(layers=(...))")
         data["layers"] = tuple(data["layers"])
         data["kl_prompts"] = tuple(data.get("kl_prompts", cls.kl_prompts))
         data["prefixes"] = tuple(tuple(x) for x in data.get("prefixes", cls.prefixes))
@@ -366,7 +356,7 @@ class LayerRecord:
 
 
 @dataclass
-class MemitEdit:
+class MemitEdit(Restorable):
     """What a MEMIT edit changed, and the means to take it back exactly."""
 
     requests: list[Request]
@@ -377,15 +367,6 @@ class MemitEdit:
     records: list[LayerRecord]
     snapshot: WeightSnapshot
     prefixes: list[str] = field(default_factory=list)
-
-    def restore(self) -> None:
-        self.snapshot.restore()
-
-    def __enter__(self) -> "MemitEdit":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
 
 def prepare(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = None):

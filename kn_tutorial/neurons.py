@@ -48,7 +48,7 @@ from .hooks import patch
 from .models import check_layer, d_ff, get_device, key_bias, key_matrix, unembedding_matrix, value_matrix
 from .progress import progress
 from .scoring import score, target_ids
-from .weights import WeightSnapshot, snapshot_layers
+from .weights import Restorable, WeightSnapshot, snapshot_layers
 
 Neuron = tuple[int, int]  # (layer, index into the layer's d_ff neurons)
 
@@ -523,7 +523,7 @@ def erase_relation(model, tokenizer, found: Sequence[FactNeurons], relation: str
 # --------------------------------------------------------------------------------------
 
 @dataclass
-class KnEdit:
+class KnEdit(Restorable):
     """What `kn_edit` changed, and the means to take it back exactly."""
 
     request: dict
@@ -533,15 +533,6 @@ class KnEdit:
     lambda_old: float
     lambda_new: float
     snapshot: WeightSnapshot
-
-    def restore(self) -> None:
-        self.snapshot.restore()
-
-    def __enter__(self) -> "KnEdit":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
 
 def request_prompts(request: dict) -> list[str]:

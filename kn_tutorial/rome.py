@@ -32,9 +32,24 @@ from .models import check_layer, get_device, mlp_out_weight, module_name, value_
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
 from .tokens import subject_span
-from .weights import WeightSnapshot
+from .weights import Restorable, WeightSnapshot
 
 HPARAMS_DIR = Path(__file__).parent / "hparams" / "rome"
+
+
+def read_hparams(directory: Path, name: str, method: str, example: str) -> dict:
+    """The JSON of `directory/<model name>.json` as a dict (its "_comment" dropped), with a clear
+    error listing the known models when there is none. The shipped Atlas model is "atlas"."""
+    name = str(name).rstrip("/")
+    if name.endswith("atlas/model"):  # the shipped Atlas model's _name_or_path is its folder
+        name = "atlas"
+    path = directory / f"{Path(name).name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in directory.glob("*.json"))
+        raise ValueError(f"no {method} hyper-parameters for {name!r}; known: {known}. Pass {example} yourself.")
+    data = json.loads(path.read_text())
+    data.pop("_comment", None)
+    return data
 
 
 @dataclass
@@ -55,16 +70,7 @@ class RomeHparams:
     @classmethod
     def for_model(cls, name: str) -> "RomeHparams":
         """The hyper-parameters stored in `hparams/rome/<name>.json` (the paper's for GPT-2/GPT-J)."""
-        name = str(name).rstrip("/")
-        if name.endswith("atlas/model"):  # the shipped Atlas model's _name_or_path is its folder
-            name = "atlas"
-        path = HPARAMS_DIR / f"{Path(name).name}.json"
-        if not path.exists():
-            known = sorted(p.stem for p in HPARAMS_DIR.glob("*.json"))
-            raise ValueError(f"no ROME hyper-parameters for {name!r}; known: {known}. "
-                             "Pass RomeHparams(layer=...) yourself.")
-        data = json.loads(path.read_text())
-        data.pop("_comment", None)
+        data = read_hparams(HPARAMS_DIR, name, "ROME", "RomeHparams(layer=...)")
         data["kl_prompts"] = tuple(data.get("kl_prompts", cls.kl_prompts))
         data["prefixes"] = tuple(tuple(x) for x in data.get("prefixes", cls.prefixes))
         return cls(**data)
@@ -280,7 +286,7 @@ def feasible_perturbations(delta_w: torch.Tensor, k_star: torch.Tensor, n: int, 
 
 
 @dataclass
-class RomeEdit:
+class RomeEdit(Restorable):
     """What an edit changed, and the means to take it back exactly."""
 
     request: dict
@@ -290,15 +296,6 @@ class RomeEdit:
     delta_w: torch.Tensor
     v_losses: list[dict]
     snapshot: WeightSnapshot
-
-    def restore(self) -> None:
-        self.snapshot.restore()
-
-    def __enter__(self) -> "RomeEdit":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
 
 def edit(model, tokenizer, request: dict, hparams: RomeHparams | None = None, mom2: torch.Tensor | None = None,

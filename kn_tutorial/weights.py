@@ -28,6 +28,22 @@ from .models import MODULE_KINDS, check_layer, get_module, module_name
 Params = nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]] | Iterable[Tensor]
 
 
+class Restorable:
+    """Mixin for the handle an editing method returns: it holds a `snapshot` (a WeightSnapshot)
+    and undoes the edit bit for bit with `.restore()` or at the end of a `with` block."""
+
+    snapshot: "WeightSnapshot"
+
+    def restore(self) -> None:
+        self.snapshot.restore()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
 def _named(params: Params) -> list[tuple[str, Tensor]]:
     """Normalise the accepted inputs to a list of (name, tensor)."""
     if isinstance(params, nn.Module):

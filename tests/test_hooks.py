@@ -209,7 +209,7 @@ def test_set_neurons_errors(model, input_ids):
 
 def test_remove_hooks_only_removes_ours(warm, input_ids):
     model, hooks_before = warm
-    rec = Recorder(model, [("key", 0), ("hidden", 1)]).__enter__()  # never exited
+    Recorder(model, [("key", 0), ("hidden", 1)]).__enter__()  # never exited
     assert count_hooks(model) == 2
     assert remove_hooks(model) == 2
     assert count_hooks(model) == 0 and _hook_state(model) == hooks_before

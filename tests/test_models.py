@@ -1,6 +1,5 @@
 """Tests for kn_tutorial.models: the architecture table, the FFN key-value view, loading."""
 
-import os
 import time
 import types
 
