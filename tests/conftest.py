@@ -101,3 +101,17 @@ def tiny_lm(family: str = "gpt2", seed: int = 0):
             if param.dim() >= 2:
                 param.normal_(0.0, 0.2)
     return model.eval(), tokenizer
+
+
+@pytest.fixture(params=["HF_HUB_OFFLINE=1", "network down"])
+def hub_unreachable(request, monkeypatch):
+    """The Hugging Face hub cannot be used, in each of the two ways a machine can be offline:
+    the offline flag is set, or the flag is unset and the hub does not answer."""
+    from kn_tutorial import models
+
+    if request.param == "HF_HUB_OFFLINE=1":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    return request.param
