@@ -12,6 +12,11 @@ objects by length-normalised teacher forcing, P(o) = exp(mean_j log P(o_j | prom
   sampled from the model after the case's generation prompts (`generation_entropy`).
 
 Works on Atlas-CounterFact and on the real CounterFact JSON (same schema; `kn_tutorial.counterfact`).
+
+When many facts are edited at once, some neighbourhood prompts are about facts that were edited
+themselves (Atlas has five continents: at 1,000 edits about half of a case's neighbours are
+edited on the same relation). Those prompts no longer measure spill-over; `without_edited_neighbours`
+drops them before scoring.
 """
 from __future__ import annotations
 
@@ -32,6 +37,36 @@ def case_prompts(case: dict) -> dict[str, list[str]]:
         "paraphrase": list(case.get("paraphrase_prompts", [])),
         "neighborhood": list(case.get("neighborhood_prompts", [])),
     }
+
+
+def without_edited_neighbours(cases: list[dict], edited: list[dict]) -> tuple[list[dict], float]:
+    """(cases whose neighbourhood prompts about facts in `edited` are removed, fraction removed).
+
+    A neighbourhood prompt of a case asks the case's relation of another subject; it is dropped when
+    that (subject, relation) is itself in `edited`. The subject comes from the case's
+    "neighborhood_subjects" (Atlas-CounterFact) or, in the real CounterFact, is any edited subject of
+    the same relation that the prompt names as a whole word."""
+    import re
+
+    edited_by_relation: dict[str, set[str]] = {}
+    for case in edited:
+        rewrite = case["requested_rewrite"]
+        edited_by_relation.setdefault(str(rewrite.get("relation_id")), set()).add(rewrite["subject"])
+    out, dropped, total = [], 0, 0
+    for case in cases:
+        subjects = edited_by_relation.get(str(case["requested_rewrite"].get("relation_id")), set())
+        prompts = list(case.get("neighborhood_prompts", []))
+        if "neighborhood_subjects" in case:
+            keep = [p for p, s in zip(prompts, case["neighborhood_subjects"], strict=True) if s not in subjects]
+        else:
+            keep = [p for p in prompts
+                    if not any(re.search(rf"(?<!\w){re.escape(s)}(?!\w)", p) for s in subjects)]
+        dropped += len(prompts) - len(keep)
+        total += len(prompts)
+        case = {**case, "neighborhood_prompts": keep}
+        case.pop("neighborhood_subjects", None)
+        out.append(case)
+    return out, dropped / total if total else 0.0
 
 
 def _targets(case: dict) -> tuple[str, str]:

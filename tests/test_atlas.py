@@ -88,15 +88,17 @@ def test_counterfact_schema_and_determinism():
     world = load_world()
     for case in random.Random(0).sample(cases, 200):
         assert set(case) == {"case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts",
-                             "attribute_prompts", "generation_prompts"}
+                             "neighborhood_subjects", "attribute_prompts", "generation_prompts"}
         rw = case["requested_rewrite"]
         assert "{}" in rw["prompt"] and rw["subject"] and rw["target_new"]["str"] != rw["target_true"]["str"]
         relation = rw["relation_id"]
         assert world.lookup(rw["subject"], relation).object == rw["target_true"]["str"]
         assert rw["target_new"]["str"] in world.objects_of(relation)  # another object of the same relation
         assert case["paraphrase_prompts"] and case["neighborhood_prompts"]
-        for prompt in case["neighborhood_prompts"]:  # other subjects with the same true object
-            assert not prompt.startswith(rw["subject"] + " ")
+        for prompt, subject in zip(case["neighborhood_prompts"], case["neighborhood_subjects"], strict=True):
+            assert not prompt.startswith(rw["subject"] + " ")  # other subjects with the same true object
+            assert prompt.startswith(subject) and subject != rw["subject"]
+            assert world.lookup(subject, relation).object == rw["target_true"]["str"]
         assert all(rw["subject"] in p for p in case["paraphrase_prompts"])
     json.dumps(cases)  # JSON-able, like the real CounterFact file
 

@@ -53,6 +53,30 @@ def test_summarize_is_percent_means_and_harmonic_mean():
     assert evaluation.summarize([{"ES": 1.0, "PS": 0.0, "NS": 1.0}])["S"] == 0.0
 
 
+def test_edited_neighbours_are_dropped_only_for_the_same_relation():
+    def case(subject, relation, neighbours, with_subjects=True):
+        c = {"requested_rewrite": {"prompt": "{} is in", "subject": subject, "relation_id": relation,
+                                   "target_new": {"str": "Europe"}, "target_true": {"str": "Asia"}},
+             "neighborhood_prompts": [f"{n} is in" for n in neighbours]}
+        if with_subjects:
+            c["neighborhood_subjects"] = list(neighbours)
+        return c
+
+    kuwait = case("Kuwait", "continent", ["Qatar", "Oman", "Japan", "Romania"])
+    edited = [kuwait, case("Oman", "continent", []), case("Japan", "capital", []), case("Man", "continent", [])]
+    # Oman: edited on this relation -> dropped; Japan: edited on another relation -> kept;
+    # "Man" is a whole word of neither "Oman" nor "Romania"
+    for with_subjects in (True, False):
+        c = case("Kuwait", "continent", ["Qatar", "Oman", "Japan", "Romania"], with_subjects)
+        (out,), fraction = evaluation.without_edited_neighbours([c], edited)
+        assert out["neighborhood_prompts"] == ["Qatar is in", "Japan is in", "Romania is in"]
+        assert fraction == 0.25 and "neighborhood_subjects" not in out
+    assert c["neighborhood_prompts"] == ["Qatar is in", "Oman is in", "Japan is in", "Romania is in"]  # not mutated
+    (out,), fraction = evaluation.without_edited_neighbours([case("Kuwait", "continent", ["Oman"])], edited)
+    assert out["neighborhood_prompts"] == [] and fraction == 1.0
+    assert "NS" not in evaluation.evaluate_cases(*tiny_lm("gpt2"), [out])[0]  # no neighbours left: no NS
+
+
 def test_ngram_entropy_by_hand():
     # "a b a b": bigrams ab, ba, ab -> H = H(2/3, 1/3); trigrams aba, bab -> H = 1 bit
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))

@@ -10,6 +10,7 @@ of the same relation, and carries the prompts CounterFact uses to score an edit:
                            "target_new": {"str": "Europe"}, "target_true": {"str": "Asia"}},
      "paraphrase_prompts": [...],    # held-out templates, never trained on
      "neighborhood_prompts": [...],  # other subjects whose true object is "Asia"
+     "neighborhood_subjects": [...], # whose they are, in the same order
      "attribute_prompts": [...],     # subjects whose true object is "Europe"
      "generation_prompts": [...]}    # open-ended prompts about the subject
 
@@ -42,22 +43,26 @@ def build_counterfact(world: World | None = None, seed: int = 0, n_neighbours: i
 
         def prompts_for(facts, k):
             chosen = rng.sample(facts, min(k, len(facts)))
-            return [fill(rng.choice(t.train), f.subject, f.subject_kind) for f in chosen]
+            return [fill(rng.choice(t.train), f.subject, f.subject_kind) for f in chosen], [f.subject for f in chosen]
 
         other_relations = [TEMPLATES[f.relation].train[0] for f in world.facts_about(fact.subject)
                            if f.relation != fact.relation]
+        prompt = rng.choice(t.train)  # the random draws in this order keep the cases of earlier versions
+        neighbourhood, neighbour_subjects = prompts_for(neighbours, n_neighbours)
+        attribute_prompts, _ = prompts_for(attribute, n_neighbours)
         cases.append({
             "case_id": len(cases),
             "requested_rewrite": {
-                "prompt": rng.choice(t.train),
+                "prompt": prompt,
                 "subject": fact.subject,
                 "relation_id": fact.relation,
                 "target_new": {"str": new_object},
                 "target_true": {"str": fact.object},
             },
             "paraphrase_prompts": [fill(p, fact.subject, fact.subject_kind) for p in t.heldout],
-            "neighborhood_prompts": prompts_for(neighbours, n_neighbours),
-            "attribute_prompts": prompts_for(attribute, n_neighbours),
+            "neighborhood_prompts": neighbourhood,
+            "neighborhood_subjects": neighbour_subjects,
+            "attribute_prompts": attribute_prompts,
             "generation_prompts": [fill(ESSENCE_PROMPT, fact.subject)]
             + [fill(t.isa, fact.subject, fact.subject_kind)]
             + [fill(p, fact.subject, fact.subject_kind) for p in other_relations],
