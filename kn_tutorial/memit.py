@@ -431,6 +431,53 @@ def edit(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = 
     return MemitEdit(reqs, groups, layers, targets, deltas, records, snapshot, prefixes)
 
 
+@torch.no_grad()
+def success_with_targets(model, tokenizer, cases: list[dict], requests: list[Request], groups: list[list[int]],
+                         targets: MemitTargets, batch_size: int = 128) -> float:
+    """ES (%) on the rewrite prompts of `cases` with each case's target residual z *written in*:
+    the hidden state after layer `targets.layer` at the subject's last token replaced by the z of
+    the case's key group (cases must be among `requests`).
+
+    On the unedited model this is how good the targets are; on the edited model it separates
+    misses of the solve (h never reached z: fixed by writing z in) from damage elsewhere in the
+    prompt (other tokens' states moved by the updates: not fixed by writing z in)."""
+    device = get_device(model)
+    group_of = {requests[g[0]].key_text: i for i, g in enumerate(groups)}
+    rows, positions, answers, owner = [], [], [], []  # owner: (case, 0 = new / 1 = true)
+    for c, case in enumerate(cases):
+        r = as_request(case)
+        if r.key_text not in group_of:
+            raise ValueError(f"case {c} ({r.subject!r}) is not among the edited requests")
+        text = r.prompt.replace("{}", r.subject)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        pos = subject_span(tokenizer, text, r.subject, occurrence=-1)[1] - 1
+        for which, target in enumerate((r.target, case["requested_rewrite"]["target_true"]["str"])):
+            tokens = target_ids(tokenizer, target)
+            rows.append(ids + tokens[:-1])
+            positions.append((pos, group_of[r.key_text]))
+            answers.append([(len(ids) - 1 + j, t) for j, t in enumerate(tokens)])
+            owner.append(c)
+    mean_logprob = []
+    z = targets.z.to(device)
+    for start in range(0, len(rows), batch_size):
+        chunk = slice(start, start + batch_size)
+        input_ids, mask = pad_rows(rows[chunk], tokenizer.eos_token_id, device)
+        pos = torch.tensor([p for p, _ in positions[chunk]], device=device)
+        grp = torch.tensor([g for _, g in positions[chunk]], device=device)
+
+        def write_z(out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            out[torch.arange(out.shape[0], device=out.device), pos] = z[grp].to(out.dtype)
+            return out
+
+        with patch(model, "hidden", targets.layer, write_z):
+            logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+        for i, row_answers in enumerate(answers[chunk]):
+            mean_logprob.append(sum(logprobs[i, col, t].item() for col, t in row_answers) / len(row_answers))
+    wins = [mean_logprob[2 * c] > mean_logprob[2 * c + 1] for c in range(len(cases))]
+    return 100.0 * sum(wins) / len(wins)
+
+
 # --------------------------------------------------------------------------------------
 # Looking around: predictions before and after, the scaling plot, an explorer
 # --------------------------------------------------------------------------------------

@@ -146,6 +146,57 @@ def test_batched_targets_equal_one_group_at_a_time(stop_nll):
         assert together.steps[g] == alone.steps[0]
 
 
+def _manual_es(model, tokenizer, case, layer, z):
+    """P(new) > P(true) on the rewrite prompt with the block output at the subject's last token set to z:
+    a plain forward hook on the GPT-2 block, one unpadded sequence per object."""
+    rw = case["requested_rewrite"]
+    text = rw["prompt"].replace("{}", rw["subject"])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    last = len(tokenizer(rw["subject"], add_special_tokens=False)["input_ids"]) - 1  # the subject starts the prompt
+    scores = []
+    for target in (rw["target_new"]["str"], rw["target_true"]["str"]):
+        tokens = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            hidden[0, last] = z
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = model.transformer.h[layer].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids + tokens])).logits[0].double(), -1)
+        finally:
+            handle.remove()
+        scores.append(sum(logprobs[len(ids) - 1 + j, t].item() for j, t in enumerate(tokens)) / len(tokens))
+    return scores[0] > scores[1]
+
+
+def test_success_with_targets_writes_z_at_the_subject():
+    model, tokenizer = _tiny(n_layer=3)
+    cases = [{"requested_rewrite": {**r, "target_true": {"str": true}}}
+             for r, true in ((KUWAIT, "Asia"), (KUWAIT_CAPITAL, "Kuwait City"), (OSAKA, "Asia"))]
+    reqs, groups, hp, _ = memit.prepare(model, tokenizer, cases, _hparams((0, 1)))
+    h = memit.compute_residuals(model, tokenizer, reqs, groups, 1)
+    g = torch.Generator().manual_seed(0)
+    for z in (h, h + 3 * torch.randn(h.shape, generator=g), torch.randn(h.shape, generator=g)):
+        targets = memit.MemitTargets(1, z, h, torch.zeros(len(groups)), torch.zeros(len(groups)))
+        got = memit.success_with_targets(model, tokenizer, cases, reqs, groups, targets, batch_size=2)
+        expected = [_manual_es(model, tokenizer, c, 1, z[[0, 0, 1][i]]) for i, c in enumerate(cases)]
+        assert got == pytest.approx(100 * sum(expected) / 3)
+    # z = h (nothing written) gives the model's own ES
+    rewrite_only = [{**c, "paraphrase_prompts": [], "neighborhood_prompts": []} for c in cases]
+    from kn_tutorial.evaluation import evaluate_cases, summarize
+    targets = memit.MemitTargets(1, h, h, torch.zeros(2), torch.zeros(2))
+    assert memit.success_with_targets(model, tokenizer, cases, reqs, groups, targets) == pytest.approx(
+        summarize(evaluate_cases(model, tokenizer, rewrite_only))["ES"])
+    kuwait_reqs, kuwait_groups, _, _ = memit.prepare(model, tokenizer, cases[:2], _hparams((0, 1)))
+    kuwait_targets = memit.MemitTargets(1, h[:1], h[:1], torch.zeros(1), torch.zeros(1))
+    with pytest.raises(ValueError, match="'Osaka'.* not among the edited requests"):
+        memit.success_with_targets(model, tokenizer, cases, kuwait_reqs, kuwait_groups, kuwait_targets)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_edit_restores_exactly(family):
     model, tokenizer = _tiny(family, n_layer=2)
