@@ -14,7 +14,7 @@ objects by length-normalised teacher forcing, P(o) = exp(mean_j log P(o_j | prom
 Works on Atlas-CounterFact and on the real CounterFact JSON (same schema; `kn_tutorial.counterfact`).
 
 When many facts are edited at once, some neighbourhood prompts are about facts that were edited
-themselves (Atlas has five continents: at 1,000 edits about half of a case's neighbours are
+themselves (Atlas has six continents: at 1,000 edits about half of a case's neighbours are
 edited on the same relation). Those prompts no longer measure spill-over; `without_edited_neighbours`
 drops them before scoring.
 """
