@@ -7,7 +7,9 @@ with MEMIT, one after another with ROME, or by fine-tuning, and score ES/PS/NS/S
 The n edited cases are the first n of one seeded permutation of all cases (so the sets are nested,
 and sequential ROME reaches every size in one pass, scored at each size on the way). Scores are
 means over a seeded sample of at most --eval-cases of the edited cases (all of them when n is
-smaller); fluency is the n-gram entropy (evaluation.ngram_entropy) of sampled continuations of the
+smaller), without the neighbourhood prompts about facts that are among the n edited ones
+(`evaluation.without_edited_neighbours`; the JSON gives the fraction dropped at each size);
+fluency is the n-gram entropy (evaluation.ngram_entropy) of sampled continuations of the
 generation prompts of at most --fluency-cases of them. The JSON says which sizes were subsampled.
 
 Methods (every edit is undone exactly before the next method runs):
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import sys
@@ -36,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kn_tutorial import memit, rome  # noqa: E402
 from kn_tutorial.atlas.counterfact import load_counterfact  # noqa: E402
-from kn_tutorial.evaluation import evaluate_cases, ngram_entropy, summarize  # noqa: E402
+from kn_tutorial.evaluation import (  # noqa: E402
+    evaluate_cases, ngram_entropy, summarize, without_edited_neighbours)
 from kn_tutorial.models import get_device, get_module, load_model, module_name  # noqa: E402
 from kn_tutorial.progress import progress  # noqa: E402
 from kn_tutorial.scoring import pad_rows, target_ids  # noqa: E402
@@ -129,7 +133,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--ranges", nargs="*", default=[],
                         help='also edit --ranges-n cases with MEMIT on these layer ranges, e.g. "0,1,2" "2,3,4"')
     parser.add_argument("--ranges-n", type=int, default=200)
+    parser.add_argument("--prefix-ablation", nargs="*", default=[],
+                        help='also edit the largest size <= 1000 with keys and targets averaged over these random '
+                             'prefixes ("length,count"), e.g. "10,5" (the paper\'s recipe; new targets)')
     parser.add_argument("--out", default=str(ROOT / "book" / "data" / "memit_scaling.json"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --out (same settings) and compute only the missing ones")
     args = parser.parse_args(argv)
     started = time.time()
 
@@ -144,13 +153,27 @@ def main(argv=None) -> dict:
     from kn_tutorial.finetune import TUNED
     ft = TUNED.get(args.model, {"lr": 5e-4, "steps": 25, "norm_constraint": 5e-4})
 
+    dropped: dict[int, float] = {}
+
     def subsets(n):
-        edited = order[:n]
-        rng = random.Random(args.seed + n)
-        scored = edited if n <= args.eval_cases else rng.sample(edited, args.eval_cases)
+        """(edited cases, scored cases, fluency cases); the scored cases lose the neighbourhood prompts
+        about facts that are edited themselves (they no longer measure spill-over)."""
+        edited, scored = sampled(n)
+        scored, dropped[n] = without_edited_neighbours(scored, edited)
         return edited, scored, scored[:args.fluency_cases]
 
+    def sampled(n):
+        """(edited cases, the seeded sample of them that is scored, neighbourhood prompts untouched)"""
+        edited = order[:n]
+        rng = random.Random(args.seed + n)
+        return edited, (edited if n <= args.eval_cases else rng.sample(edited, args.eval_cases))
+
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    if args.resume and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+        for m in results:
+            results[m] = [r for r in previous["results"].get(m, []) if r["n_edits"] in sizes]
+    done = {m: {r["n_edits"] for r in rows} for m, rows in results.items()}
     extra: dict = {}
     state = {"rome_reached": 0}
 
@@ -161,6 +184,7 @@ def main(argv=None) -> dict:
             "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
             "n_cases": len(cases), "sizes": sizes, "eval_cases": args.eval_cases, "fluency_cases": args.fluency_cases,
             "subsampled_sizes": [n for n in sizes if n > args.eval_cases],
+            "neighbours_dropped": {str(n): f for n, f in sorted(dropped.items())},
             "rome_reached": state["rome_reached"] if "ROME" in results else None,
             "rome_seconds_limit": args.rome_seconds,
             "hparams": {"MEMIT": asdict(mh), "ROME": asdict(rh),
@@ -180,25 +204,55 @@ def main(argv=None) -> dict:
     sweep_targets = None
     for n in sizes:
         edited, scored, flu = subsets(n)
-        if "unedited" in results:
+        if "unedited" in results and n not in done["unedited"]:
             results["unedited"].append({"n_edits": n, **score(model, tokenizer, scored, flu)})
-        if "MEMIT" in results:
+        if "MEMIT" in results and (n not in done["MEMIT"] or n == sweep_n):
             t = time.time()
             reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, edited, mh)
             targets = memit.compute_targets(model, tokenizer, reqs, groups, hp.layers[-1], prefixes, hp)
             if n == sweep_n:
                 sweep_targets = targets
+        if "MEMIT" in results and n not in done["MEMIT"]:
             with memit.edit(model, tokenizer, edited, mh, mom2=mom2, targets=targets):
                 seconds = time.time() - t
                 results["MEMIT"].append({"n_edits": n, "edit_seconds": seconds, **score(model, tokenizer, scored, flu)})
-        if "FT-L" in results:
+        if "FT-L" in results and n not in done["FT-L"]:
             t = time.time()
             with fine_tune_many(model, tokenizer, edited, mh.layers, ft["lr"], ft["steps"], ft["norm_constraint"]):
                 seconds = time.time() - t
                 results["FT-L"].append({"n_edits": n, "edit_seconds": seconds, **score(model, tokenizer, scored, flu)})
         write()
-        print(f"n={n}: " + "; ".join(f"{m} ES {r[-1]['ES']:.1f} PS {r[-1]['PS']:.1f} NS {r[-1]['NS']:.1f}"
+        print(f"n={n}: " + "; ".join(f"{m} ES {r[-1]['ES']:.1f} PS {r[-1]['PS']:.1f} NS {r[-1].get('NS', math.nan):.1f}"
                                      for m, r in results.items() if r), flush=True)
+
+    if "MEMIT" in results and sweep_targets is not None:
+        # Where do the misses at sweep_n come from? Write each target z in by hand, then score the rewrites
+        edited, scored, flu = subsets(sweep_n)
+        reqs, groups, hp, _ = memit.prepare(model, tokenizer, edited, mh)
+        diagnosis = {"n_edits": sweep_n, "unedited_with_z": memit.success_with_targets(
+            model, tokenizer, scored, reqs, groups, sweep_targets)}
+        with memit.edit(model, tokenizer, edited, mh, mom2=mom2, targets=sweep_targets):
+            diagnosis["edited"] = summarize(evaluate_cases(model, tokenizer, scored))["ES"]
+            diagnosis["edited_with_z"] = memit.success_with_targets(model, tokenizer, scored, reqs, groups, sweep_targets)
+            diagnosis["NS_with_edited_neighbours"] = summarize(evaluate_cases(model, tokenizer, sampled(sweep_n)[1]))["NS"]
+        diagnosis["z_nll"] = sweep_targets.final_nll.mean().item()
+        extra["diagnosis"] = diagnosis
+        print(f"diagnosis at n={sweep_n}: {diagnosis}", flush=True)
+        write()
+
+    if args.prefix_ablation and sweep_n:
+        edited, scored, flu = subsets(sweep_n)
+        extra["prefix_ablation"] = {"n_edits": sweep_n, "rows": []}
+        for text in args.prefix_ablation:
+            prefixes = tuple(tuple(int(x) for x in part.split(",")) for part in text.split(";") if part)
+            hp = replace(mh, prefixes=prefixes)
+            t = time.time()
+            with memit.edit(model, tokenizer, edited, hp, mom2=mom2) as result:
+                row = {"prefixes": [list(p) for p in prefixes], "edit_seconds": time.time() - t,
+                       "z_nll": result.targets.final_nll.mean().item(), **score(model, tokenizer, scored, flu)}
+            extra["prefix_ablation"]["rows"].append(row)
+            print(f"prefixes {prefixes}: ES {row['ES']:.1f} PS {row['PS']:.1f} NS {row['NS']:.1f}", flush=True)
+            write()
 
     if args.lambdas and sweep_targets is not None:
         edited, scored, flu = subsets(sweep_n)
