@@ -9,7 +9,9 @@ with W k + b = value, keys k taken at the subject's last token):
    model say the new object: δ_i is optimised like ROME's v* (`compute_targets`), but on the
    residual stream instead of the MLP output, all requests in one batch.
 2. **Spread.** For each layer l in R, from the first: recompute the keys K_l = [k_1 ... k_n]
-   ([d_ff, n], averaged over random prefixes) and the current residuals h_i of layer l_L in
+   ([d_ff, n]; averaged over the prompt and random prefixes as in the paper, or read from the
+   prompt alone when `hparams.prefixes` is empty, as for Atlas, whose prompts all start with
+   the subject) and the current residuals h_i of layer l_L in
    the model edited so far; give layer l its share of what is still missing,
 
        r_i = (z_i − h_i) / (number of layers of R from l on),
