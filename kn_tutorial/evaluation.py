@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from statistics import mean, stdev
 
 import torch
@@ -46,8 +47,6 @@ def without_edited_neighbours(cases: list[dict], edited: list[dict]) -> tuple[li
     that (subject, relation) is itself in `edited`. The subject comes from the case's
     "neighborhood_subjects" (Atlas-CounterFact) or, in the real CounterFact, is any edited subject of
     the same relation that the prompt names as a whole word."""
-    import re
-
     edited_by_relation: dict[str, set[str]] = {}
     for case in edited:
         rewrite = case["requested_rewrite"]

@@ -445,7 +445,7 @@ def success_with_targets(model, tokenizer, cases: list[dict], requests: list[Req
     prompt (other tokens' states moved by the updates: not fixed by writing z in)."""
     device = get_device(model)
     group_of = {requests[g[0]].key_text: i for i, g in enumerate(groups)}
-    rows, positions, answers, owner = [], [], [], []  # owner: (case, 0 = new / 1 = true)
+    rows, positions, answers = [], [], []  # two rows per case: new object, then true object
     for c, case in enumerate(cases):
         r = as_request(case)
         if r.key_text not in group_of:
@@ -453,12 +453,11 @@ def success_with_targets(model, tokenizer, cases: list[dict], requests: list[Req
         text = r.prompt.replace("{}", r.subject)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         pos = subject_span(tokenizer, text, r.subject, occurrence=-1)[1] - 1
-        for which, target in enumerate((r.target, case["requested_rewrite"]["target_true"]["str"])):
+        for target in (r.target, case["requested_rewrite"]["target_true"]["str"]):
             tokens = target_ids(tokenizer, target)
             rows.append(ids + tokens[:-1])
             positions.append((pos, group_of[r.key_text]))
             answers.append([(len(ids) - 1 + j, t) for j, t in enumerate(tokens)])
-            owner.append(c)
     mean_logprob = []
     z = targets.z.to(device)
     for start in range(0, len(rows), batch_size):
