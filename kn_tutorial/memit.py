@@ -23,6 +23,12 @@ with W k + b = value, keys k taken at the subject's last token):
    the minimiser of  λ·tr(ΔW C ΔWᵀ) + ‖ΔW K − R‖²: keep the outputs of all other keys
    (weighted by λ, "mom2_update_weight") while moving the edited keys by R.
 
+3. **Passes** (`hparams.passes`, beyond the paper; 1 is the paper's MEMIT). A thousand updates
+   also move what the later layers read elsewhere in each prompt, so some edits fall short on
+   the edited model although their z would do. With passes = 2 the same requests are edited
+   again: new targets z are optimised on the edited model (so they account for that damage)
+   and steps 1-2 run once more; the updates of both passes add up in one restorable edit.
+
 With one request and one layer, Sherman-Morrison turns the update into ROME's rank-one
 direction, ΔW = r (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k), which as λ → 0 meets ROME's constraint ΔW k = r.
 
@@ -72,6 +78,7 @@ class MemitHparams:
     mom2_n_samples: int = 4000
     batch_size: int = 32  # key groups per forward pass
     seed: int = 0
+    passes: int = 1  # 1: the paper's MEMIT; 2+: edit the same requests again on the edited model
 
     @classmethod
     def for_model(cls, name: str) -> "MemitHparams":
@@ -352,6 +359,7 @@ def solve_update(mom2: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor
 @dataclass
 class LayerRecord:
     layer: int
+    pass_index: int  # 0 for the first pass
     residual_norm: float  # mean ‖r_i‖ asked of this layer
     achieved_norm: float  # mean ‖ΔW k_i‖ it delivered on the edited keys
     update_norm: float  # ‖ΔW‖_F
@@ -364,11 +372,12 @@ class MemitEdit(Restorable):
     requests: list[Request]
     groups: list[list[int]]
     layers: tuple[int, ...]
-    targets: MemitTargets
-    deltas: dict[int, torch.Tensor]  # layer -> ΔW [d_model, d_ff]
-    records: list[LayerRecord]
+    targets: MemitTargets  # the first pass's targets (on the unedited model)
+    deltas: dict[int, torch.Tensor]  # layer -> ΔW [d_model, d_ff], summed over passes
+    records: list[LayerRecord]  # one per (pass, layer)
     snapshot: WeightSnapshot
     prefixes: list[str] = field(default_factory=list)
+    pass_targets: list[MemitTargets] = field(default_factory=list)  # every pass's targets, first one first
 
 
 def prepare(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = None):
@@ -386,6 +395,8 @@ def prepare(model, tokenizer, requests: list[dict], hparams: MemitHparams | None
     layers = tuple(sorted({check_layer(model, layer) for layer in hparams.layers}))
     if not layers:
         raise ValueError("MEMIT needs at least one layer")
+    if hparams.passes < 1:
+        raise ValueError(f"passes must be at least 1 (got {hparams.passes}); 1 is the paper's MEMIT")
     hparams = replace(hparams, layers=layers)
     prefixes = sample_prefixes(model, tokenizer, hparams.prefixes, seed=hparams.seed)
     return reqs, key_groups(reqs), hparams, prefixes
@@ -396,13 +407,12 @@ def edit(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = 
     """Write all `requests` (CounterFact cases or their `requested_rewrite`s) with MEMIT at once.
 
     mom2: {layer: C} to skip the (cached) statistics; targets: z from `compute_targets` for
-    these requests (e.g. to try several λ on the same targets). Returns a restorable handle;
-    on any error the weights are restored before it propagates."""
+    these requests on the unedited model (e.g. to try several λ on the same first-pass targets;
+    later passes always optimise their own). Returns a restorable handle; on any error the
+    weights are restored before it propagates."""
     reqs, groups, hparams, prefixes = prepare(model, tokenizer, requests, hparams)
     layers, last = hparams.layers, hparams.layers[-1]
-    if targets is None:
-        targets = compute_targets(model, tokenizer, reqs, groups, last, prefixes, hparams)
-    if targets.z.shape[0] != len(groups) or targets.layer != last:
+    if targets is not None and (targets.z.shape[0] != len(groups) or targets.layer != last):
         raise ValueError(f"targets are for {targets.z.shape[0]} key groups at layer {targets.layer}, "
                          f"these requests have {len(groups)} groups and their last layer is {last}")
     mom2 = dict(mom2 or {})
@@ -413,24 +423,28 @@ def edit(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = 
     params = [(module_name(model, layer, "mlp_out") + ".weight",
                model.get_submodule(module_name(model, layer, "mlp_out")).weight) for layer in layers]
     snapshot = WeightSnapshot(params)
-    deltas, records = {}, []
+    deltas, records, pass_targets = {}, [], []
     try:
-        for i, layer in enumerate(layers):
-            keys = compute_keys(model, tokenizer, reqs, groups, layer, prefixes)  # [G, d_ff]
-            h = compute_residuals(model, tokenizer, reqs, groups, last)  # [G, d_model]
-            residuals = (targets.z.to(h.device) - h) / (len(layers) - i)  # this layer's share
-            delta_w = solve_update(mom2[layer], keys, residuals, hparams.mom2_update_weight)
-            weight = mlp_out_weight(model, layer)
-            with torch.no_grad():
-                weight.add_(delta_w.to(weight.dtype))
-            deltas[layer] = delta_w.float()
-            records.append(LayerRecord(layer, residuals.norm(dim=1).mean().item(),
-                                       (keys.double() @ delta_w.T).norm(dim=1).mean().item(),
-                                       delta_w.norm().item()))
+        for pass_index in range(hparams.passes):
+            if pass_index > 0 or targets is None:  # optimised on the model as edited so far
+                targets = compute_targets(model, tokenizer, reqs, groups, last, prefixes, hparams)
+            pass_targets.append(targets)
+            for i, layer in enumerate(layers):
+                keys = compute_keys(model, tokenizer, reqs, groups, layer, prefixes)  # [G, d_ff]
+                h = compute_residuals(model, tokenizer, reqs, groups, last)  # [G, d_model]
+                residuals = (targets.z.to(h.device) - h) / (len(layers) - i)  # this layer's share
+                delta_w = solve_update(mom2[layer], keys, residuals, hparams.mom2_update_weight)
+                weight = mlp_out_weight(model, layer)
+                with torch.no_grad():
+                    weight.add_(delta_w.to(weight.dtype))
+                deltas[layer] = deltas[layer] + delta_w.float() if layer in deltas else delta_w.float()
+                records.append(LayerRecord(layer, pass_index, residuals.norm(dim=1).mean().item(),
+                                           (keys.double() @ delta_w.T).norm(dim=1).mean().item(),
+                                           delta_w.norm().item()))
     except BaseException:
         snapshot.restore()
         raise
-    return MemitEdit(reqs, groups, layers, targets, deltas, records, snapshot, prefixes)
+    return MemitEdit(reqs, groups, layers, pass_targets[0], deltas, records, snapshot, prefixes, pass_targets)
 
 
 @torch.no_grad()

@@ -13,7 +13,9 @@ fluency is the n-gram entropy (evaluation.ngram_entropy) of sampled continuation
 generation prompts of at most --fluency-cases of them. The JSON says which sizes were subsampled.
 
 Methods (every edit is undone exactly before the next method runs):
-- MEMIT: memit.edit with MemitHparams.for_model(model) (all n requests at once);
+- MEMIT: memit.edit with MemitHparams.for_model(model) (all n requests at once; for Atlas in two
+  passes, see memit.py); at the largest size <= 1000 also with one pass, the paper's MEMIT
+  (`passes_ablation`), and there with each pass's target z written in by hand (`diagnosis`);
 - ROME: rome.edit applied n times in a row (RomeHparams.for_model(model)); stops when it has
   used --rome-seconds, and the JSON lists the sizes it reached;
 - FT-L: fine-tuning the MLP output projections of MEMIT's layers on the n rewrite prompts at once
@@ -129,7 +131,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None, help="MEMIT key groups per batch (GPU: 256)")
     parser.add_argument("--lambdas", nargs="*", type=float, default=[],
-                        help="also edit the largest size <= 1000 with these λ (an ablation, same targets)")
+                        help="also edit the largest size <= 1000 with these λ (an ablation, same first-pass targets)")
     parser.add_argument("--ranges", nargs="*", default=[],
                         help='also edit --ranges-n cases with MEMIT on these layer ranges, e.g. "0,1,2" "2,3,4"')
     parser.add_argument("--ranges-n", type=int, default=200)
@@ -226,19 +228,34 @@ def main(argv=None) -> dict:
                                      for m, r in results.items() if r), flush=True)
 
     if "MEMIT" in results and sweep_targets is not None:
-        # Where do the misses at sweep_n come from? Write each target z in by hand, then score the rewrites
+        # Where do the misses at sweep_n come from? Write each target z in by hand, then score the rewrites.
+        # First for the paper's MEMIT (one pass), then for every pass count up to the hparams' (same
+        # first-pass targets; each later pass optimises its own on the model edited so far).
         edited, scored, flu = subsets(sweep_n)
         reqs, groups, hp, _ = memit.prepare(model, tokenizer, edited, mh)
-        diagnosis = {"n_edits": sweep_n, "unedited_with_z": memit.success_with_targets(
-            model, tokenizer, scored, reqs, groups, sweep_targets)}
-        with memit.edit(model, tokenizer, edited, mh, mom2=mom2, targets=sweep_targets):
-            diagnosis["edited"] = summarize(evaluate_cases(model, tokenizer, scored))["ES"]
-            diagnosis["edited_with_z"] = memit.success_with_targets(model, tokenizer, scored, reqs, groups, sweep_targets)
-            diagnosis["NS_with_edited_neighbours"] = summarize(evaluate_cases(model, tokenizer, sampled(sweep_n)[1]))["NS"]
-        diagnosis["z_nll"] = sweep_targets.final_nll.mean().item()
-        extra["diagnosis"] = diagnosis
+        diagnosis = {"n_edits": sweep_n, "passes": 1, "unedited_with_z": memit.success_with_targets(
+            model, tokenizer, scored, reqs, groups, sweep_targets), "z_nll": sweep_targets.final_nll.mean().item()}
+        extra["passes_ablation"] = {"n_edits": sweep_n, "rows": []}
+        for passes in range(1, max(mh.passes, 2) + 1):
+            t = time.time()
+            with memit.edit(model, tokenizer, edited, replace(mh, passes=passes), mom2=mom2,
+                            targets=sweep_targets) as result:
+                seconds = time.time() - t
+                last_z = result.pass_targets[-1]
+                row = {"passes": passes, "edit_seconds_after_first_targets": seconds,
+                       "z_nll": [x.final_nll.mean().item() for x in result.pass_targets],
+                       "edited_with_last_z": memit.success_with_targets(model, tokenizer, scored, reqs, groups, last_z),
+                       "NS_with_edited_neighbours": summarize(evaluate_cases(model, tokenizer, sampled(sweep_n)[1]))["NS"],
+                       **score(model, tokenizer, scored, flu)}
+            extra["passes_ablation"]["rows"].append(row)
+            if passes == 1:
+                diagnosis.update(edited=row["ES"], edited_with_z=row["edited_with_last_z"],
+                                 NS_with_edited_neighbours=row["NS_with_edited_neighbours"])
+                extra["diagnosis"] = diagnosis
+            print(f"passes={passes} at n={sweep_n}: ES {row['ES']:.1f} PS {row['PS']:.1f} NS {row['NS']:.1f} "
+                  f"S {row['S']:.1f}, ES with the last z written in {row['edited_with_last_z']:.1f}", flush=True)
+            write()
         print(f"diagnosis at n={sweep_n}: {diagnosis}", flush=True)
-        write()
 
     if args.prefix_ablation and sweep_n:
         edited, scored, flu = subsets(sweep_n)
@@ -249,7 +266,7 @@ def main(argv=None) -> dict:
             t = time.time()
             with memit.edit(model, tokenizer, edited, hp, mom2=mom2) as result:
                 row = {"prefixes": [list(p) for p in prefixes], "edit_seconds": time.time() - t,
-                       "z_nll": result.targets.final_nll.mean().item(), **score(model, tokenizer, scored, flu)}
+                       "z_nll": [x.final_nll.mean().item() for x in result.pass_targets], **score(model, tokenizer, scored, flu)}
             extra["prefix_ablation"]["rows"].append(row)
             print(f"prefixes {prefixes}: ES {row['ES']:.1f} PS {row['PS']:.1f} NS {row['NS']:.1f}", flush=True)
             write()
@@ -272,7 +289,7 @@ def main(argv=None) -> dict:
             t = time.time()
             with memit.edit(model, tokenizer, edited, hp) as result:
                 row = {"layers": list(layers), "edit_seconds": time.time() - t,
-                       "z_nll": result.targets.final_nll.mean().item(), **score(model, tokenizer, scored, flu)}
+                       "z_nll": [x.final_nll.mean().item() for x in result.pass_targets], **score(model, tokenizer, scored, flu)}
             extra["layer_ranges"]["rows"].append(row)
             print(f"layers {layers}: ES {row['ES']:.1f} PS {row['PS']:.1f} NS {row['NS']:.1f}", flush=True)
             write()

@@ -210,6 +210,33 @@ def test_edit_restores_exactly(family):
     assert count_hooks(model) == 0
 
 
+def test_two_passes_equal_a_second_edit_of_the_edited_model():
+    # passes = 2 is defined as: edit, then edit the same requests again on the edited model
+    model, tokenizer = _tiny(n_layer=3)
+    layers = (0, 1)
+    mom2 = _mom2(model, tokenizer, layers)
+    hp = _hparams(layers, mom2_update_weight=1.0)  # a real λ, so the first pass leaves something to do
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    w_before = {layer: memit.mlp_out_weight(model, layer).detach().clone() for layer in layers}  # [d_model, d_ff]
+    with memit.edit(model, tokenizer, [KUWAIT, OSAKA], hp, mom2=mom2) as first:
+        with memit.edit(model, tokenizer, [KUWAIT, OSAKA], hp, mom2=mom2) as second:
+            expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with memit.edit(model, tokenizer, [KUWAIT, OSAKA], dataclasses.replace(hp, passes=2), mom2=mom2) as both:
+        assert all(torch.equal(p, expected[n]) for n, p in model.named_parameters())
+        assert [(r.pass_index, r.layer) for r in both.records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert torch.equal(both.pass_targets[1].z, second.targets.z)
+        assert torch.equal(both.targets.z, first.targets.z)
+        for layer in layers:  # the recorded ΔW of both passes add up to what changed
+            change = memit.mlp_out_weight(model, layer).detach() - w_before[layer]
+            torch.testing.assert_close(both.deltas[layer], change.float(), rtol=1e-4, atol=1e-6)
+        # the second pass started from the first pass's h and still had a gap to close
+        assert not torch.equal(both.pass_targets[1].h, both.pass_targets[0].h)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # one restore undoes both passes
+    with pytest.raises(ValueError, match="passes must be at least 1"):
+        memit.edit(model, tokenizer, [KUWAIT], dataclasses.replace(hp, passes=0), mom2=mom2)
+
+
 def test_conflicting_requests_are_rejected_with_the_pairs_named():
     model, tokenizer = _tiny(n_layer=2)
     before = [p.detach().clone() for p in model.parameters()]
