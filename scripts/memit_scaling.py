@@ -120,6 +120,44 @@ def fine_tune_many(model, tokenizer, cases: list[dict], layers, lr: float, steps
     return snapshot
 
 
+ABLATIONS = ("diagnosis", "passes_ablation", "prefix_ablation", "lambda_sweep", "layer_ranges")
+
+
+def merge(paths: list[str], out: str, notes: list[str]) -> dict:
+    """Combine runs of this script made with the same seed and scoring settings into one file:
+    the first run is the base; from each later one, the rows of methods the base lacks and the
+    ablations it lacks are added, and `merged_from` records which run produced what."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    base = runs[0]
+    same = ("model", "seed", "n_cases", "eval_cases", "fluency_cases")
+    base["merged_from"] = [{"file": Path(paths[0]).name, "command": base["command"], "seconds": base["seconds"],
+                            "device": base["device"], "took": "everything else"}]
+    for path, run in zip(paths[1:], runs[1:]):
+        differ = [k for k in same if run.get(k) != base.get(k)]
+        if differ:
+            raise ValueError(f"{path} was run with other settings ({', '.join(differ)}): its rows are not comparable")
+        took = []
+        for method, rows in run["results"].items():
+            if rows and not base["results"].get(method):
+                base["results"][method] = rows
+                took.append(f"{method} rows")
+                if method == "ROME":
+                    base["rome_reached"], base["hparams"]["ROME"] = run["rome_reached"], run["hparams"]["ROME"]
+                    base["rome_seconds_limit"] = run["rome_seconds_limit"]
+        for key in ABLATIONS:
+            if key in run and key not in base:
+                base[key] = run[key]
+                took.append(key)
+        for n, f in run.get("neighbours_dropped", {}).items():
+            base["neighbours_dropped"].setdefault(n, f)
+        base["merged_from"].append({"file": Path(path).name, "command": run["command"], "seconds": run["seconds"],
+                                    "device": run["device"], "took": ", ".join(took) or "nothing"})
+    base["notes"] = notes
+    base["complete"] = all(run.get("complete") for run in runs)
+    Path(out).write_text(json.dumps(base, indent=1, default=str))
+    return base
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="atlas")
@@ -139,9 +177,16 @@ def main(argv=None) -> dict:
                         help='also edit the largest size <= 1000 with keys and targets averaged over these random '
                              'prefixes ("length,count"), e.g. "10,5" (the paper\'s recipe; new targets)')
     parser.add_argument("--out", default=str(ROOT / "book" / "data" / "memit_scaling.json"))
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="combine these runs of the script (the first is the base) into --out, and stop")
+    parser.add_argument("--note", action="append", default=[], help="with --merge: a note to keep in the file")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --out (same settings) and compute only the missing ones")
     args = parser.parse_args(argv)
+    if args.merge:
+        out = merge(args.merge, args.out, args.note)
+        print(f"merged {len(args.merge)} runs into {args.out}: " + "; ".join(m["took"] for m in out["merged_from"]))
+        return out
     started = time.time()
 
     model, tokenizer = load_model(args.model)
