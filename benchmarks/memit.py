@@ -4,6 +4,8 @@ Each size runs in a fresh subprocess, so its peak memory is its own. Reported pe
 
     targets_s   step 1: z for every key group (batched Adam on the residual stream)
     update_s    step 2: per layer, keys and residuals recomputed, λC + KKᵀ solved, W updated
+                (with hparams.passes > 1, also every later pass: its targets on the edited model
+                and its updates; Atlas uses 2 passes)
     peak_rss    resource.getrusage's ru_maxrss (MiB; includes Python, torch and the model: see rss_after_load)
     cuda_peak   torch.cuda.max_memory_allocated (MiB), on a GPU
     state       what grows with n: keys [n, d_ff] and targets [n, d_model] (MiB); the solve is
@@ -74,7 +76,7 @@ def run_size(n: int, batch_size: int | None, threads: int | None) -> dict:
     update_s = time.time() - start
     result.restore()
     state = len(groups) * (d_ff(model) + 2 * d_model(model)) * 4 / 2**20
-    return {"n_edits": n, "key_groups": len(groups), "layers": list(hp.layers), "batch_size": hp.batch_size,
+    return {"n_edits": n, "key_groups": len(groups), "layers": list(hp.layers), "passes": hp.passes, "batch_size": hp.batch_size,
             "targets_s": targets_s, "update_s": update_s, "total_s": targets_s + update_s,
             "rss_after_load_mb": rss_load, "peak_rss_mb": rss_mb(),
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
