@@ -23,11 +23,13 @@ with W k + b = value, keys k taken at the subject's last token):
    the minimiser of  λ·tr(ΔW C ΔWᵀ) + ‖ΔW K − R‖²: keep the outputs of all other keys
    (weighted by λ, "mom2_update_weight") while moving the edited keys by R.
 
-3. **Passes** (`hparams.passes`, beyond the paper; 1 is the paper's MEMIT). A thousand updates
-   also move what the later layers read elsewhere in each prompt, so some edits fall short on
-   the edited model although their z would do. With passes = 2 the same requests are edited
-   again: new targets z are optimised on the edited model (so they account for that damage)
-   and steps 1-2 run once more; the updates of both passes add up in one restorable edit.
+3. **Passes** (`hparams.passes`, beyond the paper; 1 is the paper's MEMIT). With many edits
+   some fall short on the edited model although their z would do: λC holds the solve back
+   from z, and the updates also move what the later layers read elsewhere in each prompt.
+   With passes = 2 the same requests are edited again: new targets z are optimised on the
+   edited model (so they ask for what is still missing, that damage included; edits that
+   already hold ask for nothing) and steps 1-2 run once more; the updates of all passes add
+   up in one restorable edit.
 
 With one request and one layer, Sherman-Morrison turns the update into ROME's rank-one
 direction, ΔW = r (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k), which as λ → 0 meets ROME's constraint ΔW k = r.
