@@ -51,15 +51,20 @@ def without_edited_neighbours(cases: list[dict], edited: list[dict]) -> tuple[li
     for case in edited:
         rewrite = case["requested_rewrite"]
         edited_by_relation.setdefault(str(rewrite.get("relation_id")), set()).add(rewrite["subject"])
+    # one whole-word pattern per relation (alternation backtracks over every subject, as a loop would)
+    named = {relation: re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, sorted(subjects))) + r")(?!\w)")
+             for relation, subjects in edited_by_relation.items()}
     out, dropped, total = [], 0, 0
     for case in cases:
-        subjects = edited_by_relation.get(str(case["requested_rewrite"].get("relation_id")), set())
+        relation = str(case["requested_rewrite"].get("relation_id"))
+        subjects = edited_by_relation.get(relation, set())
         prompts = list(case.get("neighborhood_prompts", []))
         if "neighborhood_subjects" in case:
             keep = [p for p, s in zip(prompts, case["neighborhood_subjects"], strict=True) if s not in subjects]
+        elif relation in named:
+            keep = [p for p in prompts if not named[relation].search(p)]
         else:
-            keep = [p for p in prompts
-                    if not any(re.search(rf"(?<!\w){re.escape(s)}(?!\w)", p) for s in subjects)]
+            keep = prompts
         dropped += len(prompts) - len(keep)
         total += len(prompts)
         case = {**case, "neighborhood_prompts": keep}
