@@ -6,12 +6,25 @@ family in FAMILIES. Other test files use the fixtures `model`, `family`,
 `input_ids` and `make_tiny_model` (the builder itself).
 """
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
 
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama")
 VOCAB = 128
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (registered in sys.modules: dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(family: str):

@@ -16,23 +16,19 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import importlib.util
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from kn_tutorial.exercises import TODO
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_student_notebooks", ROOT / "scripts" / "make_student_notebooks.py")
-msn = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = msn  # dataclasses look their module up there
-_spec.loader.exec_module(msn)
+msn = load_script("make_student_notebooks")
 
 REGENERATE = "python scripts/make_student_notebooks.py"
 

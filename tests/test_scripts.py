@@ -1,18 +1,10 @@
 """The data scripts' own logic that is not a method: merging runs of the MEMIT scaling script."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script
 
 
 def _run(results, command, **extra):
@@ -23,7 +15,7 @@ def _run(results, command, **extra):
 
 
 def test_merge_takes_missing_methods_and_ablations_only(tmp_path):
-    scaling = _load("memit_scaling")
+    scaling = load_script("memit_scaling")
     memit_row, rome_row = {"n_edits": 10, "ES": 90.0}, {"n_edits": 10, "ES": 50.0}
     a = _run({"MEMIT": [memit_row], "ROME": []}, "a", lambda_sweep={"rows": [1]})
     b = _run({"MEMIT": [{"n_edits": 10, "ES": 0.0}], "ROME": [rome_row]}, "b", rome_reached=10,
