@@ -28,9 +28,15 @@ def test_cache_is_reused_and_mismatches_are_errors(tmp_path, monkeypatch):
     monkeypatch.setenv(stats.CACHE_ENV, str(tmp_path))
     model, tokenizer = tiny_lm("gpt2")
     calls = []
+    compute = stats.compute_second_moment
 
-    def texts(n):
-        calls.append(n)
+    def counted(*args, **kwargs):
+        calls.append(len(args[3]))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "compute_second_moment", counted)
+
+    def texts(n):  # called every time: its content is part of the cache key
         return TEXTS[:n]
 
     first = stats.second_moment(model, tokenizer, 0, corpus="toy", n_samples=6, texts=texts)
