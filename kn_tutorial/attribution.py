@@ -65,7 +65,7 @@ from .hooks import Recorder, patch, record, set_neurons
 from .models import check_layer, d_ff, d_model, get_block, get_device, n_layers
 from .progress import progress
 from .scoring import target_ids
-from .validate import check_context, require_positive_int
+from .validate import NonFiniteEditError, check_context, nonfinite_cause, require_positive_int
 
 RULES = ("right", "left", "midpoint")
 TARGET_TOKENS = ("all", "first")
@@ -457,7 +457,10 @@ def integrated_gradients(
                              disable=not show_progress or len(prompts) == 1):
             query = _query(model, tokenizer, p, t, position, target_tokens, device)
             out.append(_one_fact_ig(model, query, layer_list, alphas, batch_size, engine))
-    return out[0] if single else torch.stack(out)
+    result = out[0] if single else torch.stack(out)
+    if not bool(torch.isfinite(result).all()):
+        raise NonFiniteEditError(f"the attributions are not finite ({nonfinite_cause(model) or 'the gradients overflowed: P(target) may be too small'})")
+    return result
 
 
 def integrated_gradients_naive(

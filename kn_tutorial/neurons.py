@@ -281,6 +281,10 @@ def scaled_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
     if not (len(targets) == len(row_neurons) == n):
         raise ValueError(f"{n} prompts, {len(targets)} targets and {len(row_neurons)} neuron lists: need one each")
     factors = [float(factors)] * n if isinstance(factors, (int, float)) else [float(f) for f in factors]
+    if len(factors) != n:
+        raise ValueError(f"{n} prompts but {len(factors)} factors: give one factor, or one per prompt")
+    for f in factors:
+        require_finite("factor", f, "0 suppresses the neurons, 2 amplifies them.")
     width, device = d_ff(model), get_device(model)
     parts = []
     for start in range(0, n, batch_size):

@@ -56,7 +56,7 @@ from .models import embedding_matrix, get_device, n_layers
 from .progress import progress_bar
 from .scoring import target_ids
 from .tokens import subject_span
-from .validate import NonFiniteEditError, check_context, require_finite
+from .validate import NonFiniteEditError, check_context, nonfinite_cause, require_finite
 
 KINDS = ("hidden", "mlp", "attn")
 SITE_OF_KIND = {"hidden": "hidden", "mlp": "mlp_out", "attn": "attn_out"}  # hooks.py site names
@@ -229,6 +229,9 @@ def _prepare(model, input_ids: Tensor, spans: list[tuple[int, int]], targets: Te
         for layer in range(L):
             states[layer].append(rec[(site, layer)])
     targets = torch.cat(top)
+    if not bool(torch.isfinite(torch.cat(clean_probs)).all()):
+        raise NonFiniteEditError(f"the clean run's probabilities are not finite ({nonfinite_cause(model)}); "
+                                 "nothing can be traced")
     clean_states = [torch.cat(s) for s in states]  # L x [n, T, d]
 
     scale = noise_level(model, noise)

@@ -13,7 +13,7 @@ import torch
 from kn_tutorial import memit, rome, stats
 from kn_tutorial.attribution import integrated_gradients
 from kn_tutorial.finetune import FTHparams, fine_tune
-from kn_tutorial.neurons import kn_edit, scale_value_slots
+from kn_tutorial.neurons import kn_edit, scale_value_slots, scaled_scores, zero_key_rows
 from kn_tutorial.tracing import noise_level, trace
 from kn_tutorial.validate import ContextLengthError, NonFiniteEditError
 from tests.conftest import tiny_lm
@@ -178,6 +178,13 @@ KN = [
      ValueError, "factor must be a finite number"),
     ("amplify into overflow", None, lambda m, t, c: scale_value_slots(m, NEURONS, 1e300),
      NonFiniteEditError, "scaled value slots .* not finite"),
+    ("zero key rows out of range", None, lambda m, t, c: zero_key_rows(m, [(0, -1)]), IndexError, "out of range"),
+    ("suppress with a nan factor", None,
+     lambda m, t, c: scaled_scores(m, t, ["Kuwait lies in"], [" Asia"], [NEURONS], math.nan),
+     ValueError, "factor must be a finite number"),
+    ("one factor short", None,
+     lambda m, t, c: scaled_scores(m, t, ["Kuwait lies in"] * 2, [" Asia"] * 2, [NEURONS] * 2, [0.0]),
+     ValueError, "2 prompts but 1 factors"),
 ]
 
 
@@ -209,6 +216,8 @@ def test_fine_tune(case, monkeypatch):
 
 PROMPT, TARGET = "Kuwait lies on the continent of", " Asia"
 IG = [
+    ("nan weight", _nan_at(LATER), lambda m, t, c: integrated_gradients(m, t, PROMPT, TARGET, steps=2),
+     NonFiniteEditError, f"attributions are not finite .the model has a non-finite weight in {LATER}"),
     ("negative batch size", None, lambda m, t, c: integrated_gradients(m, t, PROMPT, TARGET, steps=2, batch_size=-1),
      ValueError, "batch_size must be a positive integer"),
     ("zero batch size", None, lambda m, t, c: integrated_gradients(m, t, PROMPT, TARGET, steps=2, batch_size=0),
@@ -241,6 +250,8 @@ def _kuwait_token():
 
 
 TRACING = [
+    ("nan weight", _nan_at(LATER), lambda m, t, c: trace(m, t, PROMPT, "Kuwait", samples=2),
+     NonFiniteEditError, f"non-finite weight in {LATER}"),
     ("prompt uses a non-finite embedding row", _inf_embedding_row(_kuwait_token()),
      lambda m, t, c: trace(m, t, PROMPT, "Kuwait", samples=2), NonFiniteEditError, "embedding row"),
     ("prompt longer than the context", None,
