@@ -33,7 +33,7 @@ from .scoring import pad_rows, target_ids
 from .stats import second_moment
 from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_context, check_finite_update, check_model_finite, nonfinite_cause,
-                       require_finite, require_later_layer, require_nonempty, require_nonnegative, require_positive,
+                       require_later_layer, require_nonempty, require_nonnegative, require_positive,
                        require_positive_int, require_templates)
 from .weights import Restorable, WeightSnapshot
 
