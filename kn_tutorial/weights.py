@@ -119,7 +119,8 @@ class WeightSnapshot:
             self.params.append(param)
             copy = param.detach().clone()
             self.originals.append(copy.cpu() if offload else copy)
-        self._storages = {_storage_key(p) for p in self.params}
+        # a tensor is the same if it is the same object (kept across model.to(...)) or shares memory (views)
+        self._storages = {_storage_key(p) for p in self.params} | {("object", id(p)) for p in self.params}
         if track:
             _LIVE.add(self)
 

@@ -320,6 +320,17 @@ def test_interrupted_statistics_write_leaves_nothing_and_the_next_call_recompute
     assert [p.suffix for p in (tmp_path / "stats").iterdir()] == [".pt"]
 
 
+@pytest.mark.parametrize("name", ["", "   "])
+def test_load_model_refuses_an_empty_name(name, monkeypatch):
+    from kn_tutorial.models import load_model
+
+    with pytest.raises(ValueError, match="load_model needs a model name or folder"):
+        load_model(name)
+    monkeypatch.setenv("KN_MODEL", name)  # None reads $KN_MODEL
+    with pytest.raises(ValueError, match="load_model needs a model name or folder"):
+        load_model(None)
+
+
 def test_apply_rank_one_refuses_an_overflowing_update():
     weight = torch.ones(4, 6, dtype=torch.float16)
     before = weight.clone()

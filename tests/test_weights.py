@@ -182,3 +182,16 @@ def test_rome_edits_restore_in_reverse_order_only():
     e2.restore()
     e1.restore()
     _assert_exactly(model, original)
+
+
+def test_restore_order_holds_after_the_model_moves_to_new_memory(make_tiny_model):
+    from kn_tutorial.weights import RestoreOrderError
+
+    model = make_tiny_model("gpt2")
+    e1 = _tracked_edit(model, 0, 1.0, "edit 1")
+    model.double()  # every parameter gets new memory, the parameter objects stay
+    e2 = _tracked_edit(model, 0, 2.0, "edit 2")
+    with pytest.raises(RestoreOrderError, match="edit 2"):
+        e1.restore()
+    e2.restore()
+    e1.restore()
