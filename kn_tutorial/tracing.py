@@ -99,8 +99,9 @@ def noise_level(model, noise: float = 3.0) -> float:
 
 def _check_embeddings(model, input_ids: Tensor) -> None:
     """Refuse prompts whose tokens have a non-finite embedding row (their trace would be NaN)."""
-    rows = embedding_matrix(model).detach()[input_ids.unique().to(embedding_matrix(model).device)]
-    bad = input_ids.unique()[~torch.isfinite(rows).all(dim=1).cpu()]
+    embeddings = embedding_matrix(model).detach()
+    ids = input_ids.unique().cpu()
+    bad = ids[~torch.isfinite(embeddings[ids.to(embeddings.device)]).all(dim=1).cpu()]
     if len(bad):
         raise NonFiniteEditError(f"the token embedding row(s) {bad.tolist()} used by the prompt are not finite; "
                                  "the model is broken there (reload it)")
