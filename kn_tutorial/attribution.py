@@ -65,7 +65,7 @@ from .hooks import Recorder, patch, record, set_neurons
 from .models import check_layer, d_ff, d_model, get_block, get_device, n_layers
 from .progress import progress
 from .scoring import target_ids
-from .validate import NonFiniteEditError, check_context, nonfinite_cause, require_positive_int
+from .validate import NonFiniteEditError, check_context, nonfinite_cause, require_positive_int, shorten
 
 RULES = ("right", "left", "midpoint")
 TARGET_TOKENS = ("all", "first")
@@ -114,7 +114,7 @@ def _query(model, tokenizer, prompt: str, target: str, position: int, target_tok
             f"use -1 (the last prompt token, where the answer is predicted) or 0..{n - 1}"
         )
     seq = prompt_ids + tids[:-1]
-    check_context(model, len(seq), f"the prompt {prompt!r} with its target {target!r}")
+    check_context(model, len(seq), f"the prompt {shorten(prompt)} with its target {target!r}")
     return _Query(
         seq=torch.tensor(seq, device=device),
         q=position % n,
@@ -459,7 +459,8 @@ def integrated_gradients(
             out.append(_one_fact_ig(model, query, layer_list, alphas, batch_size, engine))
     result = out[0] if single else torch.stack(out)
     if not bool(torch.isfinite(result).all()):
-        raise NonFiniteEditError(f"the attributions are not finite ({nonfinite_cause(model) or 'the gradients overflowed: P(target) may be too small'})")
+        cause = nonfinite_cause(model) or "the gradients overflowed: P(target) may be too small"
+        raise NonFiniteEditError(f"the attributions are not finite ({cause})")
     return result
 
 

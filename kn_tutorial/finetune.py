@@ -24,7 +24,7 @@ from .rome import RomeHparams, prepare_request
 from .scoring import target_ids
 from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_context, check_model_finite, nonfinite_cause, require_nonnegative,
-                       require_positive, require_positive_int)
+                       require_positive, require_positive_int, shorten)
 from .weights import Restorable, WeightSnapshot
 
 # The paper's GPT-2 XL settings: 25 Adam steps at lr 5e-4, and for FT+L ε = 5e-4. Atlas keeps the
@@ -78,7 +78,8 @@ def fine_tune(model, tokenizer, request: dict, hparams: FTHparams) -> FTEdit:
     device = get_device(model)
     prompt_ids = tokenizer(prompt.replace("{}", subject), add_special_tokens=False)["input_ids"]
     new_ids = target_ids(tokenizer, target)
-    check_context(model, len(prompt_ids) + len(new_ids) - 1, f"the FT prompt with its target {prompt!r}")
+    check_context(model, len(prompt_ids) + len(new_ids) - 1,
+                  f"the FT prompt with its target {shorten(prompt.replace('{}', subject) + ' ' + target.strip())}")
     check_model_finite(model, "FT")
     input_ids = torch.tensor([prompt_ids + new_ids[:-1]], device=device)  # teacher forcing
     positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(new_ids), device=device)

@@ -443,7 +443,8 @@ def edit(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = 
     params = [(module_name(model, layer, "mlp_out") + ".weight",
                model.get_submodule(module_name(model, layer, "mlp_out")).weight) for layer in layers]
     subjects = sorted({r.subject for r in reqs})
-    label = f"the MEMIT edit of {len(reqs)} request(s) ({', '.join(map(repr, subjects[:3]))}{', ...' if len(subjects) > 3 else ''})"
+    shown = ", ".join(map(repr, subjects[:3])) + (", ..." if len(subjects) > 3 else "")
+    label = f"the MEMIT edit of {len(reqs)} request(s) ({shown})"
     snapshot = WeightSnapshot(params, track=True, label=label)
     deltas, records, pass_targets = {}, [], []
     try:

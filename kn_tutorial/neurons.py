@@ -622,8 +622,9 @@ def kn_edit(model, tokenizer, request: dict, neurons: Sequence[Neuron] | None = 
     by_layer = _by_layer(model, neurons)
     for layer, idx in by_layer.items():
         values = value_matrix(model, layer)
-        check_finite_update(f"the KN update of layer {layer}'s value slots", delta.to(values.dtype).expand(len(idx), -1),
-                            values[idx], model, e_old=embed[old_token], e_new=embed[new_token])
+        check_finite_update(f"the KN update of layer {layer}'s value slots",
+                            delta.to(values.dtype).expand(len(idx), -1), values[idx], model,
+                            e_old=embed[old_token], e_new=embed[new_token])
     snapshot = snapshot_layers(model, sorted(by_layer), which=("mlp_out",), track=True,
                                label=f"the KN edit of {subject!r}")
     for layer, idx in by_layer.items():

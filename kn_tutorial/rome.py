@@ -34,7 +34,7 @@ from .stats import second_moment
 from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_context, check_finite_update, check_model_finite, nonfinite_cause,
                        require_later_layer, require_nonempty, require_nonnegative, require_positive,
-                       require_positive_int, require_templates)
+                       require_positive_int, require_templates, shorten)
 from .weights import Restorable, WeightSnapshot
 
 HPARAMS_DIR = Path(__file__).parent / "hparams" / "rome"
@@ -105,7 +105,8 @@ def check_v_settings(hparams, method: str) -> None:
     """Refuse the settings of the v*/z optimisation (ROME's, which MEMIT shares) that would make an
     edit do nothing or junk: no steps, a non-positive clamp or learning rate, non-finite factors,
     no KL prompts, a non-positive sample size."""
-    require_positive_int(f"{method} v_steps", hparams.v_steps, "With no step δ stays 0 and the edit writes nothing.")
+    require_positive_int(f"{method} v_steps", hparams.v_steps,
+                         "With no step δ stays 0 and the edit writes nothing.")
     require_positive(f"{method} v_lr", hparams.v_lr)
     require_positive(f"{method} clamp_norm_factor", hparams.clamp_norm_factor,
                      "‖δ‖ is clamped to this factor times ‖h‖: 0 makes δ = 0 (no edit), a negative factor flips δ.")
@@ -127,10 +128,11 @@ def check_lengths(model, tokenizer, prompt: str, subject: str, target: str, pref
     for p in prefixes:
         text = p + prompt.replace("{}", subject)
         check_context(model, len(tokenizer(text, add_special_tokens=False)["input_ids"]) + n_target - 1,
-                      f"the {method} prompt with its target {text + ' ' + target.strip()!r}")
+                      f"the {method} prompt with its target {shorten(text + ' ' + target.strip())}")
     for k in kl_prompts:
         text = k.replace("{}", subject)
-        check_context(model, len(tokenizer(text, add_special_tokens=False)["input_ids"]), f"the KL prompt {text!r}")
+        check_context(model, len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                      f"the KL prompt {shorten(text)}")
 
 
 @torch.no_grad()

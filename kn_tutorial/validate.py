@@ -175,6 +175,11 @@ def context_attr(model: nn.Module) -> str:
     return "context length"
 
 
+def shorten(text: str, limit: int = 60) -> str:
+    """repr of `text`, cut to about `limit` characters (for error messages)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def check_context(model: nn.Module, n_tokens: int, what: str) -> None:
     """Raise ContextLengthError when `what` needs more positions than the model has."""
     limit = context_length(model)
