@@ -16,7 +16,7 @@ from kn_tutorial.finetune import FTHparams, fine_tune
 from kn_tutorial.neurons import kn_edit, scale_value_slots, scaled_scores, zero_key_rows
 from kn_tutorial.tracing import noise_level, trace
 from kn_tutorial.validate import ContextLengthError, NonFiniteEditError
-from tests.conftest import tiny_lm
+from tests.conftest import tiny_lm, tiny_tokenizer
 
 REQUEST = {"prompt": "{} lies on the continent of", "subject": "Kuwait", "target_new": {"str": "Europe"}}
 LONG = {**REQUEST, "prompt": "{} lies on the continent of" + " Asia and" * 40}  # > 64 positions
@@ -244,15 +244,15 @@ def _inf_embedding_row(token):
     return inject
 
 
-def _kuwait_token():
-    _, tokenizer = tiny_lm("gpt2")
-    return tokenizer(PROMPT, add_special_tokens=False)["input_ids"][0]
+def _inf_embedding_row_of_the_prompt(model, monkeypatch):
+    token = tiny_tokenizer()(PROMPT, add_special_tokens=False)["input_ids"][0]
+    _inf_embedding_row(token)(model, monkeypatch)
 
 
 TRACING = [
     ("nan weight", _nan_at(LATER), lambda m, t, c: trace(m, t, PROMPT, "Kuwait", samples=2),
      NonFiniteEditError, f"non-finite weight in {LATER}"),
-    ("prompt uses a non-finite embedding row", _inf_embedding_row(_kuwait_token()),
+    ("prompt uses a non-finite embedding row", _inf_embedding_row_of_the_prompt,
      lambda m, t, c: trace(m, t, PROMPT, "Kuwait", samples=2), NonFiniteEditError, "embedding row"),
     ("prompt longer than the context", None,
      lambda m, t, c: trace(m, t, PROMPT + " Asia and" * 40, "Kuwait", samples=2), ContextLengthError, "64 positions"),
