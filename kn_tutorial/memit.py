@@ -299,6 +299,9 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
             kl_rowwise = (kl_before[kl_on].exp() * (kl_before[kl_on] - kl_after)).sum(-1)  # KL(before ‖ after)
             kl = torch.zeros(n_groups, device=device).index_add(0, kl_group[kl_on], kl_rowwise) / n_kl
             decay = hparams.v_weight_decay * delta.norm(dim=1) ** 2 / h.norm(dim=1) ** 2
+            if not bool(torch.isfinite(nll).all()):  # a NaN loss would count as converged: δ = 0, no edit
+                raise NonFiniteEditError(f"the loss of MEMIT's target optimisation at layer {layer} is not finite "
+                                         f"({nonfinite_cause(model) or 'the logits overflowed'}); nothing was written")
             final_nll = torch.where(active, nll.detach(), final_nll)
             active &= nll.detach() >= hparams.stop_nll  # converged groups stop where they are
             if step == hparams.v_steps or not active.any():
