@@ -65,6 +65,7 @@ from .hooks import Recorder, patch, record, set_neurons
 from .models import check_layer, d_ff, d_model, get_block, get_device, n_layers
 from .progress import progress
 from .scoring import target_ids
+from .validate import NonFiniteEditError, check_context, nonfinite_cause, require_positive_int, shorten
 
 RULES = ("right", "left", "midpoint")
 TARGET_TOKENS = ("all", "first")
@@ -97,7 +98,7 @@ class _Query:
     predict_at: Tensor  # [T] positions in seq whose logits predict them
 
 
-def _query(tokenizer, prompt: str, target: str, position: int, target_tokens: str, device) -> _Query:
+def _query(model, tokenizer, prompt: str, target: str, position: int, target_tokens: str, device) -> _Query:
     if target_tokens not in TARGET_TOKENS:
         raise ValueError(f"target_tokens must be one of {TARGET_TOKENS}, got {target_tokens!r}")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -113,6 +114,7 @@ def _query(tokenizer, prompt: str, target: str, position: int, target_tokens: st
             f"use -1 (the last prompt token, where the answer is predicted) or 0..{n - 1}"
         )
     seq = prompt_ids + tids[:-1]
+    check_context(model, len(seq), f"the prompt {shorten(prompt)} with its target {target!r}")
     return _Query(
         seq=torch.tensor(seq, device=device),
         q=position % n,
@@ -142,12 +144,19 @@ def _as_lists(prompt, target) -> tuple[list[str], list[str], bool]:
     return prompts, targets, single
 
 
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None:
+        require_positive_int("batch_size", batch_size, "Pass None to pick one that fits the memory.")
+
+
 def _layers(model, layers) -> list[int]:
     if layers is None:
         return list(range(n_layers(model)))
     if isinstance(layers, int):
         layers = [layers]
     out = [check_layer(model, layer) for layer in layers]
+    if not out:
+        raise ValueError("layers is empty: pass None for every layer, or a list of layer indices")
     if len(set(out)) != len(out):
         raise ValueError(f"layers contains duplicates: {list(layers)}")
     return out
@@ -379,6 +388,7 @@ def _path_gradients(model, query: _Query, layers: list[int], alphas: Tensor, bat
                     engine: str) -> tuple[Tensor, Tensor]:
     """w̄ [L, d_ff] and Σ over the given α of ∂P_x(α w̄^(l))/∂w^(l), accumulated per distinct α:
     returns (w_bar, grads [L, len(alphas), d_ff]), both float32 on the model's device."""
+    _check_batch_size(batch_size)
     w_bar, p_clean, cache = _clean_pass(model, query, layers)
     # Gradients of P / P(clean), rescaled after: in float16 the gradients of a small P would
     # underflow (the loss-scaling trick of mixed-precision training); exact in float32.
@@ -439,14 +449,19 @@ def integrated_gradients(
     prompts, targets, single = _as_lists(prompt, target)
     layer_list = _layers(model, layers)
     alphas = riemann_alphas(steps, rule)
+    _check_batch_size(batch_size)
     device = get_device(model)
     out = []
     with _frozen(model):
         for p, t in progress(list(zip(prompts, targets)), desc="integrated gradients",
                              disable=not show_progress or len(prompts) == 1):
-            query = _query(tokenizer, p, t, position, target_tokens, device)
+            query = _query(model, tokenizer, p, t, position, target_tokens, device)
             out.append(_one_fact_ig(model, query, layer_list, alphas, batch_size, engine))
-    return out[0] if single else torch.stack(out)
+    result = out[0] if single else torch.stack(out)
+    if not bool(torch.isfinite(result).all()):
+        cause = nonfinite_cause(model) or "the gradients overflowed: P(target) may be too small"
+        raise NonFiniteEditError(f"the attributions are not finite ({cause})")
+    return result
 
 
 def integrated_gradients_naive(
@@ -464,7 +479,7 @@ def integrated_gradients_naive(
     layer, no batching, no cache. The reference for tests and the benchmark: [L, d_ff]."""
     layer_list = _layers(model, layers)
     alphas = riemann_alphas(steps, rule).tolist()
-    query = _query(tokenizer, prompt, target, position, target_tokens, get_device(model))
+    query = _query(model, tokenizer, prompt, target, position, target_tokens, get_device(model))
     ids = query.seq[None]  # [1, s]
     attributions = []
     for layer in layer_list:
@@ -508,7 +523,7 @@ def integrated_gradients_ladder(
     points = {(rule, m): riemann_alphas(m, rule) for rule in rules for m in steps}
     distinct = sorted({round(a, 12) for alphas in points.values() for a in alphas.tolist()})
     index = {a: i for i, a in enumerate(distinct)}
-    query = _query(tokenizer, prompt, target, position, target_tokens, get_device(model))
+    query = _query(model, tokenizer, prompt, target, position, target_tokens, get_device(model))
     with _frozen(model):
         w_bar, grads = _path_gradients(model, query, layer_list, torch.tensor(distinct, dtype=torch.float64),
                                        batch_size, engine)
@@ -548,8 +563,9 @@ def path_probabilities(model, tokenizer, prompt: str, target: str, alphas: Seque
     """P_x(α w̄^(l)) for every layer and α, [L, len(alphas)] float32 CPU: the curve whose
     integral of slopes the attributions are. One batched pass, no gradients."""
     layer_list = _layers(model, layers)
+    _check_batch_size(batch_size)
     alphas = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
-    query = _query(tokenizer, prompt, target, position, target_tokens, get_device(model))
+    query = _query(model, tokenizer, prompt, target, position, target_tokens, get_device(model))
     w_bar, _, cache = _clean_pass(model, query, layer_list)
     row_layer, row_alpha = _row_plan(len(layer_list), alphas, w_bar.device)
     chunk = batch_size or _default_batch_size(model, query, len(row_layer))
@@ -592,7 +608,7 @@ def suppressed_probabilities(model, tokenizer, prompt: str, target: str,
                              target_tokens: str = "all") -> Tensor:
     """P(target) with each set of (layer, neuron) activations set to 0 at the scored position
     (Dai et al.'s suppression experiment), one batch row per set: [len(neuron_sets)] float32 CPU."""
-    query = _query(tokenizer, prompt, target, position, target_tokens, get_device(model))
+    query = _query(model, tokenizer, prompt, target, position, target_tokens, get_device(model))
     n_rows, width = len(neuron_sets), d_ff(model)
     keep = torch.ones(n_rows, n_layers(model), width, device=query.seq.device)  # 0 where suppressed
     for row, neurons in enumerate(neuron_sets):
@@ -619,7 +635,7 @@ def suppressed_probabilities(model, tokenizer, prompt: str, target: str,
 def suppressed_probability(model, tokenizer, prompt: str, target: str, neurons: Sequence[tuple[int, int]],
                            position: int = -1, target_tokens: str = "all") -> float:
     """P(target) with the given (layer, neuron) activations set to 0 at the scored position."""
-    query = _query(tokenizer, prompt, target, position, target_tokens, get_device(model))
+    query = _query(model, tokenizer, prompt, target, position, target_tokens, get_device(model))
     by_layer: dict[int, list[int]] = {}
     for layer, neuron in neurons:
         by_layer.setdefault(check_layer(model, layer), []).append(int(neuron))

@@ -14,6 +14,7 @@ bit (`.restore()`, or use it as a context manager), like `rome.edit`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -21,6 +22,9 @@ import torch
 from .models import check_layer, get_device, get_module, module_name
 from .rome import RomeHparams, prepare_request
 from .scoring import target_ids
+from .tokens import subject_span
+from .validate import (NonFiniteEditError, check_context, check_model_finite, nonfinite_cause, require_nonnegative,
+                       require_positive, require_positive_int, shorten)
 from .weights import Restorable, WeightSnapshot
 
 # The paper's GPT-2 XL settings: 25 Adam steps at lr 5e-4, and for FT+L ε = 5e-4. Atlas keeps the
@@ -64,19 +68,26 @@ def fine_tune(model, tokenizer, request: dict, hparams: FTHparams) -> FTEdit:
     """FT (hparams.norm_constraint None) or FT+L of the MLP output projection of hparams.layer."""
     prompt, subject, target = prepare_request(request)
     layer = check_layer(model, hparams.layer)
-    if hparams.norm_constraint is not None and not hparams.norm_constraint > 0:
-        raise ValueError(f"norm_constraint must be > 0 (or None for plain FT), got {hparams.norm_constraint}")
+    if hparams.norm_constraint is not None:
+        require_positive("norm_constraint", hparams.norm_constraint, "Use None for plain FT.")
+    require_positive_int("FT steps", hparams.steps, "With no step nothing is written.")
+    require_positive("FT lr", hparams.lr)
+    require_nonnegative("FT stop_loss", hparams.stop_loss)
     hparams = replace(hparams, layer=layer)
+    subject_span(tokenizer, prompt.replace("{}", subject), subject)  # subject must tokenise inside the prompt
     device = get_device(model)
     prompt_ids = tokenizer(prompt.replace("{}", subject), add_special_tokens=False)["input_ids"]
     new_ids = target_ids(tokenizer, target)
+    check_context(model, len(prompt_ids) + len(new_ids) - 1,
+                  f"the FT prompt with its target {shorten(prompt.replace('{}', subject) + ' ' + target.strip())}")
+    check_model_finite(model, "FT")
     input_ids = torch.tensor([prompt_ids + new_ids[:-1]], device=device)  # teacher forcing
     positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(new_ids), device=device)
     answer = torch.tensor(new_ids, device=device)
 
     weight = get_module(model, layer, "mlp_out").weight  # the parameter, in its stored orientation
     name = module_name(model, layer, "mlp_out") + ".weight"
-    snapshot = WeightSnapshot([(name, weight)])
+    snapshot = WeightSnapshot([(name, weight)], track=True, label=f"the FT edit of {subject!r}")
     original = snapshot.originals[0]
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -88,6 +99,10 @@ def fine_tune(model, tokenizer, request: dict, hparams: FTHparams) -> FTEdit:
         for _ in range(hparams.steps):
             logits = model(input_ids=input_ids).logits[0, positions].float()  # [|o*|, vocab]
             nll = -torch.log_softmax(logits, -1).gather(1, answer[:, None]).mean()
+            if not math.isfinite(nll.item()):
+                raise NonFiniteEditError(f"the FT loss is not finite at step {len(result.losses)} "
+                                         f"({nonfinite_cause(model) or 'the logits overflowed'}); lower lr. "
+                                         "Nothing was written (the weights are restored).")
             result.losses.append(nll.item())
             if nll.item() < hparams.stop_loss:
                 break
@@ -98,6 +113,9 @@ def fine_tune(model, tokenizer, request: dict, hparams: FTHparams) -> FTEdit:
                 with torch.no_grad():
                     eps = hparams.norm_constraint
                     weight.copy_(original + (weight - original).clamp(-eps, eps))
+            if not bool(torch.isfinite(weight).all()):
+                raise NonFiniteEditError(f"an FT step made {name} non-finite (lr {hparams.lr} too large?); "
+                                         "nothing was written (the weights are restored).")
     except BaseException:
         snapshot.restore()
         raise

@@ -46,6 +46,7 @@ Memory: the solve is [d_ff, d_ff] whatever n is; keys and targets are [n, d_ff] 
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,10 +56,12 @@ import torch
 from .hooks import Recorder, patch
 from .models import check_layer, get_device, mlp_out_weight, module_name
 from .progress import progress
-from .rome import prepare_request, read_hparams, sample_prefixes
+from .rome import check_lengths, check_v_settings, prepare_request, read_hparams, sample_prefixes
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
 from .tokens import subject_span
+from .validate import (NonFiniteEditError, check_finite_update, check_model_finite, nonfinite_cause,
+                       require_later_layer, require_positive, require_positive_int, require_nonnegative)
 from .weights import Restorable, WeightSnapshot
 
 HPARAMS_DIR = Path(__file__).parent / "hparams" / "memit"
@@ -296,6 +299,9 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
             kl_rowwise = (kl_before[kl_on].exp() * (kl_before[kl_on] - kl_after)).sum(-1)  # KL(before ‖ after)
             kl = torch.zeros(n_groups, device=device).index_add(0, kl_group[kl_on], kl_rowwise) / n_kl
             decay = hparams.v_weight_decay * delta.norm(dim=1) ** 2 / h.norm(dim=1) ** 2
+            if not bool(torch.isfinite(nll).all()):  # a NaN loss would count as converged: δ = 0, no edit
+                raise NonFiniteEditError(f"the loss of MEMIT's target optimisation at layer {layer} is not finite "
+                                         f"({nonfinite_cause(model) or 'the logits overflowed'}); nothing was written")
             final_nll = torch.where(active, nll.detach(), final_nll)
             active &= nll.detach() >= hparams.stop_nll  # converged groups stop where they are
             if step == hparams.v_steps or not active.any():
@@ -345,6 +351,9 @@ def solve_update(mom2: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor
     keys: [n, d_ff] (rows k_i), residuals: [n, d_model] (rows r_i), mom2: C [d_ff, d_ff].
     Minimises λ·tr(ΔW C ΔWᵀ) + Σ_i ‖ΔW k_i − r_i‖²; solved by Cholesky on the keys' device."""
     device = keys.device
+    cause = nonfinite_cause(C=mom2, keys=keys, residuals=residuals)
+    if cause or not math.isfinite(lam):
+        raise NonFiniteEditError(f"the MEMIT update cannot be solved: {cause or f'λ = {lam}'}")
     k = keys.to(torch.float64)
     a = lam * mom2.to(device=device, dtype=torch.float64) + k.T @ k  # [d_ff, d_ff]
     factor, info = torch.linalg.cholesky_ex(a)
@@ -397,10 +406,19 @@ def prepare(model, tokenizer, requests: list[dict], hparams: MemitHparams | None
     layers = tuple(sorted({check_layer(model, layer) for layer in hparams.layers}))
     if not layers:
         raise ValueError("MEMIT needs at least one layer")
-    if hparams.passes < 1:
+    if isinstance(hparams.passes, bool) or not isinstance(hparams.passes, int) or hparams.passes < 1:
         raise ValueError(f"passes must be at least 1 (got {hparams.passes}); 1 is the paper's MEMIT")
+    check_v_settings(hparams, "MEMIT")
+    require_positive("MEMIT mom2_update_weight λ", hparams.mom2_update_weight,
+                     "λ weighs keeping the other keys' outputs; the paper uses 15,000-20,000.")
+    require_nonnegative("MEMIT stop_nll", hparams.stop_nll)
+    require_positive_int("MEMIT batch_size", hparams.batch_size)
+    require_later_layer(model, layers[-1], "MEMIT", "z is the residual stream after its last layer")
+    check_model_finite(model, "MEMIT")
     hparams = replace(hparams, layers=layers)
     prefixes = sample_prefixes(model, tokenizer, hparams.prefixes, seed=hparams.seed)
+    for r in reqs:
+        check_lengths(model, tokenizer, r.prompt, r.subject, r.target, prefixes, hparams.kl_prompts, "MEMIT")
     return reqs, key_groups(reqs), hparams, prefixes
 
 
@@ -422,9 +440,15 @@ def edit(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = 
         if layer not in mom2:
             mom2[layer] = second_moment(model, tokenizer, layer, corpus=hparams.mom2_corpus,
                                         n_samples=hparams.mom2_n_samples)
+        if not bool(torch.isfinite(mom2[layer]).all()):
+            raise NonFiniteEditError(f"the statistics C of layer {layer} are not finite; recompute them "
+                                     "(stats.second_moment) on a model with finite weights")
     params = [(module_name(model, layer, "mlp_out") + ".weight",
                model.get_submodule(module_name(model, layer, "mlp_out")).weight) for layer in layers]
-    snapshot = WeightSnapshot(params)
+    subjects = sorted({r.subject for r in reqs})
+    shown = ", ".join(map(repr, subjects[:3])) + (", ..." if len(subjects) > 3 else "")
+    label = f"the MEMIT edit of {len(reqs)} request(s) ({shown})"
+    snapshot = WeightSnapshot(params, track=True, label=label)
     deltas, records, pass_targets = {}, [], []
     try:
         for pass_index in range(hparams.passes):
@@ -435,8 +459,14 @@ def edit(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = 
                 keys = compute_keys(model, tokenizer, reqs, groups, layer, prefixes)  # [G, d_ff]
                 h = compute_residuals(model, tokenizer, reqs, groups, last)  # [G, d_model]
                 residuals = (targets.z.to(h.device) - h) / (len(layers) - i)  # this layer's share
+                if not (bool(torch.isfinite(keys).all()) and bool(torch.isfinite(residuals).all())):
+                    cause = nonfinite_cause(model, keys=keys, residuals=residuals)
+                    raise NonFiniteEditError(f"MEMIT at layer {layer} (pass {pass_index + 1}): {cause}; "
+                                             "nothing was written (the weights are restored)")
                 delta_w = solve_update(mom2[layer], keys, residuals, hparams.mom2_update_weight)
                 weight = mlp_out_weight(model, layer)
+                check_finite_update(f"the MEMIT update ΔW of layer {layer}", delta_w, weight, model,
+                                    "Nothing was written (the weights are restored).", C=mom2[layer])
                 with torch.no_grad():
                     weight.add_(delta_w.to(weight.dtype))
                 deltas[layer] = deltas[layer] + delta_w.float() if layer in deltas else delta_w.float()

@@ -380,6 +380,10 @@ def load_model(
     The tokenizer gets pad_token = eos_token when it has no pad token.
     """
     name = default_model_name() if name is None else name
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise ValueError(f"load_model needs a model name or folder, got {name!r}: use 'atlas' (the offline "
+                         f"teaching model), a local directory, or a Hugging Face name such as 'gpt2'")
+    name = str(name) if isinstance(name, os.PathLike) else name
     device = pick_device(device)
 
     if name == ATLAS:

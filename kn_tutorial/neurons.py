@@ -48,6 +48,7 @@ from .hooks import patch
 from .models import check_layer, d_ff, get_device, key_bias, key_matrix, unembedding_matrix, value_matrix
 from .progress import progress
 from .scoring import score, target_ids
+from .validate import check_finite_update, check_model_finite, require_finite
 from .weights import Restorable, WeightSnapshot, snapshot_layers
 
 Neuron = tuple[int, int]  # (layer, index into the layer's d_ff neurons)
@@ -280,6 +281,10 @@ def scaled_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
     if not (len(targets) == len(row_neurons) == n):
         raise ValueError(f"{n} prompts, {len(targets)} targets and {len(row_neurons)} neuron lists: need one each")
     factors = [float(factors)] * n if isinstance(factors, (int, float)) else [float(f) for f in factors]
+    if len(factors) != n:
+        raise ValueError(f"{n} prompts but {len(factors)} factors: give one factor, or one per prompt")
+    for f in factors:
+        require_finite("factor", f, "0 suppresses the neurons, 2 amplifies them.")
     width, device = d_ff(model), get_device(model)
     parts = []
     for start in range(0, n, batch_size):
@@ -331,9 +336,15 @@ def _by_layer(model, neurons: Sequence[Neuron]) -> dict[int, list[int]]:
 @torch.no_grad()
 def scale_value_slots(model, neurons: Sequence[Neuron], factor: float) -> WeightSnapshot:
     """Multiply value slots v_i (rows of V, the MLP output projection) by `factor` (0 erases,
-    2 amplifies), in place. Returns the snapshot taken before: `.restore()` undoes it."""
+    2 amplifies), in place. Returns the snapshot taken before: `.restore()` undoes it.
+    A non-finite factor, or slots that would become non-finite, are refused before anything is written."""
+    factor = require_finite("factor", factor, "0 erases the value slots, 2 amplifies them.")
     by_layer = _by_layer(model, neurons)
-    snapshot = snapshot_layers(model, sorted(by_layer), which=("mlp_out",))
+    for layer, idx in by_layer.items():
+        rows = value_matrix(model, layer)[idx]
+        check_finite_update(f"the scaled value slots of layer {layer}", rows * factor - rows, rows, model)
+    snapshot = snapshot_layers(model, sorted(by_layer), which=("mlp_out",), track=True,
+                               label=f"the value slots of {len(neurons)} neuron(s) scaled by {factor:g}")
     for layer, idx in by_layer.items():
         value_matrix(model, layer)[idx] *= factor  # a view: edits the parameter
     return snapshot
@@ -344,7 +355,8 @@ def zero_key_rows(model, neurons: Sequence[Neuron]) -> WeightSnapshot:
     """Zero key rows k_i (and b_K,i) so the neurons' activations are f(0) = 0 everywhere
     (GELU, and Llama's act(g)·(x k_i) whose up projection is zeroed). Returns the snapshot."""
     by_layer = _by_layer(model, neurons)
-    snapshot = snapshot_layers(model, sorted(by_layer), which=("mlp_in",))
+    snapshot = snapshot_layers(model, sorted(by_layer), which=("mlp_in",), track=True,
+                               label=f"the key rows of {len(neurons)} neuron(s) zeroed")
     for layer, idx in by_layer.items():
         key_matrix(model, layer)[idx] = 0.0
         bias = key_bias(model, layer)
@@ -590,7 +602,15 @@ def kn_edit(model, tokenizer, request: dict, neurons: Sequence[Neuron] | None = 
         its leading space (tied to the input embedding in GPT-2 and Atlas).
     Returns a KnEdit; `with kn_edit(...) as e:` or `e.restore()` puts the weights back bit for bit.
     """
-    target_new = request["target_new"]["str"]
+    from .rome import prepare_request
+    from .tokens import subject_span
+
+    prompt, subject, target_new = prepare_request(request)  # the same checks as rome.edit
+    subject_span(tokenizer, prompt.replace("{}", subject), subject)  # subject must tokenise inside the prompt
+    lambda_old = require_finite("lambda_old", lambda_old, "Dai et al. use λ1 = 1.")
+    lambda_new = require_finite("lambda_new", lambda_new, "Dai et al. use λ2 = 8.")
+    check_model_finite(model, "kn_edit")
+    request = {**request, "prompt": prompt, "subject": subject}  # the prompt as a template with '{}'
     old = _old_target(model, tokenizer, request)
     if neurons is None:
         with torch.enable_grad():
@@ -600,7 +620,13 @@ def kn_edit(model, tokenizer, request: dict, neurons: Sequence[Neuron] | None = 
     embed = unembedding_matrix(model)  # [vocab, d_model]
     delta = (lambda_new * embed[new_token].float() - lambda_old * embed[old_token].float())  # [d_model]
     by_layer = _by_layer(model, neurons)
-    snapshot = snapshot_layers(model, sorted(by_layer), which=("mlp_out",))
+    for layer, idx in by_layer.items():
+        values = value_matrix(model, layer)
+        check_finite_update(f"the KN update of layer {layer}'s value slots",
+                            delta.to(values.dtype).expand(len(idx), -1), values[idx], model,
+                            e_old=embed[old_token], e_new=embed[new_token])
+    snapshot = snapshot_layers(model, sorted(by_layer), which=("mlp_out",), track=True,
+                               label=f"the KN edit of {subject!r}")
     for layer, idx in by_layer.items():
         values = value_matrix(model, layer)  # [d_ff, d_model], a view of the weight
         values[idx] += delta.to(values.dtype)

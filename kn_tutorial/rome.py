@@ -32,6 +32,9 @@ from .models import check_layer, get_device, mlp_out_weight, module_name, value_
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
 from .tokens import subject_span
+from .validate import (NonFiniteEditError, check_context, check_finite_update, check_model_finite, nonfinite_cause,
+                       require_later_layer, require_nonempty, require_nonnegative, require_positive,
+                       require_positive_int, require_templates, shorten)
 from .weights import Restorable, WeightSnapshot
 
 HPARAMS_DIR = Path(__file__).parent / "hparams" / "rome"
@@ -96,6 +99,40 @@ def prepare_request(request: dict) -> tuple[str, str, str]:
     if not isinstance(target, str) or not target.strip():
         raise ValueError("the request's target_new is empty")
     return prompt, subject, target
+
+
+def check_v_settings(hparams, method: str) -> None:
+    """Refuse the settings of the v*/z optimisation (ROME's, which MEMIT shares) that would make an
+    edit do nothing or junk: no steps, a non-positive clamp or learning rate, non-finite factors,
+    no KL prompts, a non-positive sample size."""
+    require_positive_int(f"{method} v_steps", hparams.v_steps,
+                         "With no step δ stays 0 and the edit writes nothing.")
+    require_positive(f"{method} v_lr", hparams.v_lr)
+    require_positive(f"{method} clamp_norm_factor", hparams.clamp_norm_factor,
+                     "‖δ‖ is clamped to this factor times ‖h‖: 0 makes δ = 0 (no edit), a negative factor flips δ.")
+    require_nonnegative(f"{method} v_weight_decay", hparams.v_weight_decay)
+    require_nonnegative(f"{method} kl_factor", hparams.kl_factor)
+    require_templates(f"{method} kl_prompts", hparams.kl_prompts)
+    require_positive_int(f"{method} mom2_n_samples", hparams.mom2_n_samples)
+    for entry in hparams.prefixes:
+        if len(tuple(entry)) != 2:
+            raise ValueError(f"{method} prefixes are (length, how many) pairs of positive ints, got {entry!r}")
+        for x in entry:
+            require_positive_int(f"{method} prefixes (length, how many)", x)
+
+
+def check_lengths(model, tokenizer, prompt: str, subject: str, target: str, prefixes: list[str],
+                  kl_prompts, method: str) -> None:
+    """Every row the optimisation runs (prefix + prompt + target, and the KL prompts) must fit the context."""
+    n_target = len(target_ids(tokenizer, target))
+    for p in prefixes:
+        text = p + prompt.replace("{}", subject)
+        check_context(model, len(tokenizer(text, add_special_tokens=False)["input_ids"]) + n_target - 1,
+                      f"the {method} prompt with its target {shorten(text + ' ' + target.strip())}")
+    for k in kl_prompts:
+        text = k.replace("{}", subject)
+        check_context(model, len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                      f"the KL prompt {shorten(text)}")
 
 
 @torch.no_grad()
@@ -227,6 +264,10 @@ def solve_c_inverse_k(mom2: torch.Tensor, k_star: torch.Tensor, ridge: float = 0
     C of a small model's keys can be badly conditioned (1e8 has been seen), which float32
     solves get wrong; float64 Cholesky is accurate there. A singular C needs ridge > 0.
     Solved on k*'s device (the cached C is loaded on the CPU)."""
+    if not bool(torch.isfinite(mom2).all()) or not bool(torch.isfinite(k_star).all()):
+        raise NonFiniteEditError(f"C⁻¹k* cannot be computed: {nonfinite_cause(C=mom2, k_star=k_star)}; "
+                                 "recompute the statistics C on a model with finite weights")
+    require_nonnegative("ridge", ridge)
     c = mom2.to(device=k_star.device, dtype=torch.float64)
     if ridge > 0:
         c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
@@ -246,10 +287,17 @@ def rank_one_update(weight: torch.Tensor, mom2: torch.Tensor, k_star: torch.Tens
     return apply_rank_one(weight, solve_c_inverse_k(mom2, k_star, ridge), k_star, residual)
 
 
-def apply_rank_one(weight: torch.Tensor, u: torch.Tensor, k_star: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """Add ΔW = Λ uᵀ, Λ = residual / (uᵀ k*), to `weight` in place, given u = C⁻¹k*; returns ΔW."""
+def rank_one_delta(weight: torch.Tensor, u: torch.Tensor, k_star: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """ΔW = Λ uᵀ, Λ = residual / (uᵀ k*), given u = C⁻¹k*, in `weight`'s dtype and device (nothing written)."""
     lam = residual.to(torch.float64) / (u @ k_star.to(torch.float64))  # Λ: [d_model]
-    delta_w = torch.outer(lam, u).to(weight.dtype).to(weight.device)  # [d_model, d_ff]
+    return torch.outer(lam, u).to(weight.dtype).to(weight.device)  # [d_model, d_ff]
+
+
+def apply_rank_one(weight: torch.Tensor, u: torch.Tensor, k_star: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Add ΔW = Λ uᵀ, Λ = residual / (uᵀ k*), to `weight` in place, given u = C⁻¹k*; returns ΔW.
+    Raises NonFiniteEditError, writing nothing, when ΔW or W + ΔW is not finite."""
+    delta_w = rank_one_delta(weight, u, k_star, residual)
+    check_finite_update("the ROME update ΔW", delta_w, weight, k_star=k_star, residual=residual, u=u)
     with torch.no_grad():
         weight.add_(delta_w)
     return delta_w
@@ -311,9 +359,15 @@ def edit(model, tokenizer, request: dict, hparams: RomeHparams | None = None, mo
         hparams = RomeHparams.for_model(getattr(model.config, "_name_or_path", ""))
     layer = check_layer(model, hparams.layer)
     hparams = replace(hparams, layer=layer)
+    check_v_settings(hparams, "ROME")
+    require_nonnegative("ROME ridge", hparams.ridge)
+    require_later_layer(model, layer, "ROME", "v* changes the MLP output")
     subject_span(tokenizer, prompt.replace("{}", subject), subject)  # subject must tokenise inside the prompt
+    check_model_finite(model, "ROME")
     if prefixes is None:
         prefixes = sample_prefixes(model, tokenizer, hparams.prefixes, seed=hparams.seed)
+    prefixes = require_nonempty("prefixes", prefixes, "Pass None for the sampled ones, or [''] for no prefix.")
+    check_lengths(model, tokenizer, prompt, subject, target, prefixes, hparams.kl_prompts, "ROME")
     k_star = compute_k_star(model, tokenizer, prompt, subject, layer, prefixes)
     v = compute_v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams)
     if mom2 is None:
@@ -324,12 +378,16 @@ def edit(model, tokenizer, request: dict, hparams: RomeHparams | None = None, mo
         current = weight.float() @ k_star + (bias.float() if bias is not None else 0)
     v_star = current + v.delta
     u = solve_c_inverse_k(mom2, k_star, hparams.ridge)  # raises before any weight changes
+    delta_w = rank_one_delta(weight, u, k_star, v.delta)
+    check_finite_update("the ROME update ΔW", delta_w, weight, model,
+                        "Lower v_lr, or check C and the request.", k_star=k_star, delta=v.delta, C=mom2)
     name = module_name(model, layer, "mlp_out") + ".weight"
-    snapshot = WeightSnapshot([(name, model.get_submodule(module_name(model, layer, "mlp_out")).weight)])
+    snapshot = WeightSnapshot([(name, model.get_submodule(module_name(model, layer, "mlp_out")).weight)],
+                              track=True, label=f"the ROME edit of {subject!r}")
     try:
-        delta_w = apply_rank_one(weight, u, k_star, v.delta)
+        with torch.no_grad():
+            weight.add_(delta_w)
     except BaseException:
         snapshot.restore()
         raise
     return RomeEdit(dict(request), layer, k_star, v_star, delta_w, v.losses, snapshot)
-

@@ -4,8 +4,9 @@ ROME (Meng et al., 2022) needs `C = K Kᵀ`: how the keys k (the input of a laye
 output projection) co-vary over a large sample of text. We estimate the mean
 `C = E[k kᵀ]` (d_ff × d_ff; the scale cancels in ROME's update, MEMIT's λ is stated
 for this normalisation) in batches, accumulating in float64 by default, and cache it
-under a key naming the model, the layer, the corpus and the sample size, so the next
-edit of the same layer starts at once.
+under a key made of everything C depends on (the values of every parameter that reaches
+the layer, the layer, the texts' content, their number and the dtype), so the next edit
+of the same layer starts at once and an edited or retrained model never gets a stale C.
 
 Corpora: the Atlas training text offline (`atlas_corpus`), any list of strings, or a
 Hugging Face `datasets` text split on Colab (`dataset_corpus`, e.g. wikitext).
@@ -15,14 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .hooks import Recorder
-from .models import check_layer, d_ff, get_device, module_name
+from .models import (check_layer, d_ff, embedding_matrix, final_norm, get_block, get_device, get_module, n_layers)
 from .progress import progress_bar
+from .validate import NonFiniteEditError, context_length, nonfinite_cause
 
 CACHE_ENV = "KN_CACHE"
 
@@ -57,23 +63,77 @@ def dataset_corpus(n: int, name: str = "wikitext", config: str = "wikitext-103-r
     return texts
 
 
+# --------------------------------------------------------------------------------------
+# What the keys of a layer depend on: a hash of every parameter that reaches them
+# --------------------------------------------------------------------------------------
+
+# model -> {parameter name: (signature, digest)}; a parameter is hashed again only when its
+# signature changes: torch's version counter (bumped by every in-place change, also through
+# views), its storage address, shape, dtype, device, and its float64 sum (which catches most
+# changes made through `.data`, which bypasses the version counter).
+_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple, str]]]" = weakref.WeakKeyDictionary()
+
+
+def _signature(tensor: torch.Tensor) -> tuple:
+    t = tensor.detach()
+    return (t._version, t.data_ptr(), tuple(t.shape), str(t.dtype), str(t.device),
+            float(t.sum(dtype=torch.float64)) if t.numel() else 0.0)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    raw = tensor.detach().contiguous().reshape(-1).cpu().view(torch.uint8).numpy()
+    return hashlib.blake2b(raw.tobytes(), digest_size=16).hexdigest()
+
+
+def reaching_parameters(model, layer: int) -> list[tuple[str, torch.Tensor]]:
+    """The parameters the keys of `layer` depend on: all of them except the blocks after `layer`,
+    `layer`'s own MLP output projection, the final norm and an untied unembedding."""
+    layer = check_layer(model, layer)
+    excluded: set[int] = set()
+    for later in range(layer + 1, n_layers(model)):
+        excluded.update(id(p) for p in get_block(model, later).parameters())
+    excluded.update(id(p) for p in get_module(model, layer, "mlp_out").parameters())
+    excluded.update(id(p) for p in final_norm(model).parameters())
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not embedding_matrix(model):
+        excluded.update(id(p) for p in head.parameters())
+    return [(name, p) for name, p in model.named_parameters() if id(p) not in excluded]
+
+
 def model_fingerprint(model, layer: int) -> str:
-    """Short hash of what the keys of `layer` depend on: the model's name, config and weights
-    up to that layer's MLP input (a sample of their bytes), so a retrained model gets a new key."""
+    """Hash of what the keys of `layer` depend on: the model's config and the exact values of every
+    parameter that reaches the layer (`reaching_parameters`). Each parameter's hash is kept with
+    the model and recomputed only when the parameter changed, so a second call costs one sum per
+    parameter. Any edit of the embeddings, of an earlier block, or of this block's attention or
+    key projection gives a new fingerprint; an edit of this layer's output projection (what ROME
+    writes) or of later layers does not (the keys do not depend on them)."""
+    kept = _DIGESTS.setdefault(model, {})
     h = hashlib.sha1()
-    h.update(str(getattr(model.config, "_name_or_path", "")).encode())
     h.update(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
-    for name in (module_name(model, 0, "mlp_in"), module_name(model, layer, "mlp_in")):
-        weight = model.get_submodule(name).weight.detach()
-        h.update(weight.flatten()[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:12]
+    for name, param in reaching_parameters(model, layer):
+        signature = _signature(param)
+        if name not in kept or kept[name][0] != signature:
+            kept[name] = (signature, _digest(param))
+        h.update(f"{name}:{kept[name][1]};".encode())
+    return h.hexdigest()[:16]
+
+
+def texts_digest(texts: Sequence[str]) -> str:
+    """Hash of the texts themselves (their order included)."""
+    h = hashlib.sha1()
+    for text in texts:
+        h.update(hashlib.sha1(text.encode("utf-8")).digest())
+    return h.hexdigest()[:16]
 
 
 @torch.no_grad()
 def compute_second_moment(model, tokenizer, layer: int, texts: Sequence[str], batch_size: int = 32,
                           max_length: int = 128, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, int]:
-    """E[k kᵀ] over every (non-padding) token of `texts` at `layer`; returns (C, n_tokens)."""
+    """E[k kᵀ] over every (non-padding) token of `texts` at `layer`; returns (C, n_tokens).
+    Texts are cut at max_length tokens (at most the model's context). Non-finite keys raise
+    NonFiniteEditError naming the cause (e.g. a NaN weight before the layer)."""
     layer = check_layer(model, layer)
+    max_length = min(max_length, context_length(model) or max_length)
     device = get_device(model)
     total = torch.zeros(d_ff(model), d_ff(model), dtype=dtype, device=device)
     n_tokens = 0
@@ -85,13 +145,21 @@ def compute_second_moment(model, tokenizer, layer: int, texts: Sequence[str], ba
         with Recorder(model, [("key", layer)]) as rec:
             model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
         keys = rec[("key", layer)][enc.attention_mask.bool()].to(dtype)  # [tokens, d_ff]
+        if not bool(torch.isfinite(keys).all()):
+            bar.close()
+            raise NonFiniteEditError(f"the keys of layer {layer} are not finite "
+                                     f"({nonfinite_cause(model) or 'they overflow ' + str(dtype)}), "
+                                     f"so their second moment C would be NaN; nothing was cached")
         total += keys.T @ keys
         n_tokens += keys.shape[0]
         bar.update(len(chunk))
     bar.close()
     if n_tokens == 0:
         raise ValueError("the corpus has no tokens")
-    return (total / n_tokens).cpu(), n_tokens
+    mom2 = (total / n_tokens).cpu()
+    if not bool(torch.isfinite(mom2).all()):
+        raise NonFiniteEditError(f"the second moment C of layer {layer} overflowed {dtype}; use dtype=torch.float64")
+    return mom2, n_tokens
 
 
 @torch.no_grad()
@@ -100,6 +168,7 @@ def collect_keys(model, tokenizer, layer: int, texts: Sequence[str], batch_size:
     """The keys themselves, K as [d_ff, n_tokens] (float32, on the CPU), of every non-padding token
     of `texts` at `layer`: what C summarises (C = K Kᵀ / n_tokens over the same texts)."""
     layer = check_layer(model, layer)
+    max_length = min(max_length, context_length(model) or max_length)
     device = get_device(model)
     chunks = []
     for start in range(0, len(texts), batch_size):
@@ -115,21 +184,72 @@ class StatsCacheError(RuntimeError):
     pass
 
 
+def _safe_name(text: str, limit: int = 60) -> str:
+    """A file-name piece: letters, digits, '.', '_' and '-' only, no leading dots, so a name like
+    '../x' or '/abs' cannot leave the cache folder."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).lstrip(".")[:limit] or "x"
+
+
+def _atomic_save(payload: dict, path: Path) -> None:
+    """torch.save to a unique temporary file in `path`'s folder, then os.replace: readers see the old
+    file or the whole new one, concurrent writers never share a temporary name, and an interrupted
+    write leaves no file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def second_moment(model, tokenizer, layer: int, corpus: str = "atlas", n_samples: int = 4000,
                   texts: Callable[[int], list[str]] | None = None, dtype: torch.dtype = torch.float64,
                   use_cache: bool = True, batch_size: int = 32) -> torch.Tensor:
     """Cached `C = E[k kᵀ]` of `layer`'s keys over `n_samples` texts of `corpus`.
 
     corpus: "atlas" (offline), "wikitext" (Colab), or any name together with `texts`, a
-    function n -> list of n strings. A cache file that cannot be read or that was made for
-    another model, layer, corpus or size raises StatsCacheError instead of being used.
+    function n -> list of n strings.
+
+    The cache key is everything C depends on: `model_fingerprint` (the values of every parameter
+    that reaches the layer, and the config), the layer, the texts themselves (a hash of their
+    content, for "atlas" and for any `texts=`; "wikitext" without `texts` is keyed by its name,
+    since reading it needs the network), n_samples and dtype. A cache file that cannot be read or
+    whose stored key differs raises StatsCacheError instead of being used. Files are written
+    atomically under `cache_dir()/stats`, with names reduced to safe characters. Non-finite keys
+    raise NonFiniteEditError and nothing is cached.
     """
     layer = check_layer(model, layer)
+    if texts is None:
+        if corpus == "atlas":
+            texts = atlas_corpus
+        elif corpus == "wikitext":
+            texts = dataset_corpus
+        else:
+            raise ValueError(f"unknown corpus {corpus!r}: use 'atlas', 'wikitext', or pass texts=")
+    samples = None
+    if texts is dataset_corpus:
+        source = f"{dataset_corpus.__module__}.dataset_corpus (wikitext-103-raw-v1 train)"
+    else:
+        samples = texts(n_samples)
+        if isinstance(samples, str) or not all(isinstance(t, str) for t in samples):
+            raise TypeError("texts(n) must return a list of strings")
+        source = texts_digest(samples)
     meta = {"fingerprint": model_fingerprint(model, layer), "model": str(model.config._name_or_path),
-            "layer": layer, "corpus": corpus, "n_samples": n_samples, "dtype": str(dtype),
+            "layer": layer, "corpus": str(corpus), "texts": source, "n_samples": n_samples, "dtype": str(dtype),
             "d_ff": d_ff(model)}
-    slug = Path(meta["model"]).name or "model"
-    path = cache_dir() / "stats" / f"{slug}-{meta['fingerprint']}-layer{layer}-{corpus}-{n_samples}-{str(dtype)[6:]}.pt"
+    key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir() / "stats"
+    name = (f"{_safe_name(Path(meta['model']).name or 'model')}-layer{layer}-{_safe_name(corpus)}-{n_samples}-"
+            f"{str(dtype)[6:]}-{key}.pt")
+    path = folder / name
+    if path.resolve().parent != folder.resolve():  # cannot happen with _safe_name; never write elsewhere
+        raise StatsCacheError(f"refusing to write the statistics cache outside {folder}: {path}")
     if use_cache and path.exists():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -142,18 +262,9 @@ def second_moment(model, tokenizer, layer: int, corpus: str = "atlas", n_samples
         if mom2.shape != (meta["d_ff"], meta["d_ff"]) or not torch.isfinite(mom2).all():
             raise StatsCacheError(f"the statistics cache {path} holds a bad matrix; delete it to recompute")
         return mom2
-    if texts is None:
-        if corpus == "atlas":
-            texts = atlas_corpus
-        elif corpus == "wikitext":
-            texts = dataset_corpus
-        else:
-            raise ValueError(f"unknown corpus {corpus!r}: use 'atlas', 'wikitext', or pass texts=")
-    mom2, n_tokens = compute_second_moment(model, tokenizer, layer, texts(n_samples),
-                                           batch_size=batch_size, dtype=dtype)
+    if samples is None:
+        samples = texts(n_samples)
+    mom2, n_tokens = compute_second_moment(model, tokenizer, layer, samples, batch_size=batch_size, dtype=dtype)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"meta": meta, "mom2": mom2, "n_tokens": n_tokens}, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache file
+        _atomic_save({"meta": meta, "mom2": mom2, "n_tokens": n_tokens}, path)
     return mom2

@@ -56,6 +56,7 @@ from .models import embedding_matrix, get_device, n_layers
 from .progress import progress_bar
 from .scoring import target_ids
 from .tokens import subject_span
+from .validate import NonFiniteEditError, check_context, nonfinite_cause, require_finite
 
 KINDS = ("hidden", "mlp", "attn")
 SITE_OF_KIND = {"hidden": "hidden", "mlp": "mlp_out", "attn": "attn_out"}  # hooks.py site names
@@ -80,8 +81,30 @@ def _check_kind(kind: str, sever: str | None = None) -> None:
 
 
 def noise_level(model, noise: float = 3.0) -> float:
-    """ν = noise · σ, with σ the standard deviation of all entries of the token embedding matrix."""
-    return noise * embedding_matrix(model).detach().float().std().item()
+    """ν = noise · σ, with σ the standard deviation of all entries of the token embedding matrix.
+
+    Rows (tokens) with a NaN or infinite entry are left out of σ, so one broken row cannot turn
+    the noise scale into NaN; a prompt that uses such a token is refused by the trace itself
+    (`_check_embeddings`). With every row finite this is the std of the whole matrix."""
+    require_finite("noise", noise, "It is a multiple of the embeddings' std (the paper: 3).")
+    embeddings = embedding_matrix(model).detach().float()
+    finite_rows = torch.isfinite(embeddings).all(dim=1)
+    if not bool(finite_rows.all()):
+        if not bool(finite_rows.any()):
+            raise NonFiniteEditError("every row of the token embedding matrix has a non-finite entry: "
+                                     "no noise scale can be measured")
+        embeddings = embeddings[finite_rows]
+    return noise * embeddings.std().item()
+
+
+def _check_embeddings(model, input_ids: Tensor) -> None:
+    """Refuse prompts whose tokens have a non-finite embedding row (their trace would be NaN)."""
+    embeddings = embedding_matrix(model).detach()
+    ids = input_ids.unique().cpu()
+    bad = ids[~torch.isfinite(embeddings[ids.to(embeddings.device)]).all(dim=1).cpu()]
+    if len(bad):
+        raise NonFiniteEditError(f"the token embedding row(s) {bad.tolist()} used by the prompt are not finite; "
+                                 "the model is broken there (reload it)")
 
 
 def _noise_seed(seed: int, ids: Tensor) -> int:
@@ -191,6 +214,8 @@ def _prepare(model, input_ids: Tensor, spans: list[tuple[int, int]], targets: Te
     """
     device, dtype = get_device(model), embedding_matrix(model).dtype
     L, (n, T) = n_layers(model), input_ids.shape
+    check_context(model, T, "the traced prompt")
+    _check_embeddings(model, input_ids)
     input_ids = input_ids.to(device)
     site = SITE_OF_KIND[kind]
     clean_probs, states, top = [], [[] for _ in range(L)], []
@@ -205,6 +230,9 @@ def _prepare(model, input_ids: Tensor, spans: list[tuple[int, int]], targets: Te
         for layer in range(L):
             states[layer].append(rec[(site, layer)])
     targets = torch.cat(top)
+    if not bool(torch.isfinite(torch.cat(clean_probs)).all()):
+        raise NonFiniteEditError(f"the clean run's probabilities are not finite ({nonfinite_cause(model)}); "
+                                 "nothing can be traced")
     clean_states = [torch.cat(s) for s in states]  # L x [n, T, d]
 
     scale = noise_level(model, noise)

@@ -14,10 +14,22 @@ the same storage, so edits made through views (e.g. `models.mlp_out_weight`,
 which is `c_proj.weight.T` for GPT-2's Conv1D) are undone too. This is the
 "a context manager restores the original weights bit for bit" convention of
 DESIGN.md.
+
+Restore order. Edits that change the same tensor stack up: edit 2's snapshot holds the weights
+*with* edit 1 in them, so restoring edit 1 and then edit 2 would bring edit 1 back. An edit's
+snapshot is therefore made with `track=True` (every editing method does this): tracked snapshots
+form a stack per tensor, and restoring one while a later tracked edit of the same tensor is
+still applied raises `RestoreOrderError` ("restore the later edit first"), weights untouched.
+Restoring a tracked snapshot a second time does nothing (the edit is already undone; copying its
+originals again could erase an edit made since). Untracked snapshots (`preserve`, plain
+`WeightSnapshot`) are checkpoints: restoring one always puts its weights back, and the tracked
+edits made after it on the same tensors count as undone by it.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -26,6 +38,19 @@ from torch import Tensor, nn
 from .models import MODULE_KINDS, check_layer, get_module, module_name
 
 Params = nn.Module | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]] | Iterable[Tensor]
+
+
+class RestoreOrderError(RuntimeError):
+    """An edit was restored while a later edit of the same weights is still applied."""
+
+
+_ORDER = itertools.count()
+_LIVE: "weakref.WeakSet[WeightSnapshot]" = weakref.WeakSet()  # tracked snapshots whose edit is applied
+
+
+def _storage_key(tensor: Tensor) -> tuple:
+    """The memory a tensor lives in (views of one parameter share it)."""
+    return (tensor.device.type, tensor.device.index, tensor.untyped_storage().data_ptr())
 
 
 class Restorable:
@@ -72,12 +97,18 @@ class WeightSnapshot:
             (name, tensor) pairs; tensors are the live parameters, not copies.
     offload: keep the copies on the CPU (saves accelerator memory for big layers).
 
-    restore() copies the originals back (safe to call any number of times);
-    used as a context manager it restores on exit, also on exceptions.
+    track: this snapshot is an edit's undo record (see "Restore order" above): it may only be
+            restored while no later tracked edit of the same tensors is applied, and only once.
+    label: how errors name the edit (e.g. "ROME edit of 'Kuwait'").
+
+    restore() copies the originals back (untracked: any number of times; tracked: once, later
+    calls do nothing); used as a context manager it restores on exit, also on exceptions.
     changed() names the parameters that differ now; deltas() gives current - original.
     """
 
-    def __init__(self, params: Params, offload: bool = False):
+    def __init__(self, params: Params, offload: bool = False, track: bool = False, label: str = ""):
+        self.track, self.label, self.order = track, label or "an edit", next(_ORDER)
+        self.undone = False
         self.names: list[str] = []
         self.params: list[Tensor] = []
         self.originals: list[Tensor] = []
@@ -88,12 +119,45 @@ class WeightSnapshot:
             self.params.append(param)
             copy = param.detach().clone()
             self.originals.append(copy.cpu() if offload else copy)
+        # a tensor is the same if it is the same object (kept across model.to(...)) or shares memory (views)
+        self._storages = {_storage_key(p) for p in self.params} | {("object", id(p)) for p in self.params}
+        if track:
+            _LIVE.add(self)
+
+    def _later_live(self) -> list["WeightSnapshot"]:
+        """Tracked snapshots made after this one, still applied, that share a tensor with it."""
+        return sorted((s for s in list(_LIVE) if s is not self and s.order > self.order
+                       and not s.undone and s._storages & self._storages), key=lambda s: s.order)
+
+    def on_top(self) -> list[str]:
+        """Labels of the later edits still applied on top of this one (restore those first)."""
+        return [s.label for s in self._later_live() if s.track]
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the original values back into the live parameters (bit for bit)."""
+        """Copy the original values back into the live parameters (bit for bit).
+
+        Tracked: raises RestoreOrderError, changing nothing, while a later tracked edit of the same
+        weights is applied; a second call does nothing."""
+        later = self._later_live()
+        if self.track:
+            if self.undone:
+                return
+            if later:
+                names = sorted(set(self.names) & set(n for s in later for n in s.names)) or self.names
+                raise RestoreOrderError(
+                    f"cannot restore {self.label}: {later[-1].label} (made later) still changes {names[0]}; "
+                    f"restore the later edit first (undo edits in reverse order). Restoring this one now would "
+                    f"bring back the weights from before {later[-1].label} was undone. Nothing was changed.")
         for param, original in zip(self.params, self.originals):
             param.copy_(original)
+        if self.track:
+            self.undone = True
+            _LIVE.discard(self)
+        else:  # a checkpoint: the tracked edits made after it on these tensors are undone by it
+            for s in later:
+                s.undone = True
+                _LIVE.discard(s)
 
     @torch.no_grad()
     def changed(self) -> list[str]:
@@ -137,8 +201,10 @@ def snapshot_layers(
     layers: int | Sequence[int],
     which: str | Sequence[str] = ("mlp_out",),
     offload: bool = False,
+    track: bool = False,
+    label: str = "",
 ) -> WeightSnapshot:
-    """Snapshot the weights (and biases) of modules in the given blocks.
+    """Snapshot the weights (and biases) of modules in the given blocks (track, label: as WeightSnapshot).
 
     which: module kinds from models.MODULE_KINDS, default the MLP output projection
     (what ROME, MEMIT and knowledge-neuron edits change). Names are the model's own,
@@ -159,4 +225,4 @@ def snapshot_layers(
             prefix = module_name(model, layer, kind)
             for pname, param in module.named_parameters():
                 named.setdefault(f"{prefix}.{pname}", param)  # "mlp" and "mlp_out" overlap
-    return WeightSnapshot(named, offload=offload)
+    return WeightSnapshot(named, offload=offload, track=track, label=label)

@@ -28,9 +28,15 @@ def test_cache_is_reused_and_mismatches_are_errors(tmp_path, monkeypatch):
     monkeypatch.setenv(stats.CACHE_ENV, str(tmp_path))
     model, tokenizer = tiny_lm("gpt2")
     calls = []
+    compute = stats.compute_second_moment
 
-    def texts(n):
-        calls.append(n)
+    def counted(*args, **kwargs):
+        calls.append(len(args[3]))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "compute_second_moment", counted)
+
+    def texts(n):  # called every time: its content is part of the cache key
         return TEXTS[:n]
 
     first = stats.second_moment(model, tokenizer, 0, corpus="toy", n_samples=6, texts=texts)
@@ -69,3 +75,109 @@ def test_collected_keys_give_the_second_moment():
     assert keys.shape == (mom2.shape[0], n_tokens)
     expected = keys.double() @ keys.double().T / n_tokens
     torch.testing.assert_close(mom2, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------
+# A cache that is never stale (issue 17, item 3)
+# --------------------------------------------------------------------------------------
+
+def _counting(monkeypatch):
+    calls = []
+    compute = stats.compute_second_moment
+    monkeypatch.setattr(stats, "compute_second_moment", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    return calls
+
+
+def _change(name, index=5, data=False):
+    def edit(model):
+        param = model.get_parameter(name)
+        target = param.data if data else param
+        with torch.no_grad():
+            target.view(-1)[index] += 0.5
+    return edit
+
+
+@pytest.mark.parametrize("edit, recomputed", [
+    (_change("transformer.h.0.attn.c_attn.weight"), True),  # attention before the keys
+    (_change("transformer.wte.weight", 200), True),  # the embeddings
+    (_change("transformer.wpe.weight"), True),
+    (_change("transformer.h.1.mlp.c_fc.weight", 5 * 128 + 3), True),  # c_fc row 5
+    (_change("transformer.h.1.mlp.c_fc.weight", -1), True),  # its last value
+    (_change("transformer.h.1.ln_2.bias", 0), True),
+    (_change("transformer.h.0.mlp.c_proj.weight", -1, data=True), True),  # through .data: no version bump
+    (_change("transformer.h.1.mlp.c_proj.weight"), False),  # the layer's own output projection (ROME's write)
+    (_change("transformer.ln_f.weight", 0), False),  # after the layer
+], ids=["attention", "token embeddings", "position embeddings", "c_fc row 5", "c_fc last value", "ln_2",
+        "earlier c_proj via .data", "own c_proj (kept)", "final norm (kept)"])
+def test_an_edit_that_reaches_the_keys_gets_a_fresh_matrix(edit, recomputed, tmp_path, monkeypatch):
+    monkeypatch.setenv(stats.CACHE_ENV, str(tmp_path))
+    model, tokenizer = tiny_lm("gpt2")
+    texts = lambda n: TEXTS[:n]  # noqa: E731
+    stats.second_moment(model, tokenizer, 1, corpus="toy", n_samples=6, texts=texts)
+    calls = _counting(monkeypatch)
+    edit(model)
+    mom2 = stats.second_moment(model, tokenizer, 1, corpus="toy", n_samples=6, texts=texts)
+    assert calls == ([1] if recomputed else [])
+    fresh, _ = stats.compute_second_moment(model, tokenizer, 1, TEXTS[:6])
+    assert torch.equal(mom2, fresh)  # never the pre-edit matrix
+
+
+def test_fingerprint_rehashes_only_changed_parameters(monkeypatch):
+    model, _ = tiny_lm("gpt2")
+    stats.model_fingerprint(model, 1)
+    hashed = []
+    digest = stats._digest
+    monkeypatch.setattr(stats, "_digest", lambda t: hashed.append(1) or digest(t))
+    first = stats.model_fingerprint(model, 1)
+    assert hashed == []  # kept with the model
+    _change("transformer.h.0.attn.c_attn.weight")(model)
+    assert stats.model_fingerprint(model, 1) != first and hashed == [1]
+
+
+def test_other_texts_under_the_same_corpus_name_are_another_key(tmp_path, monkeypatch):
+    monkeypatch.setenv(stats.CACHE_ENV, str(tmp_path))
+    model, tokenizer = tiny_lm("gpt2")
+    atlas = stats.second_moment(model, tokenizer, 0, corpus="atlas", n_samples=6)
+    calls = _counting(monkeypatch)
+    other = stats.second_moment(model, tokenizer, 0, corpus="atlas", n_samples=6, texts=lambda n: TEXTS[:n])
+    assert calls == [1] and not torch.equal(atlas, other)
+    toy = stats.second_moment(model, tokenizer, 0, corpus="toy", n_samples=6, texts=lambda n: TEXTS[:n])
+    assert torch.equal(toy, other) and calls == [1, 1]  # another name is another key too (same numbers)
+    reversed_texts = stats.second_moment(model, tokenizer, 0, corpus="toy", n_samples=6,
+                                         texts=lambda n: TEXTS[::-1][:n])
+    assert calls == [1, 1, 1] and not torch.equal(reversed_texts, toy)
+    assert torch.equal(stats.second_moment(model, tokenizer, 0, corpus="atlas", n_samples=6), atlas)
+    assert calls == [1, 1, 1]  # the first one is still cached
+
+
+def test_two_writers_of_one_statistic_do_not_collide(tmp_path, monkeypatch):
+    # writer B saves and renames its file while writer A sits between its save and its rename
+    monkeypatch.setenv(stats.CACHE_ENV, str(tmp_path))
+    model, tokenizer = tiny_lm("gpt2")
+    real_save, other, started = torch.save, [], []
+
+    def save_then_let_the_other_writer_run(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if not started:
+            started.append(1)
+            other.append(stats.second_moment(model, tokenizer, 0, corpus="toy", n_samples=6,
+                                             texts=lambda n: TEXTS[:n]))
+
+    monkeypatch.setattr(torch, "save", save_then_let_the_other_writer_run)
+    mine = stats.second_moment(model, tokenizer, 0, corpus="toy", n_samples=6, texts=lambda n: TEXTS[:n])
+    files = list((tmp_path / "stats").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".pt" and torch.equal(mine, other[0])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(stats.second_moment(model, tokenizer, 0, corpus="toy", n_samples=6,
+                                           texts=lambda n: TEXTS[:n]), mine)
+
+
+def test_names_cannot_leave_the_cache_folder(tmp_path, monkeypatch):
+    cache = tmp_path / "a" / "cache"
+    monkeypatch.setenv(stats.CACHE_ENV, str(cache))
+    model, tokenizer = tiny_lm("gpt2")
+    model.config._name_or_path = "../../../model/.."
+    for corpus in ("../../escape", "/..", "x/../../y", ".."):
+        stats.second_moment(model, tokenizer, 0, corpus=corpus, n_samples=3, texts=lambda n: TEXTS[:n])
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 4 and all(p.parent == cache / "stats" for p in written)
