@@ -5,40 +5,45 @@
     check_value_top_tokens(value_top_tokens, model) # exercise 2: p_i's top tokens
     check_agreement_rate(agreement_rate)           # exercise 3: Geva's agreement rate
 
-Each returns True when the student's function matches the reference, prints a reminder
-and returns False while the stub still raises NotImplementedError, and raises an
-AssertionError that says what differs otherwise.
+Each runs the student's function through `harness.call` (weights and inputs restored, a time
+limit, the package's own function disabled) on several cases, one of them never shown in the
+chapter. It returns True when the function matches the reference, prints a reminder and
+returns False while the stub still raises NotImplementedError, and raises an ExerciseError
+saying what differs otherwise.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import memories
 from ..memories import value_top_tokens as reference_value_top_tokens
 from ..models import d_model, get_module, n_layers
-
-from . import run_stub as _run
+from .harness import NOT_DONE, ExerciseError, call, close, number_result, tensor_result
 
 
 @torch.no_grad()
 def check_ffn_output(ffn_output, model, seed: int = 0) -> bool:
-    """ffn_output(model, layer, x) must equal the MLP module applied to x, for every layer."""
+    """ffn_output(model, layer, x) must equal the MLP module applied to x, for every layer, on
+    x of shape [3, d_model] and (not shown in the chapter) [2, 4, d_model]. Calling the MLP
+    module itself, or memories.ffn_as_memories, is refused."""
     gen = torch.Generator().manual_seed(seed)
+    mlps = [get_module(model, layer, "mlp") for layer in range(n_layers(model))]
     for layer in range(n_layers(model)):
-        mlp = get_module(model, layer, "mlp")
-        x = torch.randn(3, d_model(model), generator=gen).to(next(mlp.parameters()))  # [3, d_model]
-        got = _run(ffn_output, model, layer, x)
-        if got is None:
-            return False
-        want = mlp(x)
-        assert got.shape == want.shape, (
-            f"layer {layer}: ffn_output returned shape {tuple(got.shape)}, expected {tuple(want.shape)} "
-            f"([..., d_model]): did you return the coefficients m instead of m @ V + b_V?")
-        if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
-            err = (got - want).abs().max().item()
-            raise AssertionError(
-                f"layer {layer}: ffn_output differs from the MLP by up to {err:.3g}. Check: K and V "
-                f"in [d_ff, d_model] orientation (models.key_matrix / value_matrix), the key bias b_K "
-                f"inside f, the value bias b_V outside it, and f = models.mlp_activation(model, layer).")
+        mlp = mlps[layer]
+        for shape in ((3, d_model(model)), (2, 4, d_model(model))):
+            x = torch.randn(*shape, generator=gen).to(next(mlp.parameters()))
+            got = call(ffn_output, model, layer, x, model=model, forbid=(memories.ffn_as_memories,),
+                       forbid_modules=mlps, forbid_modules_name=f"the MLP module of layer {layer} (model's own FFN)",
+                       what="my_ffn_output")
+            if got is NOT_DONE:
+                return False
+            want = mlp(x)
+            got = tensor_result(got, want.shape, "my_ffn_output", "[..., d_model]: did you return the coefficients "
+                                "m instead of m @ V + b_V?", dtype=want.dtype)
+            close(got, want, f"layer {layer}, x of shape {tuple(shape)}",
+                  "Check: K and V in [d_ff, d_model] orientation (models.key_matrix / value_matrix), the key bias "
+                  "b_K inside f, the value bias b_V outside it, and f = models.mlp_activation(model, layer).",
+                  factor=10)  # a different order of float32 sums than the module's
     print("Correct: sum_i f(x . k_i + b_i) v_i + b_V is the MLP's output at every layer.")
     return True
 
@@ -46,23 +51,31 @@ def check_ffn_output(ffn_output, model, seed: int = 0) -> bool:
 @torch.no_grad()
 def check_value_top_tokens(value_top_tokens, model, layer: int = -1, neurons=(0, 1, 2), k: int = 10) -> bool:
     """value_top_tokens(model, layer, neuron, k) must return the ids of the k most probable
-    tokens of p_i = softmax(v_i E), most probable first."""
-    layer = layer % n_layers(model)
+    tokens of p_i = softmax(v_i E), most probable first; also at layer 0, neuron 17, k = 3."""
+    for layer, neurons, k in ((layer % n_layers(model), neurons, k), (0, (17,), 3)):
+        if not _check_top_tokens(value_top_tokens, model, layer, neurons, k):
+            return False
+    print(f"Correct: the top-k tokens of p_i match for neurons {list(neurons)} of the last layer and neuron 17 of layer 0.")
+    return True
+
+
+def _check_top_tokens(value_top_tokens, model, layer, neurons, k):
     want_ids, _ = reference_value_top_tokens(model, layer, k, neurons=list(neurons))
     for row, neuron in enumerate(neurons):
-        got = _run(value_top_tokens, model, layer, neuron, k)
-        if got is None:
+        got = call(value_top_tokens, model, layer, neuron, k, model=model,
+                   forbid=(memories.value_top_tokens, memories.value_distribution, memories.value_logits),
+                   what="my_value_top_tokens")
+        if got is NOT_DONE:
             return False
-        got = torch.as_tensor(got).reshape(-1).cpu()
+        got = tensor_result(got, (k,), "my_value_top_tokens", f"the {k} token ids").reshape(-1)
         want = want_ids[row]
         if got.tolist() != want.tolist():
             hint = ("the same tokens in another order: sort by probability, highest first"
                     if sorted(got.tolist()) == sorted(want.tolist()) else
                     "use V from models.value_matrix (rows are values) and E = unembedding_matrix(model).T, "
                     "without the final layer norm")
-            raise AssertionError(f"layer {layer}, neuron {neuron}: got {got.tolist()}, expected "
-                                 f"{want.tolist()}: {hint}.")
-    print(f"Correct: the top-{k} tokens of p_i match for neurons {list(neurons)} of layer {layer}.")
+            raise ExerciseError(f"layer {layer}, neuron {neuron}: got {got.tolist()}, expected "
+                                f"{want.tolist()}: {hint}.")
     return True
 
 
@@ -81,13 +94,14 @@ def check_agreement_rate(agreement_rate, seed: int = 0) -> bool:
         nxt = torch.randint(-1, 8, (d_ff,), generator=gen)
         cases.append((nxt, torch.randint(0, 8, (d_ff, k), generator=gen)))
     for nxt, top in cases:
-        got = _run(agreement_rate, nxt, top)
-        if got is None:
+        got = call(agreement_rate, nxt, top, forbid=(memories.key_value_agreement,), what="my_agreement_rate")
+        if got is NOT_DONE:
             return False
+        got = number_result(got, "my_agreement_rate", "a share in [0, 1]")
         want = reference_agreement_rate(nxt, top)
-        if abs(float(got) - want) > 1e-6:
-            raise AssertionError(
-                f"agreement_rate gave {float(got):.4f}, expected {want:.4f} on next_tokens={nxt.tolist()[:8]}..., "
+        if abs(got - want) > 1e-6:
+            raise ExerciseError(
+                f"agreement_rate gave {got:.4f}, expected {want:.4f} on next_tokens={nxt.tolist()[:8]}..., "
                 f"value_top[:2]={top[:2].tolist()}. A key agrees when its next token appears anywhere in its own "
                 f"row of value_top; -1 (no next token) never agrees; return the share of keys, in [0, 1].")
     print("Correct: the agreement rate matches on every case.")
