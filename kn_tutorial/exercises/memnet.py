@@ -39,7 +39,7 @@ def check_position_encoding(position_encoding) -> bool:
                 hint = " Off by one? j and k both count from 1 in the paper."
             raise ExerciseError(f"J={J}, d={d}: l differs from (1 - j/J) - (k/d)(1 - 2j/J) by up to "
                                  f"{(got - want).abs().max():.3g}.{hint}")
-    print("Correct: l_kj matches the paper's position encoding for J = 1, 4, 7.")
+    print("Correct: l_kj matches the paper's position encoding for J = 1, 4, 7 and 5.")
     return True
 
 
