@@ -175,6 +175,35 @@ def gap_from_package(model, tokenizer, prompt, target, layer):
     return probability_gap(model, tokenizer, prompt, target)[layer].item()
 
 
+def _axg(model, tokenizer, prompt, target, layer, times_w=True, all_positions=False):
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    w_bar = record(model, [("key", layer)], input_ids=ids)[("key", layer)][0]
+    w = w_bar.clone().requires_grad_(True)
+    with patch(model, "key", layer, lambda key: w[None] if all_positions else torch.cat([key[:, :-1], w[None, -1:]], 1)):
+        logits = model(input_ids=ids).logits[0, -1]
+    (grad,) = torch.autograd.grad(logits.float().softmax(-1)[target_ids(tokenizer, target)[0]], w)
+    return (w_bar[-1] * grad[-1]) if times_w else grad[-1]
+
+
+def axg_gradient_only(model, tokenizer, prompt, target, layer):
+    return _axg(model, tokenizer, prompt, target, layer, times_w=False)
+
+
+def axg_from_package(model, tokenizer, prompt, target, layer):
+    from kn_tutorial.attribution import integrated_gradients
+    return integrated_gradients(model, tokenizer, prompt, target, steps=1, layers=[layer])[0]
+
+
+def axg_logit_not_probability(model, tokenizer, prompt, target, layer):
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    w_bar = record(model, [("key", layer)], input_ids=ids)[("key", layer)][0, -1]
+    w = w_bar.clone().requires_grad_(True)
+    with patch(model, "key", layer, lambda key: torch.cat([key[:, :-1], w[None, None]], 1)):
+        logits = model(input_ids=ids).logits[0, -1]
+    (grad,) = torch.autograd.grad(logits[target_ids(tokenizer, target)[0]], w)
+    return w_bar * grad
+
+
 # ---- chapter 4 ------------------------------------------------------------------------------------
 
 def refine_global_max(attributions, threshold, p):
@@ -238,6 +267,43 @@ def kn_update_sign_flipped(model, tokenizer, neurons, old, new, lambda_old, lamb
     delta = _kn_delta(model, tokenizer, old, new, lambda_old, lambda_new)
     for layer, i in neurons:
         value_matrix(model, layer)[i] -= delta
+
+
+@torch.no_grad()
+def _scaled(model, tokenizer, prompt, target, neurons, factor, every=False, set_value=False, first_layer=False):
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    by_layer = {}
+    for layer, i in neurons:
+        by_layer.setdefault(layer, []).append(i)
+    if first_layer:
+        by_layer = dict(list(by_layer.items())[:1])
+
+    def scale(idx):
+        def fn(key):
+            key = key.clone()
+            where = (slice(None), slice(None) if every else -1, idx)
+            key[where] = factor if set_value else key[where] * factor
+            return key
+        return fn
+
+    from contextlib import ExitStack
+    with ExitStack() as stack:
+        for layer, idx in by_layer.items():
+            stack.enter_context(patch(model, "key", layer, scale(idx)))
+        logits = model(input_ids=ids).logits[0, -1]
+    return logits.float().softmax(-1)[target_ids(tokenizer, target)[0]].item()
+
+
+def scaled_at_every_position(*args):
+    return _scaled(*args, every=True)
+
+
+def scaled_set_not_multiplied(*args):
+    return _scaled(*args, set_value=True)
+
+
+def scaled_first_layer_only(*args):
+    return _scaled(*args, first_layer=True)
 
 
 # ---- chapter 5 ------------------------------------------------------------------------------------
@@ -514,6 +580,12 @@ WRONG = {
                        ("calls the package", ig_from_package, PACKAGE)],
     "check_probability_gap": [("sign flipped", gap_flipped, "sign is flipped"),
                               ("calls the package", gap_from_package, PACKAGE)],
+    "check_activation_times_gradient": [("the gradient alone", axg_gradient_only, "multiply it by w̄"),
+                                        ("the logit's gradient", axg_logit_not_probability, "softmax probability"),
+                                        ("calls the package", axg_from_package, PACKAGE)],
+    "check_scaled_probability": [("every position", scaled_at_every_position, "last prompt token only"),
+                                 ("set, not multiplied", scaled_set_not_multiplied, "multiply those neurons"),
+                                 ("first layer only", scaled_first_layer_only, "each layer that has neurons")],
     "check_refine": [("global maximum", refine_global_max, "each prompt's own maximum"),
                      ("at least p·n", refine_at_least, "MORE than p·n")],
     "check_adapt_p": [("stops only when the range is hit", adapt_p_raises, "no p puts the mean"),

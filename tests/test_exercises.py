@@ -248,6 +248,8 @@ _CHECKS = {  # WRONG's key -> (check, what it needs besides the student's functi
     "check_riemann_alphas": (ex_attribution.check_riemann_alphas, ()),
     "check_layer_ig": (ex_attribution.check_layer_ig, ("model", "tokenizer")),
     "check_probability_gap": (ex_attribution.check_probability_gap, ("model", "tokenizer")),
+    "check_activation_times_gradient": (ex_attribution.check_activation_times_gradient, ("model", "tokenizer")),
+    "check_scaled_probability": (ex_neurons.check_scaled_probability, ("model", "tokenizer")),
     "check_refine": (ex_neurons.check_refine, ()),
     "check_adapt_p": (ex_neurons.check_adapt_p, ()),
     "check_kn_update": (ex_neurons.check_kn_update, ("model", "tokenizer")),

@@ -5,6 +5,7 @@ w̄_i/m Σ_k ∂P_x(α_k w̄)/∂w_i, with w̄^(l) the layer's neuron activation
     check_riemann_alphas(riemann_alphas)                 # exercise 1: the points α_k
     check_layer_ig(layer_ig, model, tokenizer)           # exercise 2: one layer's IG in one batch
     check_probability_gap(probability_gap, model, tokenizer)  # exercise 3: what Σ_i Attr approaches
+    check_activation_times_gradient(fn, model, tokenizer)  # the one-step baseline of section 5
 
 Each runs the student's function through `harness.call` (weights and inputs restored, a time
 limit, the package's own function disabled) on several cases, one of them never shown in the
@@ -18,7 +19,7 @@ import torch
 
 from .. import attribution as reference
 from ..models import d_ff, n_layers
-from .harness import NOT_DONE, ExerciseError, call, number_result, tensor_result
+from .harness import NOT_DONE, ExerciseError, call, close, is_close, number_result, tensor_result
 
 IG_SOLUTIONS = (reference.integrated_gradients, reference.integrated_gradients_naive,
                 reference.integrated_gradients_ladder, reference.activation_times_gradient)
@@ -95,4 +96,30 @@ def check_probability_gap(probability_gap, model, tokenizer, prompt: str = PROMP
                     " Zero every neuron of the layer (all d_ff of them), at the last prompt token only.")
             raise ExerciseError(f"layer {layer}: got {got:.6f}, expected {want[layer].item():.6f}.{hint}")
     print("Correct: P(w̄) − P(0) matches at every layer.")
+    return True
+
+
+def check_activation_times_gradient(activation_times_gradient, model, tokenizer, prompt: str = PROMPT,
+                                    target: str = TARGET) -> bool:
+    """activation_times_gradient(model, tokenizer, prompt, target, layer) -> [d_ff]: w̄_i · ∂P/∂w_i
+    at w̄ for the first target token; at two layers of the chapter's fact and on a second prompt."""
+    cases = [(prompt, target, layer) for layer in sorted({0, n_layers(model) - 1})]
+    cases.append(("The capital of Peru is", " Lima", n_layers(model) // 2))  # not shown in the chapter
+    for text, obj, layer in cases:
+        got = call(activation_times_gradient, model, tokenizer, text, obj, layer, model=model, forbid=IG_SOLUTIONS,
+                   what="my_activation_times_gradient")
+        if got is NOT_DONE:
+            return False
+        got = tensor_result(got, (d_ff(model),), "my_activation_times_gradient", "[d_ff] scores", dtype=torch.float32)
+        want = reference.activation_times_gradient(model, tokenizer, text, obj, layers=[layer], target_tokens="first")[0]
+        if not is_close(got, want, torch.float32, factor=5):
+            w_bar = reference.key_activations(model, tokenizer, text, [layer])[0]
+            live = w_bar.abs() > 1e-3 * w_bar.abs().max()
+            hint = ""
+            if torch.allclose(got[live], want[live] / w_bar[live], rtol=1e-2, atol=1e-3 * got.abs().max().item()):
+                hint = "You returned the gradient alone: multiply it by w̄."
+            close(got, want, f"{text!r}, layer {layer}", hint + " The gradient is taken at the real activations "
+                  "w̄ (α = 1), of the softmax probability of the target's first token, with respect to the layer's "
+                  "activations at the last prompt token only.", torch.float32, factor=5)
+    print("Correct: activation × gradient matches integrated gradients with one right-Riemann step.")
     return True

@@ -5,6 +5,7 @@ coarse neurons Attr_j > t · max Attr_j; knowledge neurons: coarse for more than
     check_refine(refine)                                  # threshold, then share of prompts
     check_adapt_p(adapt_p)                                # the adaptive p
     check_kn_update(kn_update, model, tokenizer)          # Dai et al.'s update of value slots
+    check_scaled_probability(fn, model, tokenizer)        # suppressing and amplifying neurons
 
 Each runs the student's function through `harness.call` (weights and inputs restored, a time
 limit, the package's own function disabled) on several cases, one of them never shown in the
@@ -169,4 +170,37 @@ def check_kn_update(kn_update, model, tokenizer) -> bool:
                 f"v_i ← v_i − λ_old · e(old) + λ_new · e(new), e = rows of unembedding_matrix(model) for the first "
                 f"token of each object, with its leading space.")
     print("Correct: your update matches Dai et al.'s rule on two sets of neurons, and changes nothing else.")
+    return True
+
+
+SCALE_CASES = [  # (prompt, target, neurons, factor); P is not saturated here, so every neuron counts
+    ("People in Peru speak", " Spanish", ((0, 345), (0, 417), (3, 418), (4, 711)), 0.0),
+    ("People in Peru speak", " Spanish", ((0, 345), (0, 417), (3, 418), (4, 711)), 2.0),
+    ("People in Peru speak", " Spanish", ((0, 610), (5, 821), (1, 1006), (7, 0)), 0.5),  # not in the chapter
+]
+
+
+def check_scaled_probability(scaled_probability, model, tokenizer) -> bool:
+    """scaled_probability(model, tokenizer, prompt, target, neurons, factor) -> P of the target's first
+    token when the activations of `neurons` ((layer, neuron) pairs) at the last prompt token are
+    multiplied by `factor` (Dai et al.'s suppression, factor 0, and amplification, factor 2)."""
+    for prompt, target, neurons, factor in SCALE_CASES:
+        got = call(scaled_probability, model, tokenizer, prompt, target, [tuple(n) for n in neurons], factor,
+                   model=model, forbid=(reference.scaled_scores, reference.scale_value_slots), what="my_scaled_probability")
+        if got is NOT_DONE:
+            return False
+        got = number_result(got, "my_scaled_probability", "a probability")
+        want = reference.scaled_scores(model, tokenizer, [prompt], [target], [list(neurons)], factor)["first_prob"][0].item()
+        if abs(got - want) > 1e-5 + 1e-4 * abs(want):
+            every = reference.scaled_scores(model, tokenizer, [prompt], [target], [list(neurons)], factor,
+                                            positions="all")["first_prob"][0].item()
+            hint = ""
+            if abs(got - every) <= 1e-5 + 1e-4 * abs(every):
+                hint = " You scaled the activations at every position; Dai et al. scale them at the last prompt token only."
+            raise ExerciseError(
+                f"{prompt!r}, neurons {list(neurons)} × {factor}: expected P = {want:.6f}, got {got:.6f}.{hint} Patch the "
+                f"site 'key' of each layer that has neurons (kn_tutorial.hooks.patch), multiply those neurons' "
+                f"activations at the last position by the factor, and read the softmax of the last logits at the "
+                f"target's first token (leading space).")
+    print("Correct: your suppressed and amplified probabilities match, on three neuron sets and factors.")
     return True
