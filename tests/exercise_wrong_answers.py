@@ -71,6 +71,31 @@ def agreement_count(next_tokens, value_top):
     return (value_top == next_tokens[:, None]).any(-1).sum().item()
 
 
+@torch.no_grad()
+def _triggers(model, tokenizer, texts, layer, neuron, k, keep_last=False, ascending=False):
+    cands = []
+    for ti, text in enumerate(texts):
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        a = record(model, [("key", layer)], input_ids=ids)[("key", layer)][0, :, neuron]
+        cands += [(a[p].item(), ti, p) for p in range(ids.shape[1] - (0 if keep_last else 1))]
+    ranked = sorted(cands, reverse=not ascending)
+    return [(ti, p) for _, ti, p in ranked[:k]]
+
+
+def triggers_with_last_token(*args):
+    return _triggers(*args, keep_last=True)
+
+
+def triggers_weakest_first(*args):
+    return _triggers(*args, ascending=True)
+
+
+def triggers_from_package(model, tokenizer, texts, layer, neuron, k):
+    from kn_tutorial.memories import find_triggers
+    found = find_triggers(model, tokenizer, texts, layers=[layer], top_k=k)
+    return [(e.text_index, e.position) for e in found.examples(layer, neuron, k)]
+
+
 # ---- chapter 2 ------------------------------------------------------------------------------------
 
 def position_from_zero(J, d):
@@ -115,6 +140,39 @@ def effective_entropy_only(p):
     total = p.sum(-1, keepdim=True)
     pi = p / total.clamp(min=1e-12)
     return -(pi * torch.log(pi.clamp(min=1e-12))).sum(-1)
+
+
+def _hops(u, memories, mask, coef, update="add", tied=True):
+    ps = []
+    for k in range(len(memories) - 1):
+        scores = torch.einsum("nd,nmd->nm", u, memories[k])
+        p = scores.masked_fill(~mask, float("-inf")).softmax(-1) if coef == "softmax" else F.relu(scores) * mask
+        o = torch.einsum("nm,nmd->nd", p, memories[k + 1] if tied else memories[k])
+        ps.append(p)
+        u = {"add": u + o, "replace": o, "none": u}[update]
+    return u, ps
+
+
+def hops_without_update(u, memories, mask, coef):
+    return _hops(u, memories, mask, coef, update="none")
+
+
+def hops_replacing_u(u, memories, mask, coef):
+    return _hops(u, memories, mask, coef, update="replace")
+
+
+def hops_untied(u, memories, mask, coef):
+    return _hops(u, memories, mask, coef, tied=False)
+
+
+def hops_with_package(u, memories, mask, coef):
+    from kn_tutorial.memnet.model import memory_read
+    ps = []
+    for k in range(len(memories) - 1):
+        p, o = memory_read(u, memories[k], memories[k + 1], mask, coef)
+        ps.append(p)
+        u = u + o
+    return u, ps
 
 
 # ---- chapter 3 ------------------------------------------------------------------------------------
@@ -566,6 +624,13 @@ WRONG = {
                                ("calls the package", top_tokens_from_package, PACKAGE)],
     "check_agreement_rate": [("top-1 only", agreement_top_one_only, "anywhere in its own row"),
                              ("a count, not a share", agreement_count, "share of keys")],
+    "check_top_triggers": [("the last token too", triggers_with_last_token, "leave each text's last token out"),
+                           ("weakest first", triggers_weakest_first, "Rank the coefficients"),
+                           ("calls find_triggers", triggers_from_package, PACKAGE)],
+    "check_hops": [("u never updated", hops_without_update, "u^{k+1} = u^k + o^k"),
+                   ("u replaced by o", hops_replacing_u, "u^{k+1} = u^k + o^k"),
+                   ("values from the key embedding", hops_untied, "reads the values of embedding k+1"),
+                   ("calls memory_read", hops_with_package, PACKAGE)],
     "check_position_encoding": [("j from 0", position_from_zero, "Off by one"),
                                 ("transposed", position_transposed, "transpose")],
     "check_memory_hop": [("softmax over the wrong axis", hop_softmax_wrong_axis, "last axis"),

@@ -94,11 +94,11 @@ def test_solution_removal_keeps_the_text_around_it():
 
 
 @pytest.mark.parametrize("path", msn.chapters(), ids=lambda p: p.name)
-def test_every_chapter_after_the_first_has_several_exercises(path):
+def test_every_chapter_after_the_first_has_four_to_eight_exercises(path):
     if path.name.startswith("00_"):
         pytest.skip("chapter 0 introduces the Atlas model and has no exercises")
     n = len(msn.exercises(_load(path), path.stem))
-    assert 3 <= n <= 8, f"{path.name} has {n} exercises (stub + <details> solution pairs); the book asks for 4-8"
+    assert 4 <= n <= 8, f"{path.name} has {n} exercises (stub + <details> solution pairs); the book asks for 4-8"
 
 
 # ---- the checks: pass on the solution, remind on the stub ----------------------------------
@@ -242,6 +242,8 @@ _CHECKS = {  # WRONG's key -> (check, what it needs besides the student's functi
     "check_ffn_output": (ex_memories.check_ffn_output, ("model",)),
     "check_value_top_tokens": (ex_memories.check_value_top_tokens, ("model",)),
     "check_agreement_rate": (ex_memories.check_agreement_rate, ()),
+    "check_top_triggers": (ex_memories.check_top_triggers, ("model", "tokenizer")),
+    "check_hops": (ex_memnet.check_hops, ()),
     "check_position_encoding": (ex_memnet.check_position_encoding, ()),
     "check_memory_hop": (ex_memnet.check_memory_hop, ()),
     "check_effective_number": (ex_memnet.check_effective_number, ()),

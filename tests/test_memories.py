@@ -386,8 +386,10 @@ def test_exercise_checks_and_notebook_solutions(make_tiny_model, capsys):
         X.check_agreement_rate(lambda nxt, top: 0.5)
 
     solutions = _notebook_solutions()
-    assert len(solutions) == 3, "expected three exercise solutions in the chapter"
-    namespace = {}
+    assert len(solutions) == 4, "expected four exercise solutions in the chapter"
+    from kn_tutorial.hooks import record
+
+    namespace = {"torch": torch, "record": record}
     for code in solutions:
         exec(code, namespace)  # noqa: S102  (our own notebook's solution code)
     assert X.check_ffn_output(namespace["my_ffn_output"], model)

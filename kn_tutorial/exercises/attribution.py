@@ -2,9 +2,9 @@
 (Dai et al., 2022). Notation: Attr(w_i^(l)) = w̄_i^(l) ∫₀¹ ∂P_x(α w̄^(l))/∂w_i^(l) dα ≈
 w̄_i/m Σ_k ∂P_x(α_k w̄)/∂w_i, with w̄^(l) the layer's neuron activations at the last prompt token.
 
-    check_riemann_alphas(riemann_alphas)                 # exercise 1: the points α_k
-    check_layer_ig(layer_ig, model, tokenizer)           # exercise 2: one layer's IG in one batch
-    check_probability_gap(probability_gap, model, tokenizer)  # exercise 3: what Σ_i Attr approaches
+    check_riemann_alphas(riemann_alphas)                 # the points α_k
+    check_layer_ig(layer_ig, model, tokenizer)           # one layer's IG in one batch
+    check_probability_gap(probability_gap, model, tokenizer)  # what Σ_i Attr approaches
     check_activation_times_gradient(fn, model, tokenizer)  # the one-step baseline of section 5
 
 Each runs the student's function through `harness.call` (weights and inputs restored, a time

@@ -2,9 +2,10 @@
 unnormalised memory" (Sukhbaatar et al., 2015). Notation: m_i = sum_j l_j * A x_ij,
 c_i = sum_j l_j * C x_ij, p = softmax(u m^T) (or f(u m^T)), o = sum_i p_i c_i.
 
-    check_position_encoding(position_encoding)   # exercise 1: the weights l_kj
-    check_memory_hop(memory_hop)                 # exercise 2: one masked hop, any coefficient function
-    check_effective_number(effective_number)     # exercise 3: how many memories share the weight
+    check_position_encoding(position_encoding)   # the weights l_kj
+    check_memory_hop(memory_hop)                 # one masked hop, any coefficient function
+    check_effective_number(effective_number)     # how many memories share the weight
+    check_hops(hops)                             # K hops with adjacent weight tying
 
 Each runs the student's function through `harness.call` (inputs restored, a time limit, the
 package's own function disabled) on several cases, one of them never shown in the chapter.
@@ -104,4 +105,51 @@ def check_effective_number(effective_number, seed: int = 0) -> bool:
                                  f"(ReLU coefficients do not), treat 0 log 0 as 0, and return 0 for rows "
                                  f"with no weight at all.")
     print("Correct: 1 for one memory, 2 for two equal ones, M for M equal ones, 0 for none.")
+    return True
+
+
+def reference_hops(u, memories, mask, coef):
+    """K hops with adjacent weight tying: hop k reads keys memories[k-1] and values memories[k];
+    u^{k+1} = u^k + o^k. Returns (u^{K+1}, [p^1 ... p^K])."""
+    ps = []
+    for k in range(len(memories) - 1):
+        p, o = ref_model.memory_read(u, memories[k], memories[k + 1], mask, coef)
+        ps.append(p)
+        u = u + o
+    return u, ps
+
+
+def check_hops(hops, seed: int = 1) -> bool:
+    """hops(u [N, d], memories: list of K+1 tensors [N, M, d], mask [N, M], coef) -> (u after K hops,
+    list of the K coefficient tensors [N, M]); two and three hops, softmax and ReLU (the three-hop
+    ReLU case is not in the chapter)."""
+    gen = torch.Generator().manual_seed(seed)
+    for n_hops, coef in ((2, "softmax"), (3, "softmax"), (3, "relu")):
+        u = torch.randn(4, 6, generator=gen)
+        memories = [torch.randn(4, 5, 6, generator=gen) for _ in range(n_hops + 1)]
+        mask = torch.ones(4, 5, dtype=torch.bool)
+        mask[1, 3:] = False
+        got = call(hops, u, [m.clone() for m in memories], mask, coef, forbid=(ref_model.memory_read,),
+                   what="my_hops")
+        if got is NOT_DONE:
+            return False
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            shown = "None (did you forget the `return` statement?)" if got is None else f"a {type(got).__name__}"
+            raise ExerciseError(f"my_hops returned {shown}; expected a pair (u, list of p).")
+        want_u, want_ps = reference_hops(u, memories, mask, coef)
+        got_u = tensor_result(got[0], want_u.shape, "my_hops' u", "[N, d]")
+        if len(got[1]) != n_hops:
+            raise ExerciseError(f"{n_hops} hops: you returned {len(got[1])} coefficient tensors; expected one per hop.")
+        for k, (p, want_p) in enumerate(zip(got[1], want_ps), start=1):
+            p = tensor_result(p, want_p.shape, f"my_hops' p of hop {k}", "[N, M]")
+            if not torch.allclose(p, want_p, atol=1e-5):
+                hint = ("hop k scores u^k against the keys of embedding k (memories[k-1]) and reads the values of "
+                        "embedding k+1 (memories[k]); u^{k+1} = u^k + o^k.")
+                raise ExerciseError(f"{n_hops} hops, {coef}: the coefficients of hop {k} differ by up to "
+                                    f"{(p - want_p).abs().max():.3g}: {hint}")
+        if not torch.allclose(got_u, want_u, atol=1e-5):
+            raise ExerciseError(f"{n_hops} hops, {coef}: the coefficients are right but u differs by up to "
+                                f"{(got_u - want_u).abs().max():.3g}: return u^(K+1) = u^K + o^K, the last hop's "
+                                f"sum (the answer is read from it).")
+    print("Correct: K hops with adjacent weight tying, for 2 and 3 hops, softmax and ReLU.")
     return True

@@ -1,9 +1,10 @@
 """Checks for the exercises of chapter 1, "Feed-forward layers are key-value memories"
 (Geva et al., 2021). Notation: FF(x) = f(x K^T + b_K) V + b_V, p_i = softmax(v_i E).
 
-    check_ffn_output(ffn_output, model)            # exercise 1: the FFN from K and V
-    check_value_top_tokens(value_top_tokens, model) # exercise 2: p_i's top tokens
-    check_agreement_rate(agreement_rate)           # exercise 3: Geva's agreement rate
+    check_ffn_output(ffn_output, model)            # the FFN from K and V
+    check_value_top_tokens(value_top_tokens, model) # p_i's top tokens
+    check_agreement_rate(agreement_rate)           # Geva's agreement rate
+    check_top_triggers(top_triggers, model, tokenizer)  # a key's trigger examples
 
 Each runs the student's function through `harness.call` (weights and inputs restored, a time
 limit, the package's own function disabled) on several cases, one of them never shown in the
@@ -105,4 +106,64 @@ def check_agreement_rate(agreement_rate, seed: int = 0) -> bool:
                 f"value_top[:2]={top[:2].tolist()}. A key agrees when its next token appears anywhere in its own "
                 f"row of value_top; -1 (no next token) never agrees; return the share of keys, in [0, 1].")
     print("Correct: the agreement rate matches on every case.")
+    return True
+
+
+# ---- trigger search ------------------------------------------------------------------------------
+
+def _key_activations(model, tokenizer, texts, layer: int, neuron: int) -> list[torch.Tensor]:
+    from ..hooks import record
+
+    out = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=next(model.parameters()).device)
+        out.append(record(model, [("key", layer)], input_ids=ids)[("key", layer)][0, :, neuron].float().cpu())
+    return out
+
+
+@torch.no_grad()
+def check_top_triggers(top_triggers, model, tokenizer, n_texts: int = 12) -> bool:
+    """top_triggers(model, tokenizer, texts, layer, neuron, k) -> the k (text index, position)
+    pairs with the largest coefficient m_i of key `neuron`, strongest first, over every token of
+    every text except each text's last (a trigger is followed by a next token). Checked on two keys
+    (one not in the chapter) of 12 Atlas texts, by the coefficients at the positions returned (so
+    ties between equal prefixes do not matter)."""
+    from ..stats import atlas_corpus
+
+    texts = atlas_corpus(n_texts, seed=3)
+    for layer, neuron, k in ((0, 32, 5), (n_layers(model) - 1, 93, 8)):  # keys that fire most at a text's end
+        got = call(top_triggers, model, tokenizer, list(texts), layer, neuron, k, model=model,
+                   forbid=(memories.find_triggers, memories.show_triggers), what="my_top_triggers")
+        if got is NOT_DONE:
+            return False
+        if got is None:
+            raise ExerciseError("my_top_triggers returned None: did you forget the `return` statement? Expected a "
+                                "list of (text index, position) pairs.")
+        try:
+            got = [(int(t), int(p)) for t, p in got]
+        except (TypeError, ValueError):
+            raise ExerciseError(f"my_top_triggers returned {type(got).__name__} items that are not "
+                                f"(text index, position) pairs.") from None
+        if len(got) != k:
+            raise ExerciseError(f"my_top_triggers returned {len(got)} pairs; expected k = {k}.")
+        acts = _key_activations(model, tokenizer, texts, layer, neuron)
+        lengths = [len(a) for a in acts]
+        bad = [(t, p) for t, p in got if not (0 <= t < len(texts) and 0 <= p < lengths[t])]
+        if bad:
+            raise ExerciseError(f"{bad[:3]} are not (text index, position) pairs of these texts.")
+        last = [(t, p) for t, p in got if p == lengths[t] - 1]
+        if last:
+            raise ExerciseError(f"layer {layer}, key {neuron}: {last[:3]} are the last tokens of their texts; a trigger "
+                                f"example must be followed by a next token, so leave each text's last token out.")
+        values = torch.tensor([acts[t][p].item() for t, p in got])
+        want = torch.cat([a[:-1] for a in acts]).topk(k).values
+        if not torch.allclose(values, want, rtol=1e-4, atol=1e-5 * want.abs().max().item()):
+            hint = ""
+            if torch.allclose(values.sort(descending=True).values, want, rtol=1e-4, atol=1e-5 * want.abs().max().item()):
+                hint = " The right examples in the wrong order: strongest first."
+            raise ExerciseError(
+                f"layer {layer}, key {neuron}: the coefficients at your positions are {[round(v, 3) for v in values.tolist()]}, "
+                f"the top {k} are {[round(v, 3) for v in want.tolist()]}.{hint} Rank the coefficients m_i = f(x · k_i + b_i) "
+                f"(site 'key', after the activation function) at every position but each text's last.")
+    print("Correct: your trigger examples are the top coefficients of both keys.")
     return True
