@@ -9,7 +9,9 @@ task, a code cell with a stub that raises NotImplementedError and a one-line che
 For every chapter notebook `book/[0-9][0-9]_*.ipynb` that has such a dropdown, the
 student version is the same notebook with
 
-* every solution dropdown replaced by a one-line note (the text around it stays);
+* every solution dropdown, and every answer dropdown of the "check your understanding"
+  questions (`<details><summary>Answer</summary>`), replaced by a one-line note (the text
+  around it stays);
 * every output and execution count cleared (students run it themselves);
 * the Colab badge pointing at the student version, and a first cell saying what it is.
 
@@ -36,8 +38,10 @@ OUT = BOOK / "exercises"
 REPO_BLOB = "https://colab.research.google.com/github/kn-tutorial/kn-tutorial/blob/main/"
 
 SOLUTION = re.compile(r"<details>\s*<summary>\s*Solution\s*</summary>.*?</details>[ \t]*\n?", re.S | re.I)
+ANSWER = re.compile(r"<details>\s*<summary>\s*Answer\s*</summary>.*?</details>[ \t]*\n?", re.S | re.I)
 PYTHON_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
 REMOVED = "*The solution is removed from the student version; it is under this exercise in the full chapter.*\n"
+ANSWER_REMOVED = "*The answer is removed from the student version; it is in the full chapter.*\n"
 README = """# Student notebooks (generated: do not edit)
 
 Each notebook here is a chapter of the book with the exercise solutions removed and the
@@ -114,7 +118,7 @@ def student_version(notebook: dict, chapter: str) -> dict:
         cell = json.loads(json.dumps(cell))  # a deep copy
         text = source(cell)
         if cell["cell_type"] == "markdown":
-            text = SOLUTION.sub(REMOVED, text).replace(chapter_url, student_url)
+            text = ANSWER.sub(ANSWER_REMOVED, SOLUTION.sub(REMOVED, text)).replace(chapter_url, student_url)
             if not text.strip():
                 continue
         elif cell["cell_type"] == "code":

@@ -101,6 +101,21 @@ def test_every_chapter_after_the_first_has_four_to_eight_exercises(path):
     assert 4 <= n <= 8, f"{path.name} has {n} exercises (stub + <details> solution pairs); the book asks for 4-8"
 
 
+@pytest.mark.parametrize("path", msn.chapters(), ids=lambda p: p.name)
+def test_every_chapter_after_the_first_ends_with_questions_and_answers(path):
+    if path.name.startswith("00_"):
+        pytest.skip("chapter 0 introduces the Atlas model")
+    cells = [msn.source(c) for c in _load(path)["cells"] if c["cell_type"] == "markdown"]
+    (block,) = [c for c in cells if c.startswith("## Check your understanding")]
+    n_answers = len(msn.ANSWER.findall(block))
+    n_questions = len(re.findall(r"^\d+\. ", block, re.M))
+    assert 3 <= n_questions == n_answers <= 5, f"{path.name}: {n_questions} questions, {n_answers} answers"
+    assert cells.index(block) > max(i for i, c in enumerate(cells) if "<summary>Solution</summary>" in c), \
+        "the questions come after the chapter's last exercise"
+    student = "\n".join(msn.source(c) for c in _load(msn.OUT / path.name)["cells"])
+    assert "## Check your understanding" in student and msn.ANSWER_REMOVED.strip() in student
+
+
 # ---- the checks: pass on the solution, remind on the stub ----------------------------------
 
 _MAGIC = re.compile(r"^(\s*)[%!].*$", re.M)
