@@ -59,7 +59,8 @@ def _forbidden(*args, **kwargs):  # its code replaces a forbidden function's cod
 
     from kn_tutorial.exercises.harness import UsedPackageSolution as _Used
     frame = _sys._getframe()
-    raise _Used(f"{frame.f_globals.get('__name__', '?')}.{frame.f_code.co_qualname}")
+    name = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+    raise _Used(f"{frame.f_globals.get('__name__', '?')}.{name}")
 
 
 class _Forbid:
@@ -78,8 +79,10 @@ class _Forbid:
     def __enter__(self):
         for fn in self.functions:
             self.saved.append((fn, fn.__code__))
-            fn.__code__ = _forbidden.__code__.replace(co_name=fn.__code__.co_name,
-                                                       co_qualname=fn.__code__.co_qualname)
+            names = {"co_name": fn.__code__.co_name}
+            if hasattr(fn.__code__, "co_qualname"):  # Python 3.11+
+                names["co_qualname"] = fn.__code__.co_qualname
+            fn.__code__ = _forbidden.__code__.replace(**names)
         return self
 
     def __exit__(self, *exc):

@@ -22,7 +22,8 @@ import torch
 
 from .. import memit as reference
 from .. import rome
-from ..models import d_model, mlp_out_weight, n_layers
+from ..models import mlp_out_weight, module_name, n_layers
+from ..weights import preserve
 from .harness import NOT_DONE, ExerciseError, call, close, is_close, tensor_result
 
 SOLVES = (reference.solve_update, rome.rank_one_update, rome.apply_rank_one, rome.lstsq_update)
@@ -174,36 +175,43 @@ def reference_layer_loop(model, layers, z, keys_at, hidden_at_last, solve) -> di
 
 
 def check_layer_loop(layer_loop, model, tokenizer) -> bool:
-    """layer_loop(model, layers, z, keys_at, hidden_at_last, solve) edits `model` (a copy) in place,
-    layer by layer, and returns {layer: ΔW}. Checked on two layer ranges (one not in the chapter):
-    the weights it leaves must match MEMIT's loop."""
+    """layer_loop(model, layers, z, keys_at, hidden_at_last, solve) edits `model` in place, layer by
+    layer, and returns {layer: ΔW}. Checked on two layer ranges (one not in the chapter): the
+    weights it leaves must match MEMIT's loop, and nothing else may change. The weights are
+    snapshotted (on the CPU) and restored bit for bit after each run."""
     L = n_layers(model)
     for layers, seed in (((1, 2, 3), 0), ((0, L // 2), 1)):
-        mine, theirs = copy.deepcopy(model), copy.deepcopy(model)
-        args = _loop_inputs(mine, tokenizer, layers, seed, lam=2.0)
-        z = args[3]
-        got = call(layer_loop, mine, layers, z, *args[:3], model=model, forbid=(reference.edit,),
-                   what="my_layer_loop")
-        if got is NOT_DONE:
-            return False
-        ref_args = _loop_inputs(theirs, tokenizer, layers, seed, lam=2.0)
-        want = reference_layer_loop(theirs, layers, ref_args[3], *ref_args[:3])
-        unchanged = [layer for layer in layers if torch.equal(mlp_out_weight(mine, layer), mlp_out_weight(model, layer))]
-        if unchanged:
-            raise ExerciseError(f"layers {layers}: the weights of layer(s) {unchanged} did not change: add each ΔW to "
-                                "mlp_out_weight(model, layer) in place (under torch.no_grad()) before the next layer.")
-        for layer in layers:
-            close(mlp_out_weight(mine, layer).detach(), mlp_out_weight(theirs, layer).detach(),
-                  f"layers {layers}, the weight of layer {layer} after your loop",
-                  "At each layer read the keys and h (at the LAST edited layer) again on the model as edited so "
-                  "far, and give this layer the share (z − h) / (number of layers left, this one included); add "
-                  "ΔW to the weight before moving to the next layer.", torch.float32, factor=5)
-        if isinstance(got, dict):
+        with preserve(model, offload=True):  # the reference's run, undone
+            ref_args = _loop_inputs(model, tokenizer, layers, seed, lam=2.0)
+            reference_layer_loop(model, layers, ref_args[3], *ref_args[:3])
+            want = {layer: mlp_out_weight(model, layer).detach().clone() for layer in layers}
+        allowed = {module_name(model, layer, "mlp_out") + ".weight" for layer in layers}
+        with preserve(model, offload=True) as snapshot:  # the student's run, undone
+            args = _loop_inputs(model, tokenizer, layers, seed, lam=2.0)
+            got = call(layer_loop, model, layers, args[3], *args[:3], forbid=(reference.edit,), what="my_layer_loop")
+            if got is NOT_DONE:
+                return False
+            changed = snapshot.changed()
+            others = [name for name in changed if name not in allowed]
+            if others:
+                raise ExerciseError(f"layers {layers}: you changed {others[:3]}; only the MLP output weights of the "
+                                    f"edited layers should change.")
+            unchanged = [layer for layer in layers if module_name(model, layer, "mlp_out") + ".weight" not in changed]
+            if unchanged:
+                raise ExerciseError(f"layers {layers}: the weights of layer(s) {unchanged} did not change: add each ΔW "
+                                    f"to mlp_out_weight(model, layer) in place (under torch.no_grad()) before the next "
+                                    f"layer.")
+            for layer in layers:
+                close(mlp_out_weight(model, layer).detach(), want[layer],
+                      f"layers {layers}, the weight of layer {layer} after your loop",
+                      "At each layer read the keys and h (at the LAST edited layer) again on the model as edited so "
+                      "far, and give this layer the share (z − h) / (number of layers left, this one included); add "
+                      "ΔW to the weight before moving to the next layer.", torch.float32, factor=5)
+            if not isinstance(got, dict):
+                raise ExerciseError(f"my_layer_loop returned {type(got).__name__}; expected a dict {{layer: ΔW}}.")
             for layer in layers:
                 if layer not in got:
                     raise ExerciseError(f"the returned dict has no ΔW for layer {layer}.")
-                tensor_result(got[layer], (d_model(model), want[layer].shape[1]), f"ΔW of layer {layer}")
-        else:
-            raise ExerciseError(f"my_layer_loop returned {type(got).__name__}; expected a dict {{layer: ΔW}}.")
-    print("Correct: your loop leaves the weights MEMIT's loop leaves, on two layer ranges.")
+                tensor_result(got[layer], tuple(want[layer].shape), f"ΔW of layer {layer}", "[d_model, d_ff]")
+    print("Correct: your loop leaves the weights MEMIT's loop leaves, on two layer ranges (the weights are restored).")
     return True

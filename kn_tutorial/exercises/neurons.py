@@ -15,12 +15,11 @@ saying what differs otherwise.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from .. import neurons as reference
 from ..models import module_name, n_layers, value_matrix
+from ..weights import preserve
 from .harness import NOT_DONE, ExerciseError, call, number_result
 
 REFINERS = (reference.refine, reference.prompt_counts, reference.coarse_mask, reference.shared_neurons)
@@ -123,54 +122,61 @@ KN_CASES = [  # (neurons, old, new, lambda_old, lambda_new); the second is not s
 
 def check_kn_update(kn_update, model, tokenizer) -> bool:
     """kn_update(model, tokenizer, neurons, old, new, lambda_old, lambda_new) changes the value
-    slots of `neurons` in place by Dai et al.'s rule. Run on a copy of the model; every other
-    parameter (other value rows, biases, embeddings) must stay exactly as it was."""
+    slots of `neurons` in place by Dai et al.'s rule; every other parameter (other value rows,
+    biases, embeddings) must stay exactly as it was. The weights are snapshotted (on the CPU)
+    before each case and restored bit for bit after it, whatever the function did."""
+    value_weights = {module_name(model, layer, "mlp_out") + ".weight": layer for layer in range(n_layers(model))}
     for neurons, old, new, lambda_old, lambda_new in KN_CASES:
         request = {"prompt": "{} lies on the continent of", "subject": "Kuwait",
                    "target_new": {"str": new.strip()}, "target_true": {"str": old.strip()}}
-        edited, expected = copy.deepcopy(model), copy.deepcopy(model)
-        reference.kn_edit(expected, tokenizer, request, neurons=list(neurons), lambda_old=lambda_old,
-                          lambda_new=lambda_new)
-        with torch.no_grad():
-            got = call(kn_update, edited, tokenizer, [tuple(n) for n in neurons], old, new, lambda_old, lambda_new,
-                       model=model, forbid=(reference.kn_edit,), what="my_kn_update")
-        if got is NOT_DONE:
-            return False
-        want_params = dict(expected.named_parameters())
-        value_weights = {module_name(model, layer, "mlp_out") + ".weight": layer for layer in range(n_layers(model))}
-        changed_layers = set()
-        for name, param in edited.named_parameters():
-            if torch.equal(param, want_params[name]):
-                continue
-            if name in value_weights:
-                changed_layers.add(value_weights[name])
-            else:
-                raise ExerciseError(f"neurons {list(neurons)}: you changed {name}; only the value slots (rows of "
-                                    f"value_matrix) of the given neurons should change, not biases or embeddings.")
-        for layer in sorted(changed_layers):
-            got_v, want_v = value_matrix(edited, layer).detach(), value_matrix(expected, layer).detach()
-            base_v = value_matrix(model, layer).detach()
-            rows = [i for i in range(got_v.shape[0]) if not torch.allclose(got_v[i], want_v[i], rtol=2e-5, atol=1e-6)]
-            if not rows:
-                continue
-            mine = {i for _, i in neurons if _ == layer}
-            extra = [i for i in rows if i not in mine]
-            if extra:
-                raise ExerciseError(f"layer {layer}: you changed value rows {extra[:5]}{' ...' if len(extra) > 5 else ''} "
-                                    f"too; only the rows of the given neurons {sorted(mine)} should change (index the "
-                                    f"row: value_matrix(model, layer)[i]).")
-            i = rows[0]
-            hint = ""
-            if torch.equal(got_v[i], base_v[i]):
-                hint = " The weights did not change: edit the parameter in place (value_matrix is a view)."
-            elif torch.allclose(got_v[i] - base_v[i], -(want_v[i] - base_v[i]), rtol=1e-4, atol=1e-5):
-                hint = " The sign is flipped: subtract the old object's embedding, add the new one's."
-            raise ExerciseError(
-                f"value slot {(layer, i)}: differs from the reference by up to {(got_v[i] - want_v[i]).abs().max():.3g}.{hint} "
-                f"v_i ← v_i − λ_old · e(old) + λ_new · e(new), e = rows of unembedding_matrix(model) for the first "
-                f"token of each object, with its leading space.")
-    print("Correct: your update matches Dai et al.'s rule on two sets of neurons, and changes nothing else.")
+        base = {(layer, i): value_matrix(model, layer)[i].detach().clone() for layer, i in neurons}
+        with reference.kn_edit(model, tokenizer, request, neurons=list(neurons), lambda_old=lambda_old,
+                               lambda_new=lambda_new):
+            want = {(layer, i): value_matrix(model, layer)[i].detach().clone() for layer, i in neurons}
+        before = {layer: value_matrix(model, layer).detach().clone() for layer in {l for l, _ in neurons}}
+        with preserve(model, offload=True) as snapshot:  # restores the weights at the end of the case
+            with torch.no_grad():
+                got = call(kn_update, model, tokenizer, [tuple(n) for n in neurons], old, new, lambda_old,
+                           lambda_new, forbid=(reference.kn_edit,), what="my_kn_update")
+            if got is NOT_DONE:
+                return False
+            _compare_kn_update(snapshot, value_weights, neurons, base, want, before, model)
+    print("Correct: your update matches Dai et al.'s rule on two sets of neurons, and changes nothing else "
+          "(the weights are restored).")
     return True
+
+
+def _compare_kn_update(snapshot, value_weights, neurons, base, want, before, model) -> None:
+    changed = snapshot.changed()
+    others = [name for name in changed if name not in value_weights]
+    if others:
+        raise ExerciseError(f"neurons {list(neurons)}: you changed {others[:3]}; only the value slots (rows of "
+                            f"value_matrix) of the given neurons should change, not biases or embeddings.")
+    for name in changed:
+        layer = value_weights[name]
+        if layer not in before:
+            raise ExerciseError(f"you changed the value slots of layer {layer}, which has none of the neurons "
+                                f"{list(neurons)}.")
+        moved = (value_matrix(model, layer).detach() - before[layer]).abs().amax(1).nonzero().flatten().tolist()
+        mine = {i for l, i in neurons if l == layer}
+        extra = [i for i in moved if i not in mine]
+        if extra:
+            raise ExerciseError(f"layer {layer}: you changed value rows {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+                                f"too; only the rows of the given neurons {sorted(mine)} should change (index the "
+                                f"row: value_matrix(model, layer)[i]).")
+    for (layer, i), want_row in want.items():
+        got_row = value_matrix(model, layer)[i].detach()
+        if torch.allclose(got_row, want_row, rtol=2e-5, atol=1e-6):
+            continue
+        hint = ""
+        if torch.equal(got_row, base[layer, i]):
+            hint = " The weights did not change: edit the parameter in place (value_matrix is a view)."
+        elif torch.allclose(got_row - base[layer, i], -(want_row - base[layer, i]), rtol=1e-4, atol=1e-5):
+            hint = " The sign is flipped: subtract the old object's embedding, add the new one's."
+        raise ExerciseError(
+            f"value slot {(layer, i)}: differs from the reference by up to {(got_row - want_row).abs().max():.3g}.{hint} "
+            f"v_i ← v_i − λ_old · e(old) + λ_new · e(new), e = rows of unembedding_matrix(model) for the first "
+            f"token of each object, with its leading space.")
 
 
 SCALE_CASES = [  # (prompt, target, neurons, factor); P is not saturated here, so every neuron counts
