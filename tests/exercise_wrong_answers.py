@@ -366,6 +366,26 @@ def scaled_first_layer_only(*args):
 
 # ---- chapter 5 ------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def _corrupted(model, input_ids, noise, target_id, site="resid_pre", position=-1):
+    with patch(model, site, 0, lambda x: x + noise.to(x)):
+        logits = model(input_ids=input_ids[None]).logits[0, position]
+    return logits.float().softmax(-1)[target_id].item()
+
+
+def corrupted_after_block_0(model, input_ids, noise, target_id):
+    return _corrupted(model, input_ids, noise, target_id, site="hidden")
+
+
+def corrupted_wrong_position(model, input_ids, noise, target_id):
+    return _corrupted(model, input_ids, noise, target_id, position=-2)
+
+
+@torch.no_grad()
+def corrupted_without_noise(model, input_ids, noise, target_id):
+    return model(input_ids=input_ids[None]).logits[0, -1].float().softmax(-1)[target_id].item()
+
+
 def roles_always_subsequent(span, seq_len):
     a, b = span
     return [[a], list(range(a + 1, b - 1)), [b - 1], [b], list(range(b + 1, seq_len - 1)), [seq_len - 1]]
@@ -660,6 +680,9 @@ WRONG = {
                         ("sign flipped", kn_update_sign_flipped, "differs from the reference")],
     "check_token_roles": [("always a subsequent token", roles_always_subsequent, "first subsequent token"),
                           ("further tokens to the end", roles_further_to_the_end, "further tokens")],
+    "check_corrupted": [("noise after block 0", corrupted_after_block_0, "input of block 0"),
+                        ("the second-to-last position", corrupted_wrong_position, "LAST position"),
+                        ("no noise", corrupted_without_noise, "noise is added")],
     "check_restore_hidden": [("no noise", restore_without_noise, "noise added to the input"),
                              ("next position", restore_next_position, "written only at `position`"),
                              ("calls the package", restore_with_package, PACKAGE)],

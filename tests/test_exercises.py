@@ -272,6 +272,7 @@ _CHECKS = {  # WRONG's key -> (check, what it needs besides the student's functi
     "check_adapt_p": (ex_neurons.check_adapt_p, ()),
     "check_kn_update": (ex_neurons.check_kn_update, ("model", "tokenizer")),
     "check_token_roles": (ex_tracing.check_token_roles, ()),
+    "check_corrupted": (ex_tracing.check_corrupted, ("model", "tokenizer")),
     "check_restore_hidden": (ex_tracing.check_restore_hidden, ("model", "tokenizer")),
     "check_aie_by_role": (ex_tracing.check_aie_by_role, ()),
     "check_severed": (ex_tracing.check_severed, ("model", "tokenizer")),

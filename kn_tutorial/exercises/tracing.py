@@ -3,6 +3,7 @@ Notation: subject tokens [a, b), noise ε on their embeddings, P(o) clean, P_*(o
 P_{*, clean h_t^l}(o) with the hidden state of token t after block l restored.
 
     check_token_roles(token_roles)                         # the paper's six token roles
+    check_corrupted(corrupted_probability, model, tokenizer) # the corrupted run
     check_restore_hidden(restore_hidden, model, tokenizer) # one restored run
     check_aie_by_role(aie_by_role)                         # the average indirect effect over facts
     check_severed(restore_severed, model, tokenizer)       # a restored run, later MLPs frozen
@@ -65,6 +66,30 @@ def _compare(got, want, what: str, hint: str) -> None:
     got = number_result(got, "your function", "P(o), one number")
     if abs(got - want) > 1e-6 + 1e-3 * abs(want):  # the reference runs batched, in another order
         raise ExerciseError(f"{what}: expected P(o) = {want:.5f}, got {got:.5f}. {hint}")
+
+
+@torch.no_grad()
+def check_corrupted(corrupted_probability, model, tokenizer, samples: int = 2, seed: int = 0) -> bool:
+    """corrupted_probability(model, input_ids, noise, target_id) -> P_*(o): the probability of
+    target_id at the last position when noise ([T, d_model], zero outside the subject) is added
+    to the input of block 0. Two noise draws on the chapter's fact and on another (not shown)."""
+    L = n_layers(model)
+    for prompt, subject, target in (("Kuwait lies on the continent of", "Kuwait", "Asia"),
+                                    ("The capital of Peru is", "Peru", "Lima")):
+        ids, span, noise, target_id = _case(model, tokenizer, prompt, subject, target, samples, seed)
+        nothing = torch.zeros(L, len(ids), dtype=torch.bool)
+        want = restore_states(model, ids, span, nothing, target=target_id, samples=samples, seed=seed)["corrupted"]
+        for j in range(samples):
+            got = call(corrupted_probability, model, ids, noise[j], target_id, model=model, forbid=TRACERS,
+                       what="my_corrupted_probability")
+            if got is NOT_DONE:
+                return False
+            _compare(got, want[j].item(), f"{prompt!r}, noise sample {j}",
+                     "Check: the noise is added to the input of block 0 (site 'resid_pre', layer 0: token plus "
+                     "position embeddings), at every position (it is zero outside the subject), once; P is the "
+                     "softmax of the LAST position's logits at target_id.")
+    print("Correct: your corrupted runs match the reference on two facts and two noise draws each.")
+    return True
 
 
 @torch.no_grad()
