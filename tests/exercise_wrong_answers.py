@@ -520,6 +520,12 @@ def k_star_without_empty_prefix(model, tokenizer, prompt, subject, layer, prefix
     return _k_star(model, tokenizer, prompt, subject, layer, prefixes, skip_empty=True)
 
 
+def k_star_corrupting_weights(model, tokenizer, prompt, subject, layer, prefixes):
+    with torch.no_grad():
+        mlp_out_weight(model, layer).mul_(0.5)  # "just to look": halves the layer's values
+    return _k_star(model, tokenizer, prompt, subject, layer, prefixes)
+
+
 def k_star_from_package(model, tokenizer, prompt, subject, layer, prefixes):
     return rome.compute_k_star(model, tokenizer, prompt, subject, layer, prefixes)
 
@@ -697,6 +703,7 @@ WRONG = {
                                    ("v* as the residual", rank_one_v_star_as_residual, "residual v* − W k*")],
     "check_k_star": [("first subject token", k_star_first_token, "LAST token"),
                      ("no empty prefix", k_star_without_empty_prefix, "including the empty one"),
+                     ("corrupts the weights", k_star_corrupting_weights, CHANGED_WEIGHTS),
                      ("calls the package", k_star_from_package, PACKAGE)],
     "check_v_star_loss": [("KL the wrong way", loss_kl_reversed, "wrong way round"),
                           ("squared decay", loss_squared_decay, "not a squared norm"),

@@ -337,6 +337,22 @@ def test_a_check_stops_an_endless_loop(monkeypatch):
         ex_rome.check_rank_one_update(forever)
 
 
+def test_weights_are_restored_when_the_function_fails_halfway():
+    from kn_tutorial.models import mlp_out_weight
+
+    model, tokenizer = _atlas()
+    snapshot = preserve(model)
+
+    def breaks(model, tokenizer, prompt, subject, layer, prefixes):
+        with torch.no_grad():
+            mlp_out_weight(model, 0).zero_()
+        raise ValueError("a bug after the damage")
+
+    with pytest.raises(ValueError, match="a bug after the damage"):  # the student's own error, unchanged
+        ex_rome.check_k_star(breaks, model, tokenizer)
+    assert snapshot.changed() == []
+
+
 def test_a_missing_return_gets_one_sentence():
     with pytest.raises(harness.ExerciseError, match="returned None: did you forget the `return`"):
         ex_memit.check_joint_update(lambda mom2, keys, residuals, lam: None)
