@@ -88,17 +88,33 @@ def test_solution_removal_keeps_the_text_around_it():
                    "Why it works.\n\n</details>\n\n### Exercise 2: next\n"}]}
     (ex,) = msn.exercises(notebook, "99_toy")
     assert ex.solution == "def my_f(x):\n    return x\n" and "NotImplementedError" in ex.stub
-    cells = msn.student_version(notebook, "99_toy")["cells"]
-    assert cells[1]["outputs"] == [] and cells[1]["execution_count"] is None
-    assert "Why it works" not in cells[2]["source"] and cells[2]["source"].endswith("### Exercise 2: next\n")
+    cells = {c["id"]: c for c in msn.student_version(notebook, "99_toy")["cells"]}
+    assert cells["a"]["outputs"] == [] and cells["a"]["execution_count"] is None
+    assert "Why it works" not in cells["b"]["source"] and cells["b"]["source"].endswith("### Exercise 2: next\n")
+    assert "os.chdir" in cells["student-data-path"]["source"]  # run from book/exercises/, work from book/
 
 
 @pytest.mark.parametrize("path", msn.chapters(), ids=lambda p: p.name)
-def test_every_chapter_after_the_first_has_two_to_four_exercises(path):
+def test_every_chapter_after_the_first_has_four_to_eight_exercises(path):
     if path.name.startswith("00_"):
         pytest.skip("chapter 0 introduces the Atlas model and has no exercises")
     n = len(msn.exercises(_load(path), path.stem))
-    assert 2 <= n <= 4, f"{path.name} has {n} exercises (stub + <details> solution pairs); the book asks for 2-4"
+    assert 4 <= n <= 8, f"{path.name} has {n} exercises (stub + <details> solution pairs); the book asks for 4-8"
+
+
+@pytest.mark.parametrize("path", msn.chapters(), ids=lambda p: p.name)
+def test_every_chapter_after_the_first_ends_with_questions_and_answers(path):
+    if path.name.startswith("00_"):
+        pytest.skip("chapter 0 introduces the Atlas model")
+    cells = [msn.source(c) for c in _load(path)["cells"] if c["cell_type"] == "markdown"]
+    (block,) = [c for c in cells if c.startswith("## Check your understanding")]
+    n_answers = len(msn.ANSWER.findall(block))
+    n_questions = len(re.findall(r"^\d+\. ", block, re.M))
+    assert 3 <= n_questions == n_answers <= 5, f"{path.name}: {n_questions} questions, {n_answers} answers"
+    assert cells.index(block) > max(i for i, c in enumerate(cells) if "<summary>Solution</summary>" in c), \
+        "the questions come after the chapter's last exercise"
+    student = "\n".join(msn.source(c) for c in _load(msn.OUT / path.name)["cells"])
+    assert "## Check your understanding" in student and msn.ANSWER_REMOVED.strip() in student
 
 
 # ---- the checks: pass on the solution, remind on the stub ----------------------------------
@@ -223,3 +239,140 @@ def test_readme_links_the_student_notebooks():
     for name in linked:  # a link whose chapter exists must open a student notebook
         if (msn.BOOK / name).exists():
             assert name in generated, f"README.md links book/exercises/{name}, which is not generated"
+
+
+# ---- the checks reject plausible wrong answers, and cannot be fooled -----------------------------
+
+from kn_tutorial.exercises import attribution as ex_attribution  # noqa: E402
+from kn_tutorial.exercises import harness  # noqa: E402
+from kn_tutorial.exercises import memit as ex_memit  # noqa: E402
+from kn_tutorial.exercises import memnet as ex_memnet  # noqa: E402
+from kn_tutorial.exercises import memories as ex_memories  # noqa: E402
+from kn_tutorial.exercises import neurons as ex_neurons  # noqa: E402
+from kn_tutorial.exercises import rome as ex_rome  # noqa: E402
+from kn_tutorial.exercises import tracing as ex_tracing  # noqa: E402
+from kn_tutorial.weights import preserve  # noqa: E402
+from tests.exercise_wrong_answers import WRONG  # noqa: E402
+
+_CHECKS = {  # WRONG's key -> (check, what it needs besides the student's function)
+    "check_ffn_output": (ex_memories.check_ffn_output, ("model",)),
+    "check_value_top_tokens": (ex_memories.check_value_top_tokens, ("model",)),
+    "check_agreement_rate": (ex_memories.check_agreement_rate, ()),
+    "check_top_triggers": (ex_memories.check_top_triggers, ("model", "tokenizer")),
+    "check_hops": (ex_memnet.check_hops, ()),
+    "check_position_encoding": (ex_memnet.check_position_encoding, ()),
+    "check_memory_hop": (ex_memnet.check_memory_hop, ()),
+    "check_effective_number": (ex_memnet.check_effective_number, ()),
+    "check_riemann_alphas": (ex_attribution.check_riemann_alphas, ()),
+    "check_layer_ig": (ex_attribution.check_layer_ig, ("model", "tokenizer")),
+    "check_probability_gap": (ex_attribution.check_probability_gap, ("model", "tokenizer")),
+    "check_activation_times_gradient": (ex_attribution.check_activation_times_gradient, ("model", "tokenizer")),
+    "check_scaled_probability": (ex_neurons.check_scaled_probability, ("model", "tokenizer")),
+    "check_refine": (ex_neurons.check_refine, ()),
+    "check_adapt_p": (ex_neurons.check_adapt_p, ()),
+    "check_kn_update": (ex_neurons.check_kn_update, ("model", "tokenizer")),
+    "check_token_roles": (ex_tracing.check_token_roles, ()),
+    "check_corrupted": (ex_tracing.check_corrupted, ("model", "tokenizer")),
+    "check_restore_hidden": (ex_tracing.check_restore_hidden, ("model", "tokenizer")),
+    "check_aie_by_role": (ex_tracing.check_aie_by_role, ()),
+    "check_severed": (ex_tracing.check_severed, ("model", "tokenizer")),
+    "check_rank_one_update_rome": (ex_rome.check_rank_one_update, ()),
+    "check_k_star": (ex_rome.check_k_star, ("model", "tokenizer")),
+    "check_v_star_loss": (ex_rome.check_v_star_loss, ()),
+    "check_efficacy": (ex_rome.check_efficacy, ("model", "tokenizer", "case")),
+    "check_joint_update": (ex_memit.check_joint_update, ()),
+    "check_rank_one_update_memit": (ex_memit.check_rank_one_update, ()),
+    "check_key_groups": (ex_memit.check_key_groups, ()),
+    "check_layer_loop": (ex_memit.check_layer_loop, ("model", "tokenizer")),
+}
+
+
+def _kuwait_case() -> dict:
+    from kn_tutorial.atlas.counterfact import load_counterfact
+
+    kuwait = next(c for c in load_counterfact() if c["requested_rewrite"]["subject"] == "Kuwait"
+                  and c["requested_rewrite"]["relation_id"] == "continent")
+    return {**kuwait, "requested_rewrite": {**kuwait["requested_rewrite"], "prompt": "{} lies on the continent of",
+                                            "target_new": {"str": "Europe"}}}
+
+
+def _arguments(needs) -> list:
+    model, tokenizer = _atlas()
+    given = {"model": model, "tokenizer": tokenizer}
+    return [given[n] if n in given else _kuwait_case() for n in needs]
+
+
+def test_every_check_of_the_chapters_has_wrong_answers():
+    names = {name for ex in EXERCISES for name in re.findall(r"\b(check_\w+)\(", ex.stub)}
+    covered = {key.rsplit("_rome", 1)[0].rsplit("_memit", 1)[0] for key in _CHECKS}
+    assert names <= covered, f"checks without wrong answers in tests/exercise_wrong_answers.py: {names - covered}"
+    assert all(len(WRONG[key]) >= 2 for key in _CHECKS)
+
+
+@pytest.mark.parametrize("key,label,wrong,piece", [(k, *w) for k, ws in WRONG.items() for w in ws],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_check_rejects_a_plausible_wrong_answer(key, label, wrong, piece):
+    check, needs = _CHECKS[key]
+    args = _arguments(needs)
+    snapshot = preserve(_atlas()[0])
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        with pytest.raises(Exception) as err:
+            check(wrong, *args)
+    assert "Correct" not in out.getvalue()
+    assert piece in str(err.value), f"{key} on '{label}': expected a message with {piece!r}, got: {err.value}"
+    assert snapshot.changed() == [], f"{key} on '{label}' left the model changed: {snapshot.changed()}"
+
+
+def test_a_check_stops_an_endless_loop(monkeypatch):
+    monkeypatch.setattr(harness, "TIME_LIMIT", 0.5)
+
+    def forever(W, C, k_star, v_star):
+        while True:
+            try:
+                torch.zeros(1).sum()
+            except Exception:  # a student's broad except must not swallow the time limit
+                pass
+
+    with pytest.raises(harness.ExerciseError, match="did not finish within"):
+        ex_rome.check_rank_one_update(forever)
+
+
+def test_weights_are_restored_when_the_function_fails_halfway():
+    from kn_tutorial.models import mlp_out_weight
+
+    model, tokenizer = _atlas()
+    snapshot = preserve(model)
+
+    def breaks(model, tokenizer, prompt, subject, layer, prefixes):
+        with torch.no_grad():
+            mlp_out_weight(model, 0).zero_()
+        raise ValueError("a bug after the damage")
+
+    with pytest.raises(ValueError, match="a bug after the damage"):  # the student's own error, unchanged
+        ex_rome.check_k_star(breaks, model, tokenizer)
+    assert snapshot.changed() == []
+
+
+def test_a_missing_return_gets_one_sentence():
+    with pytest.raises(harness.ExerciseError, match="returned None: did you forget the `return`"):
+        ex_memit.check_joint_update(lambda mom2, keys, residuals, lam: None)
+
+
+def test_forbidden_functions_work_again_after_the_check():
+    from kn_tutorial import rome
+
+    with pytest.raises(harness.ExerciseError):
+        ex_rome.check_rank_one_update(lambda W, C, k, v: W + rome.rank_one_update(W.clone(), C, k, v - W @ k))
+    W, C, k, v = ex_rome._problem(0)
+    delta = rome.rank_one_update(W.clone(), C, k, v - W @ k)  # the package function is restored
+    assert torch.allclose((W + delta) @ k, v)
+
+
+def test_a_correct_float32_answer_passes_at_the_dtypes_tolerance():
+    def float32_update(W, C, k_star, v_star):
+        W, C, k_star, v_star = (t.float() for t in (W, C, k_star, v_star))
+        u = torch.linalg.solve(C, k_star)
+        return W + torch.outer((v_star - W @ k_star) / (u @ k_star), u)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert ex_rome.check_rank_one_update(float32_update) is True

@@ -318,13 +318,36 @@ def test_ffn_coefficients_on_a_tiny_gpt2(make_tiny_model):
 def test_exercise_checks_accept_the_reference_and_reject_mistakes(capsys):
     from kn_tutorial.exercises import memnet as X
 
-    assert X.check_position_encoding(position_encoding)
-    assert X.check_memory_hop(lambda u, m, c, mask, coef: memory_read(u, m, c, mask, coef))
-    assert X.check_effective_number(effective_number)
+    def encoding(J, d, shift=0):
+        j = torch.arange(1, J + 1.0)[:, None] - shift
+        k = torch.arange(1, d + 1.0)[None, :]
+        return (1 - j / J) - (k / d) * (1 - 2 * j / J)
+
+    def hop(u, m, c, mask, coef, read=None):
+        scores = torch.einsum("nd,nmd->nm", u, m)
+        if coef == "softmax":
+            p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        else:
+            p = (torch.relu(scores) if coef == "relu" else torch.nn.functional.gelu(scores)) * mask
+        return p, torch.einsum("nm,nmd->nd", p, c if read is None else read)
+
+    def entropy_number(p):
+        total = p.sum(-1, keepdim=True)
+        pi = p / total.clamp(min=1e-12)
+        h = -(pi * torch.log(pi.clamp(min=1e-12))).sum(-1)
+        return torch.where(total.squeeze(-1) > 0, h.exp(), torch.zeros_like(h))
+
+    assert X.check_position_encoding(encoding)
+    assert X.check_memory_hop(hop)
+    assert X.check_effective_number(entropy_number)
     with pytest.raises(AssertionError, match="Off by one"):
-        X.check_position_encoding(lambda J, d: position_encoding(J + 1, d)[1:])
+        X.check_position_encoding(lambda J, d: encoding(J, d, shift=1))
     with pytest.raises(AssertionError, match="output memories"):
-        X.check_memory_hop(lambda u, m, c, mask, coef: memory_read(u, m, m, mask, coef))
+        X.check_memory_hop(lambda u, m, c, mask, coef: hop(u, m, c, mask, coef, read=m))
+    with pytest.raises(AssertionError, match="package's own implementation"):  # the reference is not an answer
+        X.check_memory_hop(lambda u, m, c, mask, coef: memory_read(u, m, c, mask, coef))
+    with pytest.raises(AssertionError, match="package's own implementation"):
+        X.check_effective_number(effective_number)
 
     def stub(*args):
         raise NotImplementedError

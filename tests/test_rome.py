@@ -146,7 +146,9 @@ def test_v_star_weight_decay_is_the_papers_norm_over_squared_norm():
 
 def test_exercise_checks_accept_solutions_and_reject_mistakes():
     from kn_tutorial.exercises import rome as ex
+    from kn_tutorial.hooks import record
     from kn_tutorial.scoring import score
+    from kn_tutorial.tokens import subject_span
 
     def solution(W, C, k, v):
         u = torch.linalg.solve(C, k)
@@ -161,9 +163,17 @@ def test_exercise_checks_accept_solutions_and_reject_mistakes():
     model, tokenizer = tiny_lm("gpt2")
 
     def k_star(model, tokenizer, prompt, subject, layer, prefixes):
-        return rome.compute_k_star(model, tokenizer, prompt, subject, layer, prefixes)
+        keys = []
+        for prefix in prefixes:
+            text = prefix + prompt.format(subject)
+            last = subject_span(tokenizer, text, subject, occurrence=-1)[1] - 1
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            keys.append(record(model, [("key", layer)], input_ids=ids)[("key", layer)][0, last])
+        return torch.stack(keys).mean(0)
 
     assert ex.check_k_star(k_star, model, tokenizer)
+    with pytest.raises(AssertionError, match="package's own implementation"):
+        ex.check_k_star(lambda *a: rome.compute_k_star(*a), model, tokenizer)
 
     def efficacy(model, tokenizer, case):
         r = case["requested_rewrite"]

@@ -1,15 +1,20 @@
-"""Check functions for the chapters' exercises, one module per chapter.
+"""Check functions for the chapters' exercises, one module per chapter, on one harness.
 
-Each `check_*` runs the student's function next to the package's reference on the same
-inputs and says what differs. An unfinished stub (raising NotImplementedError) only prints
-a reminder, so a chapter still runs from top to bottom before its exercises are done.
+Each `check_*` runs the student's function through `harness.call` (weights and inputs
+snapshotted and restored, a time limit, the package's own solution disabled), on several
+cases including one the chapter never shows, and compares with a reference. An unfinished
+stub (raising NotImplementedError) only prints a reminder and the check returns False, so
+a chapter still runs from top to bottom before its exercises are done. A wrong answer
+raises `harness.ExerciseError` (an AssertionError) whose message says what differs.
 """
 
-TODO = "Not implemented yet: fill in the stub above (the solution is in the dropdown below it)."
+TODO = ("Not implemented yet: fill in the stub above, then run this cell again until the check "
+        "prints 'Correct'.")
 
 
 def run_stub(fn, *args):
-    """fn(*args), or None after printing a reminder when fn is still an unfinished stub."""
+    """fn(*args), or None after printing a reminder when fn is still an unfinished stub
+    (kept for old notebooks; the checks use harness.call)."""
     try:
         return fn(*args)
     except NotImplementedError:
