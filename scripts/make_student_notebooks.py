@@ -33,7 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 OUT = BOOK / "exercises"
-REPO_BLOB = "https://colab.research.google.com/github/kn-tutorial/kn-tutorial/blob/main/"
+sys.path.insert(0, str(ROOT))
+from kn_tutorial.notebook import REPO  # noqa: E402  (the one place for the repository's name)
+
+REPO_BLOB = f"https://colab.research.google.com/github/{REPO}/blob/main/"
 
 SOLUTION = re.compile(r"<details>\s*<summary>\s*Solution\s*</summary>.*?</details>[ \t]*\n?", re.S | re.I)
 PYTHON_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)

@@ -53,9 +53,14 @@ def test_colab_install_is_pinned():
     assert N.COLAB_SPEC == f"kn_tutorial @ git+https://github.com/{N.REPO}@{N.RELEASE_TAG}"
     assert re.fullmatch(r"v\d+\.\d+\.\d+", N.RELEASE_TAG)
     assert N.COLAB_INSTALL == f'pip install -q "{N.COLAB_SPEC}"'
+    import kn_tutorial
+
+    assert N.RELEASE_TAG == f"v{kn_tutorial.__version__}"
+    # the version is written once: pyproject.toml reads it from kn_tutorial.__version__
     pyproject = (ROOT / "pyproject.toml").read_text()
-    version = re.search(r'^version\s*=\s*"([^"]+)"', pyproject, re.M).group(1)
-    assert N.RELEASE_TAG == f"v{version}", "bump RELEASE_TAG with the version in pyproject.toml"
+    assert 'dynamic = ["version"]' in pyproject, "pyproject.toml should not repeat the version"
+    assert re.search(r'^version\s*=\s*\{\s*attr\s*=\s*"kn_tutorial.__version__"\s*\}', pyproject, re.M)
+    assert N.INSTALL_CELL.splitlines()[-1] == f"    %{N.COLAB_INSTALL}"
 
 
 def test_repo_url_agrees_with_book_config_and_readme():
@@ -73,6 +78,20 @@ def test_repo_url_agrees_with_book_config_and_readme():
 
 def _book_notebooks():
     return sorted(p for p in (ROOT / "book").glob("*.ipynb"))
+
+
+def _all_notebooks():
+    return _book_notebooks() + sorted((ROOT / "book" / "exercises").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", _all_notebooks(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_install_cell_is_the_generated_one(path):
+    """Every chapter and student notebook opens with kn_tutorial.notebook.INSTALL_CELL exactly
+    (scripts/release.py writes it; run that, or copy INSTALL_CELL, after changing it)."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    first_code = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    src = "".join(first_code["source"])
+    assert src.startswith(N.INSTALL_CELL), f"{path.name}: the setup cell starts with\n{src[:300]}"
 
 
 @pytest.mark.parametrize("path", _book_notebooks(), ids=lambda p: p.name)
