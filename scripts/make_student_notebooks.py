@@ -11,7 +11,8 @@ student version is the same notebook with
 
 * every solution dropdown replaced by a one-line note (the text around it stays);
 * every output and execution count cleared (students run it themselves);
-* the Colab badge pointing at the student version, and a first cell saying what it is.
+* the Colab badge pointing at the student version, and a first cell saying what it is;
+* relative links to the book's pages pointing one folder up, at the chapters in book/.
 
 The output is deterministic (same chapters -> byte-identical files), and stale student
 notebooks of chapters that no longer have exercises are deleted. `tests/test_exercises.py`
@@ -41,6 +42,9 @@ REPO_BLOB = f"https://colab.research.google.com/github/{REPO}/blob/main/"
 SOLUTION = re.compile(r"<details>\s*<summary>\s*Solution\s*</summary>.*?</details>[ \t]*\n?", re.S | re.I)
 PYTHON_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
 REMOVED = "*The solution is removed from the student version; it is under this exercise in the full chapter.*\n"
+# A relative link of a chapter ("[chapter 5](05_causal_tracing.ipynb)", "[notation](notation.md)"),
+# which from book/exercises/ must go one folder up.
+RELATIVE_LINK = re.compile(r"\]\((?![a-z]+:|#|/|\.\./)([^)\s]+\.(?:ipynb|md)(?:#[^)\s]*)?)\)")
 README = """# Student notebooks (generated: do not edit)
 
 Each notebook here is a chapter of the book with the exercise solutions removed and the
@@ -118,6 +122,7 @@ def student_version(notebook: dict, chapter: str) -> dict:
         text = source(cell)
         if cell["cell_type"] == "markdown":
             text = SOLUTION.sub(REMOVED, text).replace(chapter_url, student_url)
+            text = RELATIVE_LINK.sub(r"](../\1)", text)
             if not text.strip():
                 continue
         elif cell["cell_type"] == "code":

@@ -107,3 +107,27 @@ def test_chapter_notebook_conventions(path):
             assert re.search(r"^#\s*skip-reason:\s*\S", src, re.M), (
                 f"{path.name}: a cell tagged nbval-skip needs a '# skip-reason: ...' line:\n{src[:200]}"
             )
+
+
+# {cite:t}`key`, {doc}`page`, ... and ```{directive} fences: Jupyter Book renders them, Colab and
+# plain Jupyter show them raw. scripts/plain_markdown.py writes them as plain Markdown.
+MYST_ROLE = re.compile(r"\{[a-z]+(?::[a-z]+)?\}`[^`]*`|^(?:`{3,}|:{3,})\{[\w-]+\}", re.M)
+
+
+@pytest.mark.parametrize("path", _all_notebooks(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_myst_roles_in_notebooks(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for index, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "markdown":
+            found = MYST_ROLE.findall("".join(cell["source"]))
+            assert not found, (f"{path.name} cell {index} uses MyST syntax that Colab shows raw: {found[:3]}; "
+                               "run python scripts/plain_markdown.py")
+
+
+def test_relative_links_resolve():
+    """Links between the book's pages point at files that exist (from book/exercises/, one folder up)."""
+    for path in _all_notebooks():
+        text = "".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+                       if c["cell_type"] == "markdown")
+        for target in re.findall(r"\]\((?![a-z]+:|#)([^)\s#]+\.(?:ipynb|md))", text):
+            assert (path.parent / target).is_file(), f"{path.name}: broken link {target}"
