@@ -39,6 +39,7 @@ __all__ = [
     "gpu_offer",
     "model_name",
     "setup",
+    "claim",
     "colab_url",
     "colab_badge",
 ]
@@ -155,6 +156,29 @@ def setup(seed: int = 0, offer: bool = True) -> str:
     if text:
         print(text)
     return model_name()
+
+
+def claim(text: str, condition, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> bool:
+    """Check a claim the chapter's text makes about particular models (Atlas by default).
+
+    A chapter's prose quotes numbers that hold for Atlas (its 8 layers, its tables in
+    ``kn_tutorial.book_data``). On the models in ``models`` the claim is checked: ``condition``
+    (a bool, or a callable returning one) must be true, or AssertionError is raised with
+    ``text``, so the notebook fails under ``pytest`` when the prose stops being true. On any
+    other model (``KN_MODEL``: a hub model, a local folder) the claim is not checked and a note
+    says so, visibly: "skipped on gpt2-xl: this claim is about atlas: ...". Pass a callable for
+    a condition that only makes sense on those models (it then is not even evaluated elsewhere).
+    Returns True when checked and true, False when skipped.
+    """
+    name = model_name()
+    if name not in models:
+        about = " and ".join(models)
+        print(f"skipped on {name}: this claim is about {about}: {text}")
+        return False
+    holds = condition() if callable(condition) else condition
+    if not holds:
+        raise AssertionError(text)
+    return True
 
 
 def colab_url(notebook_path: str, branch: str = "main") -> str:

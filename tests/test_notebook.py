@@ -37,6 +37,23 @@ def test_setup_seeds_and_reads_model(monkeypatch):
         assert N.setup() == "gpt2-xl"
 
 
+def test_claim_checks_on_its_models_and_says_when_skipped(monkeypatch, capsys):
+    monkeypatch.delenv("KN_MODEL", raising=False)
+    assert N.claim("two is more than one", 2 > 1) is True
+    with pytest.raises(AssertionError, match="Atlas has 8 layers"):
+        N.claim("Atlas has 8 layers", False)
+    with pytest.raises(AssertionError, match="lazy"):
+        N.claim("lazy", lambda: False)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("KN_MODEL", "gpt2-xl")
+    called = []
+    assert N.claim("Atlas has 8 layers", lambda: called.append(1) or False) is False
+    assert not called  # not evaluated on a model it is not about
+    assert capsys.readouterr().out == "skipped on gpt2-xl: this claim is about atlas: Atlas has 8 layers\n"
+    with pytest.raises(AssertionError):
+        N.claim("GPT-2 XL has 48 layers", False, models=("gpt2-xl",))
+
+
 def test_colab_badge():
     url = "https://colab.research.google.com/github/kn-tutorial/kn-tutorial/blob/main/book/06_rome.ipynb"
     assert N.colab_url("book/06_rome.ipynb") == url
