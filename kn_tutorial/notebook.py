@@ -172,7 +172,7 @@ def claim(text: str, condition, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> b
     """
     name = model_name()
     if name not in models:
-        about = " and ".join(models)
+        about = " and ".join("Atlas" if m == DEFAULT_MODEL else m for m in models)
         print(f"skipped on {name}: this claim is about {about}: {text}")
         return False
     holds = condition() if callable(condition) else condition

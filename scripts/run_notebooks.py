@@ -43,6 +43,7 @@ print({MARK!r} + _json.dumps({{
     "dtype": str(_params.dtype) if _params is not None else None,
     "cuda_peak_gb": round(_torch.cuda.max_memory_allocated() / 1e9, 3) if _cuda else None,
     "gpu": _torch.cuda.get_device_name(0) if _cuda else None,
+    "kn_tutorial": getattr(_sys.modules.get("kn_tutorial"), "__file__", None),
 }}))
 """
 

@@ -49,7 +49,7 @@ def test_claim_checks_on_its_models_and_says_when_skipped(monkeypatch, capsys):
     called = []
     assert N.claim("Atlas has 8 layers", lambda: called.append(1) or False) is False
     assert not called  # not evaluated on a model it is not about
-    assert capsys.readouterr().out == "skipped on gpt2-xl: this claim is about atlas: Atlas has 8 layers\n"
+    assert capsys.readouterr().out == "skipped on gpt2-xl: this claim is about Atlas: Atlas has 8 layers\n"
     with pytest.raises(AssertionError):
         N.claim("GPT-2 XL has 48 layers", False, models=("gpt2-xl",))
 
@@ -148,3 +148,21 @@ def test_relative_links_resolve():
                        if c["cell_type"] == "markdown")
         for target in re.findall(r"\]\((?![a-z]+:|#)([^)\s#]+\.(?:ipynb|md))", text):
             assert (path.parent / target).is_file(), f"{path.name}: broken link {target}"
+
+
+@pytest.mark.parametrize("path", _book_notebooks(), ids=lambda p: p.name)
+def test_every_chapter_assert_says_what_was_expected(path):
+    """A failing check names the claim: `assert cond, "what should hold"`, or `claim(text, cond)`
+    for a claim about Atlas's numbers (kn_tutorial.notebook.claim)."""
+    import ast
+
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for index, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        src = re.sub(r"^(\s*)[%!].*$", r"\1pass", "".join(cell["source"]), flags=re.M)  # IPython magics
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Assert):
+                assert node.msg is not None, (
+                    f"{path.name} cell {index}: `{ast.get_source_segment(src, node)[:100]}` fails without saying "
+                    "what was expected; add a message")
