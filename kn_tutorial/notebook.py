@@ -166,7 +166,7 @@ def claim(text: str, condition, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> b
     (a bool, or a callable returning one) must be true, or AssertionError is raised with
     ``text``, so the notebook fails under ``pytest`` when the prose stops being true. On any
     other model (``KN_MODEL``: a hub model, a local folder) the claim is not checked and a note
-    says so, visibly: "skipped on gpt2-xl: this claim is about atlas: ...". Pass a callable for
+    says so, visibly: "skipped on gpt2-xl: this claim is about Atlas: ...". Pass a callable for
     a condition that only makes sense on those models (it then is not even evaluated elsewhere).
     Returns True when checked and true, False when skipped.
     """

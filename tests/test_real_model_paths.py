@@ -83,6 +83,6 @@ def test_chapter_runs_on_a_tiny_random_gpt2(path, tiny_gpt2, tmp_path, monkeypat
     assert row["status"] == "ok", f"{path.name} on a tiny random GPT-2: {row['error']}"
     assert row["model"] == str(tiny_gpt2), f"the chapter ran on {row['model']!r}, not on KN_MODEL"
     executed = json.loads((tmp_path / "executed" / path.name).read_text())
-    text = "".join(o.get("text", "") for c in executed["cells"] for o in c.get("outputs", []))
+    text = "".join("".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", []))
     if "claim(" in "".join("".join(c["source"]) for c in executed["cells"]):
         assert f"skipped on {tiny_gpt2}: this claim is about Atlas" in text, "claims about Atlas must say they are skipped"
