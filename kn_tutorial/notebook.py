@@ -1,10 +1,7 @@
 """Helpers for the setup cell at the top of every chapter notebook.
 
-A chapter starts with::
-
-    import sys
-    if "google.colab" in sys.modules:  # installs the pinned package, Colab only
-        %pip install -q "kn_tutorial @ git+https://github.com/kn-tutorial/kn-tutorial@v0.1.0"
+A chapter's setup cell starts with ``INSTALL_CELL`` (the pinned install, on Colab only),
+then::
 
     from kn_tutorial.notebook import setup
     MODEL_NAME = setup(seed=0)  # "atlas" unless KN_MODEL says otherwise
@@ -13,10 +10,11 @@ On a GPU runtime (Colab with a T4, say) ``setup`` also prints which real models 
 chapter can run on instead of Atlas (``gpu_offer``): gpt2-medium and gpt2-xl fit a T4,
 GPT-J needs 24 GB or more. The choice is read from ``KN_MODEL``; on a CPU nothing is printed.
 
-The install line cannot come from this module (on Colab the module is not there
-yet), so it is written out in each notebook as ``"%" + COLAB_INSTALL``;
-``COLAB_SPEC`` below is the one place that says what it must be, and
-``tests/test_notebook.py`` checks the notebooks against it.
+The install lines cannot come from this module (on Colab the module is not there
+yet), so they are written out in each notebook. ``INSTALL_CELL`` below is the one place
+that says what they are: the package at the release tag ``v{__version__}`` from the
+repository ``REPO``. ``scripts/release.py`` writes it into every chapter and student
+notebook and creates that tag; ``tests/test_notebook.py`` checks every notebook against it.
 """
 
 from __future__ import annotations
@@ -25,12 +23,15 @@ import os
 import random
 import sys
 
+from . import __version__
+
 __all__ = [
     "REPO",
     "REPO_URL",
     "RELEASE_TAG",
     "COLAB_SPEC",
     "COLAB_INSTALL",
+    "INSTALL_CELL",
     "DEFAULT_MODEL",
     "GPU_MODELS",
     "GPTJ_MIN_GB",
@@ -38,6 +39,7 @@ __all__ = [
     "gpu_offer",
     "model_name",
     "setup",
+    "claim",
     "colab_url",
     "colab_badge",
 ]
@@ -46,12 +48,19 @@ __all__ = [
 #: ``_config.yml`` and the links in README.md (a test checks all three).
 REPO = "kn-tutorial/kn-tutorial"
 REPO_URL = f"https://github.com/{REPO}"
-#: The release tag Colab installs; bump it together with ``version`` in pyproject.toml.
-RELEASE_TAG = "v0.1.0"
+#: The release tag Colab installs: the package's version (``kn_tutorial.__version__``, which
+#: pyproject.toml reads too), tagged by ``scripts/release.py``.
+RELEASE_TAG = f"v{__version__}"
 #: The pip requirement the Colab setup cell installs: the package at the release tag.
 COLAB_SPEC = f"kn_tutorial @ git+{REPO_URL}@{RELEASE_TAG}"
 #: The install command of the Colab setup cell (run there as ``%pip install ...``).
 COLAB_INSTALL = f'pip install -q "{COLAB_SPEC}"'
+#: The first lines of every notebook's setup cell, exactly (``scripts/release.py`` writes them).
+INSTALL_CELL = (
+    "import sys\n"
+    'if "google.colab" in sys.modules:  # installs the pinned release of the package, on Colab only\n'
+    f"    %{COLAB_INSTALL}\n"
+)
 
 DEFAULT_MODEL = "atlas"
 #: Real models offered on a GPU runtime: name -> (parameters, GPU memory of float32 weights).
@@ -147,6 +156,29 @@ def setup(seed: int = 0, offer: bool = True) -> str:
     if text:
         print(text)
     return model_name()
+
+
+def claim(text: str, condition, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> bool:
+    """Check a claim the chapter's text makes about particular models (Atlas by default).
+
+    A chapter's prose quotes numbers that hold for Atlas (its 8 layers, its tables in
+    ``kn_tutorial.book_data``). On the models in ``models`` the claim is checked: ``condition``
+    (a bool, or a callable returning one) must be true, or AssertionError is raised with
+    ``text``, so the notebook fails under ``pytest`` when the prose stops being true. On any
+    other model (``KN_MODEL``: a hub model, a local folder) the claim is not checked and a note
+    says so, visibly: "skipped on gpt2-xl: this claim is about Atlas: ...". Pass a callable for
+    a condition that only makes sense on those models (it then is not even evaluated elsewhere).
+    Returns True when checked and true, False when skipped.
+    """
+    name = model_name()
+    if name not in models:
+        about = " and ".join("Atlas" if m == DEFAULT_MODEL else m for m in models)
+        print(f"skipped on {name}: this claim is about {about}: {text}")
+        return False
+    holds = condition() if callable(condition) else condition
+    if not holds:
+        raise AssertionError(text)
+    return True
 
 
 def colab_url(notebook_path: str, branch: str = "main") -> str:

@@ -42,14 +42,21 @@ HPARAMS_DIR = Path(__file__).parent / "hparams" / "rome"
 
 def read_hparams(directory: Path, name: str, method: str, example: str) -> dict:
     """The JSON of `directory/<model name>.json` as a dict (its "_comment" dropped), with a clear
-    error listing the known models when there is none. The shipped Atlas model is "atlas"."""
+    error listing the known models when there is none. The shipped Atlas model is "atlas".
+
+    A model in a local folder may carry its own: `<folder>/<method>_hparams.json` (e.g.
+    `rome_hparams.json`) is read first when `name` is that folder."""
     name = str(name).rstrip("/")
     if name.endswith("atlas/model"):  # the shipped Atlas model's _name_or_path is its folder
         name = "atlas"
     path = directory / f"{Path(name).name}.json"
+    own = Path(name).expanduser() / f"{method.lower()}_hparams.json"
+    if name != "atlas" and own.is_file():
+        path = own
     if not path.exists():
         known = sorted(p.stem for p in directory.glob("*.json"))
-        raise ValueError(f"no {method} hyper-parameters for {name!r}; known: {known}. Pass {example} yourself.")
+        raise ValueError(f"no {method} hyper-parameters for {name!r}; known: {known}, or a local model folder's "
+                         f"{method.lower()}_hparams.json. Pass {example} yourself.")
     data = json.loads(path.read_text())
     data.pop("_comment", None)
     return data

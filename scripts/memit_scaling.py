@@ -1,7 +1,7 @@
 """The scaling curve of Meng et al. (2023), figure 5, on Atlas-CounterFact: edit n facts at once
 with MEMIT, one after another with ROME, or by fine-tuning, and score ES/PS/NS/S and fluency.
 
-    OMP_NUM_THREADS=1 python scripts/memit_scaling.py                 # writes book/data/memit_scaling.json
+    OMP_NUM_THREADS=1 python scripts/memit_scaling.py                 # writes kn_tutorial/book_data/memit_scaling.json
     python scripts/memit_scaling.py --sizes 1 10 100 --eval-cases 100  # a quick look
 
 The n edited cases are the first n of one seeded permutation of all cases (so the sets are nested,
@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kn_tutorial import memit, rome  # noqa: E402
+from kn_tutorial import book_data, memit, rome  # noqa: E402
 from kn_tutorial.atlas.counterfact import load_counterfact  # noqa: E402
 from kn_tutorial.evaluation import (  # noqa: E402
     evaluate_cases, ngram_entropy, summarize, without_edited_neighbours)
@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prefix-ablation", nargs="*", default=[],
                         help='also edit the largest size <= 1000 with keys and targets averaged over these random '
                              'prefixes ("length,count"), e.g. "10,5" (the paper\'s recipe; new targets)')
-    parser.add_argument("--out", default=str(ROOT / "book" / "data" / "memit_scaling.json"))
+    parser.add_argument("--out", default=str(book_data.path("memit_scaling")))
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine these runs of the script (the first is the base) into --out, and stop")
     parser.add_argument("--note", action="append", default=[], help="with --merge: a note to keep in the file")

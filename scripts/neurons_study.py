@@ -2,7 +2,7 @@
 
 Integrated gradients over every prompt of 200 facts (40 per relation) takes minutes on a
 CPU, longer than the chapter may run under nbval, so this script computes the refinement
-once and writes book/data/neurons_study.json; the chapter loads it, recomputes a sample
+once and writes kn_tutorial/book_data/neurons_study.json; the chapter loads it, recomputes a sample
 live and asserts that it agrees. Steps, all through kn_tutorial.neurons:
 
   1. sample 40 facts per relation (seeded), keep those the model recalls greedily;
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from kn_tutorial import book_data
 from kn_tutorial import neurons as N
 from kn_tutorial.atlas.counterfact import load_counterfact
 from kn_tutorial.atlas.templates import TEMPLATES, fill
@@ -92,7 +93,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=ROOT / "book" / "data" / "neurons_study.json")
+    parser.add_argument("--out", type=Path, default=book_data.path("neurons_study"))
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     started = time.time()

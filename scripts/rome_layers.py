@@ -6,7 +6,7 @@ the clamp), and ES/PS/NS/S of the edits (each undone before the next). Chapter 6
 
     OMP_NUM_THREADS=1 nice -n 19 python scripts/rome_layers.py --n 50
     python scripts/rome_layers.py --n 100 --configs '{"paper": {}, "clamp 10": {"clamp_norm_factor": 10}}'
-Writes book/data/rome_layers.json.
+Writes kn_tutorial/book_data/rome_layers.json.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from kn_tutorial import book_data
 from kn_tutorial.atlas.rome_check import sample_cases
 from kn_tutorial.evaluation import evaluate_cases, summarize
 from kn_tutorial.models import load_model, n_layers
@@ -25,7 +26,7 @@ from kn_tutorial.progress import progress
 from kn_tutorial.rome import RomeHparams, edit, sample_prefixes
 from kn_tutorial.stats import second_moment
 
-OUT = Path(__file__).resolve().parents[1] / "book" / "data" / "rome_layers.json"
+OUT = book_data.path("rome_layers")
 
 
 def main(argv=None) -> dict:

@@ -11,7 +11,7 @@ when it exists); ROME (`kn_tutorial.rome.edit`).
     OMP_NUM_THREADS=1 nice -n 19 python scripts/rome_table.py            # 200 cases, seed 0
     python scripts/rome_table.py --n 50 --methods ROME --out /tmp/t.json
 
-Writes book/data/rome_table.json (summaries, every case's row, settings, timings); chapter 6 loads it.
+Writes kn_tutorial/book_data/rome_table.json (summaries, every case's row, settings, timings); chapter 6 loads it.
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
+from kn_tutorial import book_data
 from kn_tutorial.atlas.rome_check import sample_cases
 from kn_tutorial.evaluation import comparison_table, evaluate_editor, standard_editors, summarize
 from kn_tutorial.models import load_model
 from kn_tutorial.rome import RomeHparams
 from kn_tutorial.stats import model_fingerprint
 
-OUT = Path(__file__).resolve().parents[1] / "book" / "data" / "rome_table.json"
+OUT = book_data.path("rome_table")
 METHODS = ("unedited", "FT", "FT+L", "KN", "ROME")
 
 

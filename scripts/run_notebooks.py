@@ -43,6 +43,7 @@ print({MARK!r} + _json.dumps({{
     "dtype": str(_params.dtype) if _params is not None else None,
     "cuda_peak_gb": round(_torch.cuda.max_memory_allocated() / 1e9, 3) if _cuda else None,
     "gpu": _torch.cuda.get_device_name(0) if _cuda else None,
+    "kn_tutorial": getattr(_sys.modules.get("kn_tutorial"), "__file__", None),
 }}))
 """
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run chapter notebooks with nbclient and time them.")
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every book/0*.ipynb")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "_build" / "notebook_run")))
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per cell (nbval's setting)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell (nbval's setting)")
     parser.add_argument("--run-skipped", action="store_true", help="also run cells tagged nbval-skip")
     parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1: clean timings)")
     parser.add_argument("--summary", type=Path, help="summary file (default OUT/summary.txt)")

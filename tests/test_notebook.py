@@ -37,6 +37,23 @@ def test_setup_seeds_and_reads_model(monkeypatch):
         assert N.setup() == "gpt2-xl"
 
 
+def test_claim_checks_on_its_models_and_says_when_skipped(monkeypatch, capsys):
+    monkeypatch.delenv("KN_MODEL", raising=False)
+    assert N.claim("two is more than one", 2 > 1) is True
+    with pytest.raises(AssertionError, match="Atlas has 8 layers"):
+        N.claim("Atlas has 8 layers", False)
+    with pytest.raises(AssertionError, match="lazy"):
+        N.claim("lazy", lambda: False)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("KN_MODEL", "gpt2-xl")
+    called = []
+    assert N.claim("Atlas has 8 layers", lambda: called.append(1) or False) is False
+    assert not called  # not evaluated on a model it is not about
+    assert capsys.readouterr().out == "skipped on gpt2-xl: this claim is about Atlas: Atlas has 8 layers\n"
+    with pytest.raises(AssertionError):
+        N.claim("GPT-2 XL has 48 layers", False, models=("gpt2-xl",))
+
+
 def test_colab_badge():
     url = "https://colab.research.google.com/github/kn-tutorial/kn-tutorial/blob/main/book/06_rome.ipynb"
     assert N.colab_url("book/06_rome.ipynb") == url
@@ -53,9 +70,14 @@ def test_colab_install_is_pinned():
     assert N.COLAB_SPEC == f"kn_tutorial @ git+https://github.com/{N.REPO}@{N.RELEASE_TAG}"
     assert re.fullmatch(r"v\d+\.\d+\.\d+", N.RELEASE_TAG)
     assert N.COLAB_INSTALL == f'pip install -q "{N.COLAB_SPEC}"'
+    import kn_tutorial
+
+    assert N.RELEASE_TAG == f"v{kn_tutorial.__version__}"
+    # the version is written once: pyproject.toml reads it from kn_tutorial.__version__
     pyproject = (ROOT / "pyproject.toml").read_text()
-    version = re.search(r'^version\s*=\s*"([^"]+)"', pyproject, re.M).group(1)
-    assert N.RELEASE_TAG == f"v{version}", "bump RELEASE_TAG with the version in pyproject.toml"
+    assert 'dynamic = ["version"]' in pyproject, "pyproject.toml should not repeat the version"
+    assert re.search(r'^version\s*=\s*\{\s*attr\s*=\s*"kn_tutorial.__version__"\s*\}', pyproject, re.M)
+    assert N.INSTALL_CELL.splitlines()[-1] == f"    %{N.COLAB_INSTALL}"
 
 
 def test_repo_url_agrees_with_book_config_and_readme():
@@ -75,6 +97,20 @@ def _book_notebooks():
     return sorted(p for p in (ROOT / "book").glob("*.ipynb"))
 
 
+def _all_notebooks():
+    return _book_notebooks() + sorted((ROOT / "book" / "exercises").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", _all_notebooks(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_install_cell_is_the_generated_one(path):
+    """Every chapter and student notebook opens with kn_tutorial.notebook.INSTALL_CELL exactly
+    (scripts/release.py writes it; run that, or copy INSTALL_CELL, after changing it)."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    first_code = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    src = "".join(first_code["source"])
+    assert src.startswith(N.INSTALL_CELL), f"{path.name}: the setup cell starts with\n{src[:300]}"
+
+
 @pytest.mark.parametrize("path", _book_notebooks(), ids=lambda p: p.name)
 def test_chapter_notebook_conventions(path):
     """Colab install pinned to COLAB_SPEC; every nbval-skip cell says why."""
@@ -88,3 +124,45 @@ def test_chapter_notebook_conventions(path):
             assert re.search(r"^#\s*skip-reason:\s*\S", src, re.M), (
                 f"{path.name}: a cell tagged nbval-skip needs a '# skip-reason: ...' line:\n{src[:200]}"
             )
+
+
+# {cite:t}`key`, {doc}`page`, ... and ```{directive} fences: Jupyter Book renders them, Colab and
+# plain Jupyter show them raw. scripts/plain_markdown.py writes them as plain Markdown.
+MYST_ROLE = re.compile(r"\{[a-z]+(?::[a-z]+)?\}`[^`]*`|^(?:`{3,}|:{3,})\{[\w-]+\}", re.M)
+
+
+@pytest.mark.parametrize("path", _all_notebooks(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_myst_roles_in_notebooks(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for index, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "markdown":
+            found = MYST_ROLE.findall("".join(cell["source"]))
+            assert not found, (f"{path.name} cell {index} uses MyST syntax that Colab shows raw: {found[:3]}; "
+                               "run python scripts/plain_markdown.py")
+
+
+def test_relative_links_resolve():
+    """Links between the book's pages point at files that exist (from book/exercises/, one folder up)."""
+    for path in _all_notebooks():
+        text = "".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+                       if c["cell_type"] == "markdown")
+        for target in re.findall(r"\]\((?![a-z]+:|#)([^)\s#]+\.(?:ipynb|md))", text):
+            assert (path.parent / target).is_file(), f"{path.name}: broken link {target}"
+
+
+@pytest.mark.parametrize("path", _book_notebooks(), ids=lambda p: p.name)
+def test_every_chapter_assert_says_what_was_expected(path):
+    """A failing check names the claim: `assert cond, "what should hold"`, or `claim(text, cond)`
+    for a claim about Atlas's numbers (kn_tutorial.notebook.claim)."""
+    import ast
+
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for index, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        src = re.sub(r"^(\s*)[%!].*$", r"\1pass", "".join(cell["source"]), flags=re.M)  # IPython magics
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Assert):
+                assert node.msg is not None, (
+                    f"{path.name} cell {index}: `{ast.get_source_segment(src, node)[:100]}` fails without saying "
+                    "what was expected; add a message")
