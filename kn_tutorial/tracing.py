@@ -27,8 +27,10 @@ hooks write the clean states into the chosen (row, position) pairs with index te
 rows are chunked by `batch_size` to bound memory. Prompts of the same token length share
 batches (no padding), and only the last position's logits are computed. Attention is causal,
 so a restoration at token t cannot change tokens before t: a row restoring token t starts
-at t, reading the keys and values of tokens 0..t-1 from the corrupted run (a KV cache),
-which halves the work. Restoring a state before the subject changes nothing at all (the
+at t, reading the keys and values of tokens 0..t-1 from the corrupted run (a KV cache).
+Nor can it change anything below its layer: a row restoring layer l runs only blocks from
+l (from l + 1 for a hidden state, which is the input of block l + 1), starting from the
+corrupted run's input of that block (suffix.run_from_block). Restoring a state before the subject changes nothing at all (the
 noise has not reached it), nor does restoring a last-layer state of any token but the last
 (no later layer reads it): those cells are the corrupted probability without a pass. The
 noise of a prompt depends only on the seed and the prompt's tokens: a prompt gets the same
@@ -41,7 +43,6 @@ noise alone or in a batch.
 """
 from __future__ import annotations
 
-import inspect
 import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -49,12 +50,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from .hooks import Recorder, patch
 from .models import embedding_matrix, get_device, n_layers
 from .progress import progress_bar
 from .scoring import target_ids
+from .suffix import run_from_block
 from .tokens import subject_span
 
 KINDS = ("hidden", "mlp", "attn")
@@ -143,27 +144,16 @@ class _Group:
     clean_states: list[Tensor]   # L x [n, T, d_model], the restored site
     frozen_states: list[Tensor] | None  # L x [n, S, T, d_model] corrupted sever site, or None
     corrupted_kv: list[tuple[Tensor, Tensor]]  # per layer (keys, values) of the corrupted runs, rows (i, j)
+    corrupted_inputs: list[Tensor]  # L+1 x [n*S, T, d_model]: input of block l (l = L: of the final norm)
 
     @property
     def samples(self) -> int:
         return self.noise.shape[1]
 
 
-def _cache_kwarg(model) -> str:
-    """The forward keyword of the key-value cache: `cache` in transformers >= 5.2x, else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _output_cache(output):
     cache = getattr(output, "cache", None)
     return output.past_key_values if cache is None else cache
-
-
-def _last_probs(model, input_ids: Tensor, targets: Tensor, past=None) -> Tensor:
-    """P(target | prompt) at the last position for each row: [rows] float32."""
-    extra = {} if past is None else {_cache_kwarg(model): past}
-    logits = model(input_ids=input_ids, use_cache=past is not None, logits_to_keep=1, **extra).logits[:, -1]
-    return torch.softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
 
 
 def _writer(rows: Tensor, pos: Tensor, values: Tensor):
@@ -173,6 +163,11 @@ def _writer(rows: Tensor, pos: Tensor, values: Tensor):
         out[rows, pos] = values.to(act.dtype)
         return out
     return write
+
+
+def _INPUT_SITES(L: int) -> list[tuple[str, int]]:
+    """The input of every block (the noise included at block 0), then the last block's output."""
+    return [("resid_pre", layer) for layer in range(L)] + [("hidden", L - 1)]
 
 
 def _chunks(total: int, batch_size: int):
@@ -215,23 +210,37 @@ def _prepare(model, input_ids: Tensor, spans: list[tuple[int, int]], targets: Te
     row_prompt = torch.arange(n, device=device).repeat_interleave(samples)  # rows (i, j), j fastest
     row_sample = torch.arange(samples, device=device).repeat(n)
     sever_site = None if sever is None else SITE_OF_KIND[sever]
-    corrupted, frozen, kv = [], [[] for _ in range(L)], []
+    corrupted, frozen, kv, inputs = [], [[] for _ in range(L)], [], []
     for sl in _chunks(n * samples, batch_size):
         p, j = row_prompt[sl], row_sample[sl]
         with ExitStack() as stack:
             stack.enter_context(patch(model, "resid_pre", 0, lambda x, e=eps[p, j]: x + e))
+            inputs_rec = stack.enter_context(Recorder(model, _INPUT_SITES(L)))
             if sever_site is not None:
                 rec = stack.enter_context(Recorder(model, [(sever_site, layer) for layer in range(L)]))
             out = model(input_ids=input_ids[p], use_cache=True, logits_to_keep=1)
         corrupted.append(torch.softmax(out.logits[:, -1].float(), -1).gather(1, targets[p][:, None])[:, 0])
         kv.append([(keys, values) for keys, values, *_ in _output_cache(out)])
+        inputs.append([inputs_rec[site] for site in _INPUT_SITES(L)])
         if sever_site is not None:
             for layer in range(L):
                 frozen[layer].append(rec[(sever_site, layer)])
     frozen_states = None if sever_site is None else [torch.cat(f).view(n, samples, T, -1) for f in frozen]
     corrupted_kv = [(torch.cat([c[i][0] for c in kv]), torch.cat([c[i][1] for c in kv])) for i in range(len(kv[0]))]
+    corrupted_inputs = [torch.cat([c[i] for c in inputs]) for i in range(L + 1)]
     return _Group(input_ids, targets, eps, torch.cat(clean_probs), torch.cat(corrupted).view(n, samples),
-                  clean_states, frozen_states, corrupted_kv)
+                  clean_states, frozen_states, corrupted_kv, corrupted_inputs)
+
+
+def _first_blocks(restore: Tensor, kind: str, frozen: Tensor | None) -> Tensor:
+    """[R] the first block each row has to run: the lowest layer it restores (a restored hidden
+    state of layer l is the input of block l + 1) or freezes; L when it changes nothing."""
+    R, L, _ = restore.shape
+    first = lambda mask: torch.where(mask.any(1), mask.int().argmax(1), L)  # noqa: E731  [R]
+    start = first(restore.any(-1)) + (1 if kind == "hidden" else 0)
+    if frozen is not None:
+        start = torch.minimum(start, first(frozen.any(-1)))
+    return start.clamp(max=L)
 
 
 @torch.no_grad()
@@ -244,10 +253,13 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     (layer, position) states of `kind` set to their clean values; frozen [R, L, T] marks the
     `sever` outputs held at their corrupted values (same prompt and noise sample).
 
-    start: the first position any row restores or freezes. Tokens before it see nothing
-    restored (attention is causal), so they are taken from the corrupted runs' keys and
-    values and only tokens start..T-1 are run; batches then hold more rows (batch_size * T /
-    (T - start)), the same number of tokens.
+    Only what a restoration can change is run (suffix.run_from_block). Tokens before `start`,
+    the first position any row restores or freezes, see nothing restored (attention is
+    causal): their keys and values come from the corrupted runs and only tokens start..T-1
+    run. Blocks below a row's first restored (or frozen) layer see nothing restored either:
+    rows are grouped by that block s, which starts from the corrupted run's input of block s
+    (a restored hidden state of layer s - 1 written into it). Batches hold about the same
+    number of (token, block) steps as batch_size full rows.
     """
     device, L = group.input_ids.device, n_layers(model)
     T = group.input_ids.shape[1]
@@ -256,30 +268,40 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     row_prompt, row_sample = row_prompt.to(device), row_sample.to(device)
     restore = restore[:, :, start:].to(device)
     frozen = None if frozen is None else frozen[:, :, start:].to(device)
-    out = []
-    for sl in _chunks(len(row_prompt), max(1, batch_size * T // (T - start))):
-        p, j = row_prompt[sl], row_sample[sl]
-        past = None
-        if start > 0:  # the corrupted runs' keys and values of tokens 0..start-1
+    first_block = _first_blocks(restore, kind, frozen)
+    out = torch.zeros(len(row_prompt), device=device)
+    for s in first_block.unique().tolist():
+        rows_s = (first_block == s).nonzero()[:, 0]
+        steps = max(1, (T - start) * max(1, L - s))
+        for sl in _chunks(len(rows_s), max(1, batch_size * T * L // steps)):
+            chunk = rows_s[sl]
+            p, j = row_prompt[chunk], row_sample[chunk]
             cached = p * group.samples + j
-            past = DynamicCache(ddp_cache_data=[(keys[cached, :, :start], values[cached, :, :start])
-                                                for keys, values in group.corrupted_kv])
-        with ExitStack() as stack:
-            stack.enter_context(patch(model, "resid_pre", 0, lambda x, e=group.noise[p, j, start:]: x + e))
-            for layer in range(L):
-                rows, pos = restore[sl, layer].nonzero(as_tuple=True)
-                if len(rows):
-                    values = group.clean_states[layer][p[rows], start + pos]  # [N, d]
-                    stack.enter_context(patch(model, SITE_OF_KIND[kind], layer, _writer(rows, pos, values)))
-                if frozen is not None:
-                    rows, pos = frozen[sl, layer].nonzero(as_tuple=True)
+            hidden = group.corrupted_inputs[s][cached, start:].clone()
+            if kind == "hidden" and s > 0:  # restored hidden states of layer s - 1 are the input of block s
+                rows, pos = restore[chunk, s - 1].nonzero(as_tuple=True)
+                hidden[rows, pos] = group.clean_states[s - 1][p[rows], start + pos].to(hidden.dtype)
+            past = None
+            if start > 0:  # the corrupted runs' keys and values of tokens 0..start-1, blocks s..
+                past = [None if layer < s else (keys[cached, :, :start], values[cached, :, :start])
+                        for layer, (keys, values) in enumerate(group.corrupted_kv)]
+            with ExitStack() as stack:
+                for layer in range(s, L):
+                    rows, pos = restore[chunk, layer].nonzero(as_tuple=True)
                     if len(rows):
-                        values = group.frozen_states[layer][p[rows], j[rows], start + pos]
-                        stack.enter_context(patch(model, SITE_OF_KIND[sever], layer, _writer(rows, pos, values)))
-            out.append(_last_probs(model, group.input_ids[p, start:], group.targets[p], past))
-        if bar is not None:
-            bar.update(sl.stop - sl.start)
-    return torch.cat(out) if out else torch.zeros(0, device=device)
+                        values = group.clean_states[layer][p[rows], start + pos]  # [N, d]
+                        stack.enter_context(patch(model, SITE_OF_KIND[kind], layer, _writer(rows, pos, values)))
+                    if frozen is not None:
+                        rows, pos = frozen[chunk, layer].nonzero(as_tuple=True)
+                        if len(rows):
+                            values = group.frozen_states[layer][p[rows], j[rows], start + pos]
+                            stack.enter_context(patch(model, SITE_OF_KIND[sever], layer, _writer(rows, pos, values)))
+                logits = run_from_block(model, s, hidden, past, torch.full((len(chunk),), start, device=device),
+                                        last_only=True)
+            out[chunk] = torch.softmax(logits.float(), -1).gather(1, group.targets[p][:, None])[:, 0]
+            if bar is not None:
+                bar.update(len(chunk))
+    return out
 
 
 def restore_states(model, input_ids: Tensor, span: tuple[int, int], restore: Tensor, target: int | None = None,

@@ -13,7 +13,7 @@ from tests.conftest import tiny_lm
 PROMPT, SUBJECT = "Kuwait lies on the continent of", "Kuwait"
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "gptj", "gpt_neox", "llama"])
 def lm(request):
     return tiny_lm(request.param)
 
