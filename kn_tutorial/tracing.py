@@ -511,6 +511,56 @@ def trace(model, tokenizer, prompt: str, subject: str, target: str | None = None
                  window=1 if kind == "hidden" else window, sever=sever, by_sample=grid.by_sample[0])
 
 
+@torch.no_grad()
+def trace_naive(model, tokenizer, prompt: str, subject: str, target: str | None = None, kind: str = "hidden",
+                samples: int = 10, noise: float = 3.0, window: int = 1, sever: str | None = None,
+                occurrence: int | None = None, seed: int = 0) -> Tensor:
+    """The definition run literally: [T, L, S] P_{*, clean state (t, l)}(o) for every token t, layer l
+    and noise sample j, each from its own full forward pass of the corrupted prompt (noise ε_j on
+    the subject) with the state(s) of (t, l) set to their clean values and, with `sever`, that
+    output at t in every later layer held at its corrupted value. No cache, no batching, no cell
+    skipped: the oracle `trace` is tested against, and the benchmark's baseline."""
+    _check_kind(kind, sever)
+    ids, span = _encode(tokenizer, prompt, subject, occurrence)
+    device, L, T = get_device(model), n_layers(model), len(ids)
+    input_ids = torch.tensor([ids], device=device)
+    site = SITE_OF_KIND[kind]
+    with Recorder(model, [(site, layer) for layer in range(L)]) as rec:
+        probs = torch.softmax(model(input_ids=input_ids).logits[0, -1].float(), -1)
+    target_id = _target_id(tokenizer, target)
+    target_id = int(probs.argmax()) if target_id < 0 else target_id
+    eps = subject_noise(input_ids[0], span, embedding_matrix(model).shape[1], samples, noise_level(model, noise), seed)
+    eps = eps.to(device=device, dtype=embedding_matrix(model).dtype)
+
+    def set_at(t: int, value: Tensor):
+        def write(act: Tensor) -> Tensor:
+            act = act.clone()
+            act[:, t] = value
+            return act
+        return write
+
+    out = torch.zeros(T, L, samples)
+    for j in range(samples):
+        with patch(model, "resid_pre", 0, lambda x, e=eps[j]: x + e):
+            frozen = {}
+            if sever is not None:
+                with Recorder(model, [(SITE_OF_KIND[sever], layer) for layer in range(L)]) as frozen_rec:
+                    model(input_ids=input_ids)
+                frozen = frozen_rec.activations
+            for t in range(T):
+                for layer in range(L):
+                    restored = [layer] if kind == "hidden" else list(window_layers(layer, window, L))
+                    with ExitStack() as stack:
+                        for k in restored:
+                            stack.enter_context(patch(model, site, k, set_at(t, rec[(site, k)][0, t])))
+                        for k in range(layer + 1, L) if sever is not None else ():
+                            stack.enter_context(patch(model, SITE_OF_KIND[sever], k,
+                                                      set_at(t, frozen[(SITE_OF_KIND[sever], k)][0, t])))
+                        logits = model(input_ids=input_ids, use_cache=False).logits[0, -1]
+                    out[t, layer, j] = torch.softmax(logits.float(), -1)[target_id].item()
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Many facts: average indirect effects by token role
 # --------------------------------------------------------------------------------------
