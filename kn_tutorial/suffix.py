@@ -136,3 +136,58 @@ def run_from_block(model: nn.Module, start: int, hidden: Tensor, past: list | No
 def _forward_params(model) -> set:
     import inspect
     return set(inspect.signature(model.forward).parameters)
+
+
+def _join_hook(new_rows: Tensor):
+    """Block pre-hook appending new_rows [n, M, d] to the batch of the block's input."""
+
+    def pre_hook(module, args, kwargs):
+        if args:
+            return (torch.cat([args[0], new_rows.to(args[0].dtype)]), *args[1:]), kwargs
+        hidden = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": torch.cat([hidden, new_rows.to(hidden.dtype)])}
+    return pre_hook
+
+
+def run_rows_from_blocks(model: nn.Module, starts: Tensor, hidden: Tensor, past: list | None, past_len: int,
+                         last_only: bool = False) -> Tensor:
+    """Like `run_from_block`, but row r starts at its own block starts[r], all rows in one pass.
+
+    starts [R] ascending; hidden [R, M, d]: row r's input of block starts[r]; past: per block
+    (keys, values) [R, H, P, hd] (P = past_len for every row, no padding; None for blocks below
+    starts[0]), or None when past_len = 0. The model runs from block starts[0] on the rows that
+    start there; a pre-hook on each later block appends the rows that start at it (rows enter
+    in order, so the batch at block b is rows 0..n_b - 1, those with starts <= b, and a hook
+    writing row r of a block's activation addresses it by r). Mask and positions are the same
+    for every row and broadcast over the batch. Returns [R, M, vocab] (or [R, vocab] last_only).
+    """
+    L = n_layers(model)
+    R, M, _ = hidden.shape
+    device = hidden.device
+    starts = starts.to(device)
+    if R == 0:
+        raise ValueError("no rows to run")
+    if bool((starts[1:] < starts[:-1]).any()) or not 0 <= int(starts[0]) <= int(starts[-1]) <= L:
+        raise ValueError(f"starts must be ascending block indices in 0..{L}")
+    first = int(starts[0])
+    present = [int((starts <= b).sum()) for b in range(L + 1)]  # rows in the batch at block b
+    cache = None
+    if past_len > 0:
+        cache = DynamicCache(ddp_cache_data=[
+            (None, None) if b < first else (past[b][0][:present[b]], past[b][1][:present[b]]) for b in range(L)])
+    P = past_len
+    mask = suffix_mask(torch.tensor([P], device=device), torch.tensor([M], device=device), P, M, hidden.dtype)
+    position_ids = P + torch.arange(M, device=device)[None, :]
+    kwargs = {} if cache is None else {("cache" if "cache" in _forward_params(model) else "past_key_values"): cache}
+    with ExitStack() as stack:
+        stack.enter_context(_feed(model, first, hidden[:present[first]]))
+        for b in range(first + 1, L + 1):
+            if present[b] > present[b - 1]:
+                module = _blocks(model)[b] if b < L else final_norm(model)
+                handle = module.register_forward_pre_hook(_join_hook(hidden[present[b - 1]:present[b]]),
+                                                          with_kwargs=True, prepend=True)
+                stack.callback(handle.remove)
+        stack.enter_context(only_blocks_from(model, first))  # last: hooks above are found by layer index
+        out = model(inputs_embeds=hidden[:present[first]].detach(), attention_mask=mask, position_ids=position_ids,
+                    use_cache=cache is not None, logits_to_keep=1 if last_only else 0, **kwargs)
+    return out.logits[:, -1] if last_only else out.logits

@@ -55,7 +55,7 @@ from .hooks import Recorder, patch
 from .models import embedding_matrix, get_device, n_layers
 from .progress import progress_bar
 from .scoring import target_ids
-from .suffix import run_from_block
+from .suffix import run_rows_from_blocks
 from .tokens import subject_span
 
 KINDS = ("hidden", "mlp", "attn")
@@ -257,9 +257,9 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     the first position any row restores or freezes, see nothing restored (attention is
     causal): their keys and values come from the corrupted runs and only tokens start..T-1
     run. Blocks below a row's first restored (or frozen) layer see nothing restored either:
-    rows are grouped by that block s, which starts from the corrupted run's input of block s
-    (a restored hidden state of layer s - 1 written into it). Batches hold about the same
-    number of (token, block) steps as batch_size full rows.
+    a row joins the pass at that block s (suffix.run_rows_from_blocks), with the corrupted
+    run's input of block s (a restored hidden state of layer s - 1 written into it). Batches
+    hold about the same number of (token, block) steps as batch_size full rows.
     """
     device, L = group.input_ids.device, n_layers(model)
     T = group.input_ids.shape[1]
@@ -269,38 +269,47 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     restore = restore[:, :, start:].to(device)
     frozen = None if frozen is None else frozen[:, :, start:].to(device)
     first_block = _first_blocks(restore, kind, frozen)
+    order = torch.argsort(first_block, stable=True)  # rows join the pass at their first block
+    steps = (T - start) * (L - first_block[order]).clamp(min=1)  # (token, block) steps of each row
+    budget = batch_size * T * L  # as many steps as batch_size full rows
     out = torch.zeros(len(row_prompt), device=device)
-    for s in first_block.unique().tolist():
-        rows_s = (first_block == s).nonzero()[:, 0]
-        steps = max(1, (T - start) * max(1, L - s))
-        for sl in _chunks(len(rows_s), max(1, batch_size * T * L // steps)):
-            chunk = rows_s[sl]
-            p, j = row_prompt[chunk], row_sample[chunk]
-            cached = p * group.samples + j
-            hidden = group.corrupted_inputs[s][cached, start:].clone()
+    begin = 0
+    while begin < len(order):
+        end = begin + max(1, int((steps[begin:].cumsum(0) <= budget).sum()))
+        chunk = order[begin:end]
+        begin = end
+        starts = first_block[chunk]
+        p, j = row_prompt[chunk], row_sample[chunk]
+        cached = p * group.samples + j
+        hidden = torch.empty(len(chunk), T - start, group.corrupted_inputs[0].shape[-1],
+                             dtype=group.corrupted_inputs[0].dtype, device=device)
+        for s in starts.unique().tolist():
+            at_s = (starts == s).nonzero()[:, 0]
+            hidden[at_s] = group.corrupted_inputs[s][cached[at_s], start:]
             if kind == "hidden" and s > 0:  # restored hidden states of layer s - 1 are the input of block s
-                rows, pos = restore[chunk, s - 1].nonzero(as_tuple=True)
-                hidden[rows, pos] = group.clean_states[s - 1][p[rows], start + pos].to(hidden.dtype)
-            past = None
-            if start > 0:  # the corrupted runs' keys and values of tokens 0..start-1, blocks s..
-                past = [None if layer < s else (keys[cached, :, :start], values[cached, :, :start])
-                        for layer, (keys, values) in enumerate(group.corrupted_kv)]
-            with ExitStack() as stack:
-                for layer in range(s, L):
-                    rows, pos = restore[chunk, layer].nonzero(as_tuple=True)
+                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
+                hidden[at_s[rows], pos] = group.clean_states[s - 1][p[at_s[rows]], start + pos].to(hidden.dtype)
+        past = None
+        if start > 0:  # the corrupted runs' keys and values of tokens 0..start-1
+            first = int(starts[0])
+            past = [None if layer < first else (keys[cached, :, :start], values[cached, :, :start])
+                    for layer, (keys, values) in enumerate(group.corrupted_kv)]
+        with ExitStack() as stack:
+            for layer in range(int(starts[0]), L):
+                present = starts <= layer  # the rows in the pass at this block (a prefix of the chunk)
+                rows, pos = (restore[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
+                if len(rows):
+                    values = group.clean_states[layer][p[rows], start + pos]  # [N, d]
+                    stack.enter_context(patch(model, SITE_OF_KIND[kind], layer, _writer(rows, pos, values)))
+                if frozen is not None:
+                    rows, pos = (frozen[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
                     if len(rows):
-                        values = group.clean_states[layer][p[rows], start + pos]  # [N, d]
-                        stack.enter_context(patch(model, SITE_OF_KIND[kind], layer, _writer(rows, pos, values)))
-                    if frozen is not None:
-                        rows, pos = frozen[chunk, layer].nonzero(as_tuple=True)
-                        if len(rows):
-                            values = group.frozen_states[layer][p[rows], j[rows], start + pos]
-                            stack.enter_context(patch(model, SITE_OF_KIND[sever], layer, _writer(rows, pos, values)))
-                logits = run_from_block(model, s, hidden, past, torch.full((len(chunk),), start, device=device),
-                                        last_only=True)
-            out[chunk] = torch.softmax(logits.float(), -1).gather(1, group.targets[p][:, None])[:, 0]
-            if bar is not None:
-                bar.update(len(chunk))
+                        values = group.frozen_states[layer][p[rows], j[rows], start + pos]
+                        stack.enter_context(patch(model, SITE_OF_KIND[sever], layer, _writer(rows, pos, values)))
+            logits = run_rows_from_blocks(model, starts, hidden, past, start, last_only=True)
+        out[chunk] = torch.softmax(logits.float(), -1).gather(1, group.targets[p][:, None])[:, 0]
+        if bar is not None:
+            bar.update(len(chunk))
     return out
 
 

@@ -54,3 +54,24 @@ def test_suffix_run_feeds_its_input(model):
     assert not torch.allclose(got, _full_run(model, ids, lengths)[0][:, 2:], atol=1e-3)
     with pytest.raises(ValueError, match="start block"):
         run_from_block(model, n_layers(model) + 1, inputs[0], None, past_len)
+
+
+def test_rows_joining_at_their_own_blocks_equal_the_full_run(model):
+    """run_rows_from_blocks: rows starting at blocks 0, 1, 1, 2 (= L: only the final norm) in one
+    pass, each from its own input, give the full run's logits; an edited input changes only its row."""
+    from kn_tutorial.suffix import run_rows_from_blocks
+    ids = torch.randint(0, 128, (4, 7), generator=torch.Generator().manual_seed(5))
+    logits, kv, inputs = _full_run(model, ids, torch.full((4,), 7))
+    starts, P = torch.tensor([0, 1, 1, 2]), 3
+    hidden = torch.stack([inputs[s][r, P:] for r, s in enumerate(starts.tolist())])
+    hidden[2, 0] += torch.randn(hidden.shape[-1], generator=torch.Generator().manual_seed(6))
+    past = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]
+    with torch.no_grad():
+        got = run_rows_from_blocks(model, starts, hidden, past, P)
+    for r in (0, 1, 3):
+        torch.testing.assert_close(got[r], logits[r, P:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[2], logits[2, P:], atol=1e-3)
+    assert count_hooks(model) == 0 and len(_blocks(model)) == n_layers(model)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the joining hooks are gone too
+    with pytest.raises(ValueError, match="ascending"):
+        run_rows_from_blocks(model, torch.tensor([1, 0, 1, 2]), hidden, past, P)
