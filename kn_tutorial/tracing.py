@@ -29,8 +29,10 @@ batches (no padding), and only the last position's logits are computed. Attentio
 so a restoration at token t cannot change tokens before t: a row restoring token t starts
 at t, reading the keys and values of tokens 0..t-1 from the corrupted run (a KV cache).
 Nor can it change anything below its layer: a row restoring layer l runs only blocks from
-l (from l + 1 for a hidden state, which is the input of block l + 1), starting from the
-corrupted run's input of that block (suffix.run_from_block). Restoring a state before the subject changes nothing at all (the
+l (from l + 1 for a hidden state, which is the input of block l + 1, and for an MLP output,
+which block l adds last to its output), starting from the corrupted run's input of that
+block; the rows of a token join one pass, each at its own block (suffix.run_rows_from_blocks).
+Restoring a state before the subject changes nothing at all (the
 noise has not reached it), nor does restoring a last-layer state of any token but the last
 (no later layer reads it): those cells are the corrupted probability without a pass. The
 noise of a prompt depends only on the seed and the prompt's tokens: a prompt gets the same
@@ -145,6 +147,7 @@ class _Group:
     frozen_states: list[Tensor] | None  # L x [n, S, T, d_model] corrupted sever site, or None
     corrupted_kv: list[tuple[Tensor, Tensor]]  # per layer (keys, values) of the corrupted runs, rows (i, j)
     corrupted_inputs: list[Tensor]  # L+1 x [n*S, T, d_model]: input of block l (l = L: of the final norm)
+    corrupted_states: list[Tensor] | None  # kind "mlp": L x [n*S, T, d_model] corrupted MLP outputs, else None
 
     @property
     def samples(self) -> int:
@@ -211,33 +214,36 @@ def _prepare(model, input_ids: Tensor, spans: list[tuple[int, int]], targets: Te
     row_sample = torch.arange(samples, device=device).repeat(n)
     sever_site = None if sever is None else SITE_OF_KIND[sever]
     corrupted, frozen, kv, inputs = [], [[] for _ in range(L)], [], []
+    mlp_sites = [("mlp_out", layer) for layer in range(L)] if kind == "mlp" else []
     for sl in _chunks(n * samples, batch_size):
         p, j = row_prompt[sl], row_sample[sl]
         with ExitStack() as stack:
             stack.enter_context(patch(model, "resid_pre", 0, lambda x, e=eps[p, j]: x + e))
-            inputs_rec = stack.enter_context(Recorder(model, _INPUT_SITES(L)))
+            inputs_rec = stack.enter_context(Recorder(model, _INPUT_SITES(L) + mlp_sites))
             if sever_site is not None:
                 rec = stack.enter_context(Recorder(model, [(sever_site, layer) for layer in range(L)]))
             out = model(input_ids=input_ids[p], use_cache=True, logits_to_keep=1)
         corrupted.append(torch.softmax(out.logits[:, -1].float(), -1).gather(1, targets[p][:, None])[:, 0])
         kv.append([(keys, values) for keys, values, *_ in _output_cache(out)])
-        inputs.append([inputs_rec[site] for site in _INPUT_SITES(L)])
+        inputs.append([inputs_rec[site] for site in _INPUT_SITES(L) + mlp_sites])
         if sever_site is not None:
             for layer in range(L):
                 frozen[layer].append(rec[(sever_site, layer)])
     frozen_states = None if sever_site is None else [torch.cat(f).view(n, samples, T, -1) for f in frozen]
     corrupted_kv = [(torch.cat([c[i][0] for c in kv]), torch.cat([c[i][1] for c in kv])) for i in range(len(kv[0]))]
-    corrupted_inputs = [torch.cat([c[i] for c in inputs]) for i in range(L + 1)]
+    recorded = [torch.cat([c[i] for c in inputs]) for i in range(len(inputs[0]))]
+    corrupted_inputs, corrupted_states = recorded[:L + 1], (recorded[L + 1:] if kind == "mlp" else None)
     return _Group(input_ids, targets, eps, torch.cat(clean_probs), torch.cat(corrupted).view(n, samples),
-                  clean_states, frozen_states, corrupted_kv, corrupted_inputs)
+                  clean_states, frozen_states, corrupted_kv, corrupted_inputs, corrupted_states)
 
 
 def _first_blocks(restore: Tensor, kind: str, frozen: Tensor | None) -> Tensor:
-    """[R] the first block each row has to run: the lowest layer it restores (a restored hidden
-    state of layer l is the input of block l + 1) or freezes; L when it changes nothing."""
+    """[R] the first block each row has to run: the lowest layer it restores or freezes, L when it
+    changes nothing; one higher for a hidden state or an MLP output of layer l, which changes only
+    the output of block l at its token (the MLP output is added last), i.e. the input of block l + 1."""
     R, L, _ = restore.shape
     first = lambda mask: torch.where(mask.any(1), mask.int().argmax(1), L)  # noqa: E731  [R]
-    start = first(restore.any(-1)) + (1 if kind == "hidden" else 0)
+    start = first(restore.any(-1)) + (1 if kind in ("hidden", "mlp") else 0)
     if frozen is not None:
         start = torch.minimum(start, first(frozen.any(-1)))
     return start.clamp(max=L)
@@ -258,7 +264,8 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     causal): their keys and values come from the corrupted runs and only tokens start..T-1
     run. Blocks below a row's first restored (or frozen) layer see nothing restored either:
     a row joins the pass at that block s (suffix.run_rows_from_blocks), with the corrupted
-    run's input of block s (a restored hidden state of layer s - 1 written into it). Batches
+    run's input of block s (a restored hidden state of layer s - 1 written into it, or a
+    restored MLP output's difference to the corrupted one added, see _first_blocks). Batches
     hold about the same number of (token, block) steps as batch_size full rows.
     """
     device, L = group.input_ids.device, n_layers(model)
@@ -289,6 +296,11 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
             if kind == "hidden" and s > 0:  # restored hidden states of layer s - 1 are the input of block s
                 rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
                 hidden[at_s[rows], pos] = group.clean_states[s - 1][p[at_s[rows]], start + pos].to(hidden.dtype)
+            if kind == "mlp" and s > 0:  # a restored MLP output of layer s - 1 moves block s's input by clean - corrupted
+                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
+                shift = (group.clean_states[s - 1][p[at_s[rows]], start + pos]
+                         - group.corrupted_states[s - 1][cached[at_s[rows]], start + pos])
+                hidden[at_s[rows], pos] += shift.to(hidden.dtype)
         past = None
         if start > 0:  # the corrupted runs' keys and values of tokens 0..start-1
             first = int(starts[0])
