@@ -32,10 +32,12 @@ How it is fast (none of this changes the numbers):
    causal), so one clean forward computes the keys/values of tokens 0..q-1 once (the
    KV cache of Hugging Face's generation API) and the rows run just tokens q.. on top of
    it: for a one-token answer, one token per row instead of the whole prompt.
-3. Layers. Nothing below layer l depends on α either. With engine="grow" (the default)
-   the model runs on the clean prompt as one row, and a pre-hook on block l appends the
-   rows that scale layer l as copies of it: a row exists only from its own layer on, in
-   the forward and the backward pass (Σ_l (L − l) block-rows instead of L²). Masks and
+3. Layers. Nothing below layer l depends on α either, nor anything in block l but its
+   output at q, which moves by W (α w̄ − w̄) (W: the MLP output projection, added last in
+   every block). With engine="grow" (the default) the model runs on the clean prompt as
+   one row, and a pre-hook on block l + 1 appends the rows that scale layer l as copies of
+   it with that shift: a row exists only after its own layer, in the forward and the
+   backward pass (Σ_l (L − l − 1) block-rows instead of L²). Masks and
    positions are built for the single input row and broadcast; if a model rejects that,
    a warning says so and engine="flat" (every row runs every block) takes over.
 Parameters are frozen while it runs, so autograd computes no weight gradients, and the
@@ -62,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from .hooks import Recorder, patch, record, set_neurons
-from .models import check_layer, d_ff, d_model, get_block, get_device, n_layers
+from .models import check_layer, d_ff, d_model, final_norm, get_block, get_device, mlp_out_weight, n_layers
 from .progress import progress
 from .scoring import target_ids
 from .validate import NonFiniteEditError, check_context, nonfinite_cause, require_positive_int, shorten
@@ -259,72 +261,73 @@ def _run_rows_flat(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor
     return probs.detach(), row_grads
 
 
-def _grow_hook(n_new: int):
-    """Block pre-hook appending n_new copies of batch row 0 (the clean run) to the batch."""
-
-    def grow(hidden: Tensor) -> Tensor:  # [b, s', d_model] -> [b + n_new, s', d_model]
-        return torch.cat([hidden, hidden[:1].expand(n_new, *hidden.shape[1:])])
+def _join_hook(join):
+    """Pre-hook appending join(hidden) (new rows) to the batch of the module's input."""
 
     def pre_hook(module, args, kwargs):
         if args:
-            return (grow(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": grow(kwargs["hidden_states"])}
+            return (torch.cat([args[0], join(args[0])]), *args[1:]), kwargs
+        hidden = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": torch.cat([hidden, join(hidden)])}
     return pre_hook
 
 
 def _run_rows_grow(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor, row_alpha: Tensor,
                    layers: list[int], grad: bool, p_ref: float = 1.0) -> tuple[Tensor, Tensor | None]:
-    """Same contract as `_run_rows_flat`, without recomputing what does not depend on α.
+    """Same contract as `_run_rows_flat`, without computing what does not depend on α.
 
-    The model runs on one row, the clean prompt; a pre-hook on block l appends the rows that
-    scale layer l as copies of that clean row, so a row exists only from its own layer on
-    (nothing before it depends on α), forward and backward: Σ_l (L − l) instead of L² block
-    rows. Attention masks and positions broadcast over the batch (they are built for the
-    single input row); the KV cache of each block is repeated to that block's batch size.
+    The model runs on one row, the clean prompt. Nothing below block l depends on α, nor does
+    anything in block l but its output at q: every family in models.ARCHS adds the MLP output
+    W key + b last, so scaling the key at q moves the block's output there by W (α w̄ − w̄).
+    The rows that scale layer l therefore join the batch at the input of block l + 1 (of the
+    final norm after the last block), as the clean row's block output plus that shift: a row
+    exists only after its own layer, forward and backward (Σ_l (L − l − 1) block rows instead
+    of L²), and its gradient reaches the scaled key through W. Attention masks and positions
+    broadcast over the batch (built for the single input row); the KV cache of each block is
+    repeated to that block's batch size.
     """
     blocks = torch.tensor(layers, device=row_layer.device)[row_layer]  # [b] absolute layer of each row
-    order = torch.argsort(blocks, stable=True)  # rows are appended block by block
+    order = torch.argsort(blocks, stable=True)  # rows join block by block
     counts = {int(l): int(n) for l, n in zip(*blocks.unique(return_counts=True))}
     suffix = query.seq[query.q:]  # [s'] the tokens that depend on α
     dtype = w_bar.dtype
     position = {layer: j for j, layer in enumerate(layers)}
-    leaves, first = {}, 1  # block -> (batch rows, scaled keys [n, d_ff]); row 0 is the clean run
+    L = n_layers(model)
+    leaves, first = {}, 0  # layer -> scaled keys [n, d_ff] of its rows (batch rows 1 + first ..)
     for layer in sorted(counts):
-        rows = order[first - 1:first - 1 + counts[layer]]
-        scaled = (row_alpha[rows].to(dtype)[:, None] * w_bar[position[layer]][None, :]).detach()
-        leaves[layer] = (slice(first, first + counts[layer]), scaled.requires_grad_(grad))
+        rows = order[first:first + counts[layer]]
+        leaves[layer] = (row_alpha[rows].to(dtype)[:, None] * w_bar[position[layer]][None, :]).detach().requires_grad_(grad)
         first += counts[layer]
 
-    def writer(layer: int):
-        batch_rows, scaled = leaves[layer]
+    def joiner(layer: int):
+        scaled, clean_key = leaves[layer], w_bar[position[layer]]
+        weight = mlp_out_weight(model, layer)  # [d_model, d_ff]
 
-        def write(key: Tensor) -> Tensor:  # key: [1 + rows so far, s', d_ff]
-            new = key.clone()
-            new[batch_rows, 0] = scaled
-            return new
-        return write
+        def join(hidden: Tensor) -> Tensor:  # [b, s', d] -> the new rows [n, s', d]
+            at_q = hidden[:1, :1] + ((scaled - clean_key[None]) @ weight.T)[:, None].to(hidden.dtype)
+            return torch.cat([at_q, hidden[:1, 1:].expand(len(scaled), -1, -1)], 1)
+        return join
 
     past = None
     if cache is not None:
         past = copy.deepcopy(cache)
         for block, layer_cache in enumerate(past.layers):
-            layer_cache.batch_repeat_interleave(1 + sum(n for l, n in counts.items() if l <= block))
+            layer_cache.batch_repeat_interleave(1 + sum(n for l, n in counts.items() if l < block))
     kwargs = {"input_ids": suffix[None], "use_cache": past is not None}
     if past is not None:
         kwargs[_cache_keyword(model)] = past
     with ExitStack() as stack, torch.set_grad_enabled(grad):
         for layer in leaves:
-            handle = get_block(model, layer).register_forward_pre_hook(
-                _grow_hook(counts[layer]), with_kwargs=True, prepend=True)
+            module = get_block(model, layer + 1) if layer + 1 < L else final_norm(model)
+            handle = module.register_forward_pre_hook(_join_hook(joiner(layer)), with_kwargs=True, prepend=True)
             stack.callback(handle.remove)
-            stack.enter_context(patch(model, "key", layer, writer(layer)))
         logits = model(**kwargs).logits  # [1 + b, s', vocab]
         probs = _target_prob(logits[1:], query, offset=query.q)  # [b], in batch order
     out_probs = torch.empty_like(probs)
     out_probs[order] = probs.detach()
     if not grad:
         return out_probs, None
-    grads = torch.autograd.grad((probs / p_ref).sum(), [leaves[layer][1] for layer in leaves])
+    grads = torch.autograd.grad((probs / p_ref).sum(), [leaves[layer] for layer in leaves])
     row_grads = torch.empty(len(row_layer), w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
     row_grads[order] = torch.cat(grads).float() * p_ref
     return out_probs, row_grads

@@ -59,6 +59,7 @@ from .progress import progress
 from .rome import check_lengths, check_v_settings, prepare_request, read_hparams, sample_prefixes
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
+from .suffix import left_pad_past, run_from_block
 from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_finite_update, check_model_finite, nonfinite_cause,
                        require_later_layer, require_positive, require_positive_int, require_nonnegative)
@@ -213,9 +214,14 @@ class MemitTargets:
     steps: torch.Tensor  # [n_groups] optimisation steps taken
 
 
-def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams):
+def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams, naive: bool = False):
     """δ for a few key groups at once. Adam treats each coordinate separately and every group's loss
-    depends only on its own δ, so this equals optimising each group alone (also its early stop)."""
+    depends only on its own δ, so this equals optimising each group alone (also its early stop).
+
+    Each step runs only what depends on δ: the blocks after `layer`, from each row's subject's
+    last token on (suffix.run_from_block); tokens before it and blocks up to `layer` come from
+    one forward pass before the first step. naive=True runs every step as a full forward pass
+    with δ added by a hook (the definition, kept as the oracle the fast path is tested against)."""
     device = get_device(model)
     rows, lookup, row_group, answer_rows, answer_cols, answer_tokens, answer_weight = [], [], [], [], [], [], []
     for g, members in enumerate(groups):
@@ -256,8 +262,16 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
     n_groups, n_kl = len(groups), len(hparams.kl_prompts)
 
     with torch.no_grad(), Recorder(model, [("hidden", layer)]) as rec:
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=not naive)
+    logits = out.logits
     hidden = rec[("hidden", layer)]
+    if not naive:  # nothing before a row's subject's last token, nor below block layer + 1, depends on δ
+        all_rows = torch.arange(len(rows), device=device)
+        suffix_len = mask.sum(1) - lookup
+        at = (lookup[:, None] + torch.arange(int(suffix_len.max()), device=device)[None]).clamp(max=mask.shape[1] - 1)
+        block_input = hidden[all_rows[:, None], at]  # [rows, width, d] the input of block layer + 1
+        cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
+        kv = [None if i <= layer else (keys, values) for i, (keys, values, *_) in enumerate(cache)]
     # h of each group: the row without prefix (prefixes[0] is "") of its first request
     first_rows = as_long([sum(len(m) for m in groups[:g]) * len(prefixes) for g in range(n_groups)])
     h = hidden[first_rows, lookup[first_rows]].float()  # [G, d_model]
@@ -282,20 +296,28 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
             width = int(mask[run].sum(1).max())
             run_lookup, run_group = lookup[run], row_group[run]
 
-            def add_delta(out: torch.Tensor) -> torch.Tensor:
-                out = out.clone()
-                index = torch.arange(out.shape[0], device=out.device)
-                out[index, run_lookup] = out[index, run_lookup] + delta[run_group].to(out.dtype)
-                return out
+            if naive:
+                def add_delta(out: torch.Tensor) -> torch.Tensor:
+                    out = out.clone()
+                    index = torch.arange(out.shape[0], device=out.device)
+                    out[index, run_lookup] = out[index, run_lookup] + delta[run_group].to(out.dtype)
+                    return out
 
-            with patch(model, "hidden", layer, add_delta):
-                logits = model(input_ids=input_ids[run, :width], attention_mask=mask[run, :width]).logits
+                with patch(model, "hidden", layer, add_delta):
+                    logits = model(input_ids=input_ids[run, :width], attention_mask=mask[run, :width]).logits
+                offset = torch.zeros_like(lookup)
+            else:
+                past, _ = left_pad_past([None if x is None else (x[0][run], x[1][run]) for x in kv], run_lookup)
+                first = block_input[run, :1] + delta[run_group, None].to(block_input.dtype)
+                logits = run_from_block(model, layer + 1, torch.cat([first, block_input[run, 1:]], 1), past,
+                                        run_lookup, suffix_len[run])
+                offset = lookup  # logits of row r start at its subject's last token
             a = on[answer_rows]
-            logprobs = torch.log_softmax(logits[local[answer_rows[a]], answer_cols[a]].float(), -1)
+            logprobs = torch.log_softmax(logits[local[answer_rows[a]], answer_cols[a] - offset[answer_rows[a]]].float(), -1)
             token_nll = -logprobs.gather(1, answer_tokens[a, None]).squeeze(1)  # [answers]
             nll = torch.zeros(n_groups, device=device).index_add(0, answer_group[a], token_nll * answer_weight[a])
             kl_on = on[kl_rows]
-            kl_after = torch.log_softmax(logits[local[kl_rows[kl_on]], kl_last[kl_on]].float(), -1)
+            kl_after = torch.log_softmax(logits[local[kl_rows[kl_on]], kl_last[kl_on] - offset[kl_rows[kl_on]]].float(), -1)
             kl_rowwise = (kl_before[kl_on].exp() * (kl_before[kl_on] - kl_after)).sum(-1)  # KL(before ‖ after)
             kl = torch.zeros(n_groups, device=device).index_add(0, kl_group[kl_on], kl_rowwise) / n_kl
             decay = hparams.v_weight_decay * delta.norm(dim=1) ** 2 / h.norm(dim=1) ** 2
@@ -323,22 +345,30 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
 
 
 def compute_targets(model, tokenizer, requests: list[Request], groups: list[list[int]], layer: int,
-                    prefixes: list[str], hparams: MemitHparams) -> MemitTargets:
+                    prefixes: list[str], hparams: MemitHparams, naive: bool = False) -> MemitTargets:
     """z = h + δ for every key group: δ added to the residual after block `layer` at the subject's
     last token, in every prefixed prompt of the group, minimising
 
         mean NLL of the new objects + kl_factor · KL(P(·|"{s} is a") before ‖ after) + wd · ‖δ‖²/‖h‖²
 
-    with ‖δ‖ ≤ clamp_norm_factor · ‖h‖; `batch_size` groups per batch."""
+    with ‖δ‖ ≤ clamp_norm_factor · ‖h‖; `batch_size` groups per batch, each step running only
+    what depends on δ (naive=True: a full forward pass per step, see `compute_targets_naive`)."""
     if not prefixes or prefixes[0] != "":
         raise ValueError("prefixes must start with '' (the prompt without prefix), as sample_prefixes returns")
     parts = []
     chunks = range(0, len(groups), hparams.batch_size)
     for start in progress(chunks, desc=f"MEMIT targets z at layer {layer}", disable=len(chunks) < 4):
         parts.append(_optimise_chunk(model, tokenizer, requests, groups[start:start + hparams.batch_size],
-                                     layer, prefixes, hparams))
+                                     layer, prefixes, hparams, naive))
     h, z, nll, steps = (torch.cat(x) for x in zip(*parts))
     return MemitTargets(layer, z, h, nll, steps)
+
+
+def compute_targets_naive(model, tokenizer, requests: list[Request], groups: list[list[int]], layer: int,
+                          prefixes: list[str], hparams: MemitHparams) -> MemitTargets:
+    """`compute_targets` as the definition reads: every step a full forward pass of every prompt,
+    δ added to the block output by a hook (the oracle the fast path is tested against)."""
+    return compute_targets(model, tokenizer, requests, groups, layer, prefixes, hparams, naive=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .hooks import Recorder, patch
 from .models import check_layer, get_device, mlp_out_weight, module_name, value_bias
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
+from .suffix import left_pad_past, run_from_block
 from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_context, check_finite_update, check_model_finite, nonfinite_cause,
                        require_later_layer, require_nonempty, require_nonnegative, require_positive,
@@ -200,7 +201,23 @@ def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, lay
 
     loss(δ) = mean_prompts −(1/|o*|) Σ_j log P(o*_j | ...)  +  kl_factor · KL  +  v_weight_decay · ‖δ‖ / ‖m‖²
     with ‖δ‖ clamped to clamp_norm_factor · ‖m‖, m the MLP output at the subject (no prefix).
+
+    All prompts run in one batch per step, and each step runs only what depends on δ: the
+    blocks after `layer`, from the subject's last token on (suffix.run_from_block); the rest
+    (tokens before it, blocks up to `layer`) is one forward pass before the first step. Equal
+    to `compute_v_star_naive`, one full forward pass per step, up to float rounding.
     """
+    return _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams, naive=False)
+
+
+def compute_v_star_naive(model, tokenizer, prompt: str, subject: str, target: str, layer: int,
+                         prefixes: list[str], hparams: RomeHparams) -> VStarResult:
+    """`compute_v_star` as the definition reads: every step a full forward pass of every prompt
+    with δ added to the MLP output by a hook (the oracle the fast path is tested against)."""
+    return _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams, naive=True)
+
+
+def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams, naive: bool) -> VStarResult:
     device = get_device(model)
     target_tokens = target_ids(tokenizer, target)
     rewrite_prompts = [p + prompt.replace("{}", subject) for p in prefixes]
@@ -215,37 +232,61 @@ def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, lay
     lookup = torch.tensor(_last_subject_positions(tokenizer, rewrite_prompts + kl_prompts, subject), device=device)
     row_index = torch.arange(len(lookup), device=device)
     n_rewrite = len(rows)
+    kl_index = n_rewrite + torch.arange(len(kl_rows), device=device)
     kl_last = torch.tensor([len(r) - 1 for r in kl_rows], device=device)
     answer_rows = torch.tensor([i for i, pos in enumerate(answer_positions) for _ in pos], device=device)
     answer_cols = torch.tensor([c for pos in answer_positions for c in pos], device=device)
     answer_tokens = torch.tensor(target_tokens * n_rewrite, device=device)
 
-    with torch.no_grad(), Recorder(model, [("mlp_out", layer)]) as rec:
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
+    sites = [("mlp_out", layer), ("hidden", layer)]
+    with torch.no_grad(), Recorder(model, sites) as rec:
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=not naive)
+    logits = out.logits
     base_out = rec[("mlp_out", layer)][0, lookup[0]].float()
-    kl_before = torch.log_softmax(logits[n_rewrite + torch.arange(len(kl_rows), device=device), kl_last].float(), -1)
+    kl_before = torch.log_softmax(logits[kl_index, kl_last].float(), -1)
+
+    if naive:
+        def add_delta(out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            out[row_index, lookup] = out[row_index, lookup] + delta.to(out.dtype)
+            return out
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:  # logits at the answers, at the KL positions
+            with patch(model, "mlp_out", layer, add_delta):
+                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+            return logits[answer_rows, answer_cols], logits[kl_index, kl_last]
+    else:
+        # Nothing before the subject's last token, nor below block layer + 1, depends on δ.
+        lengths = mask.sum(1)
+        suffix_len = lengths - lookup
+        width = int(suffix_len.max())
+        at = (lookup[:, None] + torch.arange(width, device=device)[None]).clamp(max=input_ids.shape[1] - 1)
+        block_input = rec[("hidden", layer)][row_index[:, None], at].detach()  # [B, width, d] input of block layer+1
+        cache = _output_cache(out)
+        kv = [None if i <= layer else (keys, values) for i, (keys, values, *_) in enumerate(cache)]
+        past, _ = left_pad_past(kv, lookup)
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            first = block_input[:, :1] + delta.to(block_input.dtype)  # δ at the subject's last token
+            logits = run_from_block(model, layer + 1, torch.cat([first, block_input[:, 1:]], 1), past, lookup,
+                                    suffix_len).float()
+            return logits[answer_rows, answer_cols - lookup[answer_rows]], logits[kl_index, kl_last - lookup[kl_index]]
 
     delta = torch.zeros(base_out.shape[0], device=device, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
     max_norm = hparams.clamp_norm_factor * base_out.norm()
     losses = []
 
-    def add_delta(out: torch.Tensor) -> torch.Tensor:
-        out = out.clone()
-        out[row_index, lookup] = out[row_index, lookup] + delta.to(out.dtype)
-        return out
-
     requires_grad = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         for _ in range(hparams.v_steps):
-            with patch(model, "mlp_out", layer, add_delta):
-                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-            logprobs = torch.log_softmax(logits[answer_rows, answer_cols], -1)
+            answer_logits, kl_logits = run()
+            logprobs = torch.log_softmax(answer_logits, -1)
             token_logprobs = logprobs.gather(1, answer_tokens[:, None]).squeeze(1).view(n_rewrite, -1)
             nll = -token_logprobs.mean(1).mean()
-            kl_after = torch.log_softmax(logits[n_rewrite + torch.arange(len(kl_rows), device=device), kl_last], -1)
+            kl_after = torch.log_softmax(kl_logits, -1)
             kl = torch.nn.functional.kl_div(kl_after, kl_before, log_target=True, reduction="batchmean")
             decay = hparams.v_weight_decay * delta.norm() / base_out.norm() ** 2  # ‖δ‖, not ‖δ‖² (as in ROME)
             loss = nll + hparams.kl_factor * kl + decay
@@ -263,6 +304,11 @@ def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, lay
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
     return VStarResult(delta.detach(), losses)
+
+
+def _output_cache(output):
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
 
 
 def solve_c_inverse_k(mom2: torch.Tensor, k_star: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:

@@ -27,8 +27,12 @@ hooks write the clean states into the chosen (row, position) pairs with index te
 rows are chunked by `batch_size` to bound memory. Prompts of the same token length share
 batches (no padding), and only the last position's logits are computed. Attention is causal,
 so a restoration at token t cannot change tokens before t: a row restoring token t starts
-at t, reading the keys and values of tokens 0..t-1 from the corrupted run (a KV cache),
-which halves the work. Restoring a state before the subject changes nothing at all (the
+at t, reading the keys and values of tokens 0..t-1 from the corrupted run (a KV cache).
+Nor can it change anything below its layer: a row restoring layer l runs only blocks from
+l (from l + 1 for a hidden state, which is the input of block l + 1, and for an MLP output,
+which block l adds last to its output), starting from the corrupted run's input of that
+block; the rows of a token join one pass, each at its own block (suffix.run_rows_from_blocks).
+Restoring a state before the subject changes nothing at all (the
 noise has not reached it), nor does restoring a last-layer state of any token but the last
 (no later layer reads it): those cells are the corrupted probability without a pass. The
 noise of a prompt depends only on the seed and the prompt's tokens: a prompt gets the same
@@ -41,7 +45,6 @@ noise alone or in a batch.
 """
 from __future__ import annotations
 
-import inspect
 import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -49,12 +52,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from .hooks import Recorder, patch
 from .models import embedding_matrix, get_device, n_layers
 from .progress import progress_bar
 from .scoring import target_ids
+from .suffix import run_rows_from_blocks
 from .tokens import subject_span
 from .validate import NonFiniteEditError, check_context, nonfinite_cause, require_finite
 
@@ -166,27 +169,17 @@ class _Group:
     clean_states: list[Tensor]   # L x [n, T, d_model], the restored site
     frozen_states: list[Tensor] | None  # L x [n, S, T, d_model] corrupted sever site, or None
     corrupted_kv: list[tuple[Tensor, Tensor]]  # per layer (keys, values) of the corrupted runs, rows (i, j)
+    corrupted_inputs: list[Tensor]  # L+1 x [n*S, T, d_model]: input of block l (l = L: of the final norm)
+    corrupted_states: list[Tensor] | None  # kind "mlp": L x [n*S, T, d_model] corrupted MLP outputs, else None
 
     @property
     def samples(self) -> int:
         return self.noise.shape[1]
 
 
-def _cache_kwarg(model) -> str:
-    """The forward keyword of the key-value cache: `cache` in transformers >= 5.2x, else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _output_cache(output):
     cache = getattr(output, "cache", None)
     return output.past_key_values if cache is None else cache
-
-
-def _last_probs(model, input_ids: Tensor, targets: Tensor, past=None) -> Tensor:
-    """P(target | prompt) at the last position for each row: [rows] float32."""
-    extra = {} if past is None else {_cache_kwarg(model): past}
-    logits = model(input_ids=input_ids, use_cache=past is not None, logits_to_keep=1, **extra).logits[:, -1]
-    return torch.softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
 
 
 def _writer(rows: Tensor, pos: Tensor, values: Tensor):
@@ -196,6 +189,11 @@ def _writer(rows: Tensor, pos: Tensor, values: Tensor):
         out[rows, pos] = values.to(act.dtype)
         return out
     return write
+
+
+def _INPUT_SITES(L: int) -> list[tuple[str, int]]:
+    """The input of every block (the noise included at block 0), then the last block's output."""
+    return [("resid_pre", layer) for layer in range(L)] + [("hidden", L - 1)]
 
 
 def _chunks(total: int, batch_size: int):
@@ -243,23 +241,40 @@ def _prepare(model, input_ids: Tensor, spans: list[tuple[int, int]], targets: Te
     row_prompt = torch.arange(n, device=device).repeat_interleave(samples)  # rows (i, j), j fastest
     row_sample = torch.arange(samples, device=device).repeat(n)
     sever_site = None if sever is None else SITE_OF_KIND[sever]
-    corrupted, frozen, kv = [], [[] for _ in range(L)], []
+    corrupted, frozen, kv, inputs = [], [[] for _ in range(L)], [], []
+    mlp_sites = [("mlp_out", layer) for layer in range(L)] if kind == "mlp" else []
     for sl in _chunks(n * samples, batch_size):
         p, j = row_prompt[sl], row_sample[sl]
         with ExitStack() as stack:
             stack.enter_context(patch(model, "resid_pre", 0, lambda x, e=eps[p, j]: x + e))
+            inputs_rec = stack.enter_context(Recorder(model, _INPUT_SITES(L) + mlp_sites))
             if sever_site is not None:
                 rec = stack.enter_context(Recorder(model, [(sever_site, layer) for layer in range(L)]))
             out = model(input_ids=input_ids[p], use_cache=True, logits_to_keep=1)
         corrupted.append(torch.softmax(out.logits[:, -1].float(), -1).gather(1, targets[p][:, None])[:, 0])
         kv.append([(keys, values) for keys, values, *_ in _output_cache(out)])
+        inputs.append([inputs_rec[site] for site in _INPUT_SITES(L) + mlp_sites])
         if sever_site is not None:
             for layer in range(L):
                 frozen[layer].append(rec[(sever_site, layer)])
     frozen_states = None if sever_site is None else [torch.cat(f).view(n, samples, T, -1) for f in frozen]
     corrupted_kv = [(torch.cat([c[i][0] for c in kv]), torch.cat([c[i][1] for c in kv])) for i in range(len(kv[0]))]
+    recorded = [torch.cat([c[i] for c in inputs]) for i in range(len(inputs[0]))]
+    corrupted_inputs, corrupted_states = recorded[:L + 1], (recorded[L + 1:] if kind == "mlp" else None)
     return _Group(input_ids, targets, eps, torch.cat(clean_probs), torch.cat(corrupted).view(n, samples),
-                  clean_states, frozen_states, corrupted_kv)
+                  clean_states, frozen_states, corrupted_kv, corrupted_inputs, corrupted_states)
+
+
+def _first_blocks(restore: Tensor, kind: str, frozen: Tensor | None) -> Tensor:
+    """[R] the first block each row has to run: the lowest layer it restores or freezes, L when it
+    changes nothing; one higher for a hidden state or an MLP output of layer l, which changes only
+    the output of block l at its token (the MLP output is added last), i.e. the input of block l + 1."""
+    R, L, _ = restore.shape
+    first = lambda mask: torch.where(mask.any(1), mask.int().argmax(1), L)  # noqa: E731  [R]
+    start = first(restore.any(-1)) + (1 if kind in ("hidden", "mlp") else 0)
+    if frozen is not None:
+        start = torch.minimum(start, first(frozen.any(-1)))
+    return start.clamp(max=L)
 
 
 @torch.no_grad()
@@ -272,10 +287,14 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     (layer, position) states of `kind` set to their clean values; frozen [R, L, T] marks the
     `sever` outputs held at their corrupted values (same prompt and noise sample).
 
-    start: the first position any row restores or freezes. Tokens before it see nothing
-    restored (attention is causal), so they are taken from the corrupted runs' keys and
-    values and only tokens start..T-1 are run; batches then hold more rows (batch_size * T /
-    (T - start)), the same number of tokens.
+    Only what a restoration can change is run (suffix.run_from_block). Tokens before `start`,
+    the first position any row restores or freezes, see nothing restored (attention is
+    causal): their keys and values come from the corrupted runs and only tokens start..T-1
+    run. Blocks below a row's first restored (or frozen) layer see nothing restored either:
+    a row joins the pass at that block s (suffix.run_rows_from_blocks), with the corrupted
+    run's input of block s (a restored hidden state of layer s - 1 written into it, or a
+    restored MLP output's difference to the corrupted one added, see _first_blocks). Batches
+    hold about the same number of (token, block) steps as batch_size full rows.
     """
     device, L = group.input_ids.device, n_layers(model)
     T = group.input_ids.shape[1]
@@ -284,30 +303,54 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     row_prompt, row_sample = row_prompt.to(device), row_sample.to(device)
     restore = restore[:, :, start:].to(device)
     frozen = None if frozen is None else frozen[:, :, start:].to(device)
-    out = []
-    for sl in _chunks(len(row_prompt), max(1, batch_size * T // (T - start))):
-        p, j = row_prompt[sl], row_sample[sl]
+    first_block = _first_blocks(restore, kind, frozen)
+    order = torch.argsort(first_block, stable=True)  # rows join the pass at their first block
+    steps = (T - start) * (L - first_block[order]).clamp(min=1)  # (token, block) steps of each row
+    budget = batch_size * T * L  # as many steps as batch_size full rows
+    out = torch.zeros(len(row_prompt), device=device)
+    begin = 0
+    while begin < len(order):
+        end = begin + max(1, int((steps[begin:].cumsum(0) <= budget).sum()))
+        chunk = order[begin:end]
+        begin = end
+        starts = first_block[chunk]
+        p, j = row_prompt[chunk], row_sample[chunk]
+        cached = p * group.samples + j
+        hidden = torch.empty(len(chunk), T - start, group.corrupted_inputs[0].shape[-1],
+                             dtype=group.corrupted_inputs[0].dtype, device=device)
+        for s in starts.unique().tolist():
+            at_s = (starts == s).nonzero()[:, 0]
+            hidden[at_s] = group.corrupted_inputs[s][cached[at_s], start:]
+            if kind == "hidden" and s > 0:  # restored hidden states of layer s - 1 are the input of block s
+                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
+                hidden[at_s[rows], pos] = group.clean_states[s - 1][p[at_s[rows]], start + pos].to(hidden.dtype)
+            if kind == "mlp" and s > 0:  # a restored MLP output of layer s - 1 moves block s's input by clean - corrupted
+                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
+                shift = (group.clean_states[s - 1][p[at_s[rows]], start + pos]
+                         - group.corrupted_states[s - 1][cached[at_s[rows]], start + pos])
+                hidden[at_s[rows], pos] += shift.to(hidden.dtype)
         past = None
         if start > 0:  # the corrupted runs' keys and values of tokens 0..start-1
-            cached = p * group.samples + j
-            past = DynamicCache(ddp_cache_data=[(keys[cached, :, :start], values[cached, :, :start])
-                                                for keys, values in group.corrupted_kv])
+            first = int(starts[0])
+            past = [None if layer < first else (keys[cached, :, :start], values[cached, :, :start])
+                    for layer, (keys, values) in enumerate(group.corrupted_kv)]
         with ExitStack() as stack:
-            stack.enter_context(patch(model, "resid_pre", 0, lambda x, e=group.noise[p, j, start:]: x + e))
-            for layer in range(L):
-                rows, pos = restore[sl, layer].nonzero(as_tuple=True)
+            for layer in range(int(starts[0]), L):
+                present = starts <= layer  # the rows in the pass at this block (a prefix of the chunk)
+                rows, pos = (restore[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
                 if len(rows):
                     values = group.clean_states[layer][p[rows], start + pos]  # [N, d]
                     stack.enter_context(patch(model, SITE_OF_KIND[kind], layer, _writer(rows, pos, values)))
                 if frozen is not None:
-                    rows, pos = frozen[sl, layer].nonzero(as_tuple=True)
+                    rows, pos = (frozen[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
                     if len(rows):
                         values = group.frozen_states[layer][p[rows], j[rows], start + pos]
                         stack.enter_context(patch(model, SITE_OF_KIND[sever], layer, _writer(rows, pos, values)))
-            out.append(_last_probs(model, group.input_ids[p, start:], group.targets[p], past))
+            logits = run_rows_from_blocks(model, starts, hidden, past, start, last_only=True)
+        out[chunk] = torch.softmax(logits.float(), -1).gather(1, group.targets[p][:, None])[:, 0]
         if bar is not None:
-            bar.update(sl.stop - sl.start)
-    return torch.cat(out) if out else torch.zeros(0, device=device)
+            bar.update(len(chunk))
+    return out
 
 
 def restore_states(model, input_ids: Tensor, span: tuple[int, int], restore: Tensor, target: int | None = None,
@@ -515,6 +558,56 @@ def trace(model, tokenizer, prompt: str, subject: str, target: str | None = None
                  scores=grid.scores[0], clean_prob=float(grid.clean[0]),
                  corrupted_prob=float(grid.corrupted[0]), samples=samples, noise=noise,
                  window=1 if kind == "hidden" else window, sever=sever, by_sample=grid.by_sample[0])
+
+
+@torch.no_grad()
+def trace_naive(model, tokenizer, prompt: str, subject: str, target: str | None = None, kind: str = "hidden",
+                samples: int = 10, noise: float = 3.0, window: int = 1, sever: str | None = None,
+                occurrence: int | None = None, seed: int = 0) -> Tensor:
+    """The definition run literally: [T, L, S] P_{*, clean state (t, l)}(o) for every token t, layer l
+    and noise sample j, each from its own full forward pass of the corrupted prompt (noise ε_j on
+    the subject) with the state(s) of (t, l) set to their clean values and, with `sever`, that
+    output at t in every later layer held at its corrupted value. No cache, no batching, no cell
+    skipped: the oracle `trace` is tested against, and the benchmark's baseline."""
+    _check_kind(kind, sever)
+    ids, span = _encode(tokenizer, prompt, subject, occurrence)
+    device, L, T = get_device(model), n_layers(model), len(ids)
+    input_ids = torch.tensor([ids], device=device)
+    site = SITE_OF_KIND[kind]
+    with Recorder(model, [(site, layer) for layer in range(L)]) as rec:
+        probs = torch.softmax(model(input_ids=input_ids).logits[0, -1].float(), -1)
+    target_id = _target_id(tokenizer, target)
+    target_id = int(probs.argmax()) if target_id < 0 else target_id
+    eps = subject_noise(input_ids[0], span, embedding_matrix(model).shape[1], samples, noise_level(model, noise), seed)
+    eps = eps.to(device=device, dtype=embedding_matrix(model).dtype)
+
+    def set_at(t: int, value: Tensor):
+        def write(act: Tensor) -> Tensor:
+            act = act.clone()
+            act[:, t] = value
+            return act
+        return write
+
+    out = torch.zeros(T, L, samples)
+    for j in range(samples):
+        with patch(model, "resid_pre", 0, lambda x, e=eps[j]: x + e):
+            frozen = {}
+            if sever is not None:
+                with Recorder(model, [(SITE_OF_KIND[sever], layer) for layer in range(L)]) as frozen_rec:
+                    model(input_ids=input_ids)
+                frozen = frozen_rec.activations
+            for t in range(T):
+                for layer in range(L):
+                    restored = [layer] if kind == "hidden" else list(window_layers(layer, window, L))
+                    with ExitStack() as stack:
+                        for k in restored:
+                            stack.enter_context(patch(model, site, k, set_at(t, rec[(site, k)][0, t])))
+                        for k in range(layer + 1, L) if sever is not None else ():
+                            stack.enter_context(patch(model, SITE_OF_KIND[sever], k,
+                                                      set_at(t, frozen[(SITE_OF_KIND[sever], k)][0, t])))
+                        logits = model(input_ids=input_ids, use_cache=False).logits[0, -1]
+                    out[t, layer, j] = torch.softmax(logits.float(), -1)[target_id].item()
+    return out
 
 
 # --------------------------------------------------------------------------------------

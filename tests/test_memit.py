@@ -259,3 +259,35 @@ def test_hparams_of_the_paper():
     with pytest.raises(ValueError, match="known"):
         memit.MemitHparams.for_model("no-such-model")
     assert dataclasses.replace(memit.MemitHparams.for_model("atlas")).layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layer", [0, 2])  # 2: the last block, after which only the final norm runs
+def test_targets_equal_the_naive_full_forward_per_step(family, layer):
+    """The fast z (only the blocks after `layer`, from each row's subject's last token, run per
+    step) equals one full forward pass per step, also when one group stops before the other."""
+    model, tokenizer = _tiny(family, n_layer=3)
+    hp = _hparams((layer,), prefixes=((3, 2), (5, 1)), v_steps=8, v_lr=1.0)
+    reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, [KUWAIT, KUWAIT_CAPITAL, OSAKA], hp)
+    naive = memit.compute_targets_naive(model, tokenizer, reqs, groups, layer, prefixes, hp)
+    hp = dataclasses.replace(hp, stop_nll=naive.final_nll.mean().item())  # groups stop at different steps
+    naive = memit.compute_targets_naive(model, tokenizer, reqs, groups, layer, prefixes, hp)
+    fast = memit.compute_targets(model, tokenizer, reqs, groups, layer, prefixes, hp)
+    assert naive.steps.min() < naive.steps.max()
+    assert torch.equal(fast.steps, naive.steps)
+    torch.testing.assert_close(fast.h, naive.h)
+    torch.testing.assert_close(fast.z, naive.z, rtol=1e-5, atol=1e-5 * naive.z.norm().item())
+    torch.testing.assert_close(fast.final_nll, naive.final_nll, rtol=1e-5, atol=1e-6)
+
+
+def test_targets_equal_the_naive_ones_on_atlas():
+    from kn_tutorial.models import load_model
+    model, tokenizer = load_model("atlas")
+    hp = memit.MemitHparams.for_model("atlas")
+    cases = [KUWAIT, OSAKA, {"prompt": "{} is a city in the country of", "subject": "Osaka", "target_new": {"str": "Peru"}}]
+    reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, cases, hp)
+    layer = hp.layers[-1]
+    fast = memit.compute_targets(model, tokenizer, reqs, groups, layer, prefixes, hp)
+    naive = memit.compute_targets_naive(model, tokenizer, reqs, groups, layer, prefixes, hp)
+    assert torch.equal(fast.steps, naive.steps)
+    torch.testing.assert_close(fast.z, naive.z, rtol=1e-5, atol=1e-5 * naive.z.norm().item())

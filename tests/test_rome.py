@@ -216,3 +216,31 @@ def test_everything_runs_on_cuda_where_the_model_is():
     k, r = torch.randn(10, dtype=torch.float64, device="cuda"), torch.randn(4, dtype=torch.float64, device="cuda")
     closed = rome.rank_one_update(torch.zeros(4, 10, dtype=torch.float64, device="cuda"), (keys @ keys.T / 50).cpu(), k, r)
     torch.testing.assert_close(rome.lstsq_update(keys, k, r), closed, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layer", [0, 1])  # 1: the last block, after which only the final norm runs
+def test_v_star_equals_the_naive_full_forward_per_step(family, layer):
+    """The fast v* (only the blocks after `layer`, from the subject's last token, run per step)
+    gives the δ and the per-step losses of one full forward pass per step, to float rounding."""
+    model, tokenizer = tiny_lm(family)
+    hp = rome.RomeHparams(layer=layer, v_steps=8, prefixes=((3, 2), (5, 2)))  # ragged prefixes
+    prefixes = rome.sample_prefixes(model, tokenizer, hp.prefixes, seed=0)
+    args = (model, tokenizer, "In short, {} lies on the continent of", "Kuwait", "South America", layer, prefixes, hp)
+    fast, naive = rome.compute_v_star(*args), rome.compute_v_star_naive(*args)
+    assert len(fast.losses) == len(naive.losses) > 1
+    torch.testing.assert_close(fast.delta, naive.delta, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast.losses, naive.losses):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)  # KL: a small difference of float32 sums
+
+
+def test_v_star_equals_the_naive_one_on_atlas():
+    from kn_tutorial.models import load_model
+    model, tokenizer = load_model("atlas")
+    hp = rome.RomeHparams.for_model("atlas")
+    prefixes = rome.sample_prefixes(model, tokenizer, ((5, 3), (10, 3)), seed=0)
+    for layer in (hp.layer, 4):
+        args = (model, tokenizer, "{} lies on the continent of", "Kuwait", "Europe", layer, prefixes, hp)
+        fast, naive = rome.compute_v_star(*args), rome.compute_v_star_naive(*args)
+        assert len(fast.losses) == len(naive.losses)
+        torch.testing.assert_close(fast.delta, naive.delta, rtol=1e-5, atol=1e-5 * naive.delta.norm().item())

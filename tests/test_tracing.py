@@ -13,7 +13,7 @@ from tests.conftest import tiny_lm
 PROMPT, SUBJECT = "Kuwait lies on the continent of", "Kuwait"
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "gptj", "gpt_neox", "llama"])
 def lm(request):
     return tiny_lm(request.param)
 
@@ -276,3 +276,17 @@ def test_no_hooks_left_and_summary_table(lm):
     summary = tracing.average_effects(model, tokenizer, [(PROMPT, SUBJECT, "Asia")], samples=1)
     table = format_trace_summary(summary)
     assert table.count("last subject token") == 3 and "AIE of restoring mlp" in table
+
+
+@pytest.mark.parametrize("kind,window,sever", [("hidden", 1, None), ("mlp", 3, None), ("attn", 1, None),
+                                                ("hidden", 1, "mlp")])
+def test_trace_equals_the_package_naive_trace_on_atlas(kind, window, sever):
+    """On the shipped Atlas model: every cell of trace() (the shortcuts included: cells before the
+    subject, last-layer cells) equals one full forward pass per restoration (trace_naive)."""
+    from kn_tutorial.models import load_model
+    model, tokenizer = load_model("atlas")
+    prompt, subject = "The capital of Kuwait is", "Kuwait"
+    fast = tracing.trace(model, tokenizer, prompt, subject, kind=kind, samples=2, window=window, sever=sever)
+    naive = tracing.trace_naive(model, tokenizer, prompt, subject, kind=kind, samples=2, window=window, sever=sever)
+    assert fast.span[0] > 0  # some tokens before the subject
+    torch.testing.assert_close(fast.by_sample, naive, rtol=1e-5, atol=1e-6)

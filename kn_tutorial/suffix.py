@@ -1,0 +1,193 @@
+"""Running a causal LM from a middle block on the last tokens of each row, the rest taken from a cache.
+
+Used by causal tracing (Meng et al., 2022, section 2) and by the v*/z optimisations of ROME
+and MEMIT (Meng et al., 2022; 2023). All of them change one state at block `s` and token `p`
+of a run and read the logits after it. Attention is causal and blocks are stacked, so
+nothing at tokens before p, and nothing below block s, can change: those states are the
+ones of the unchanged run. `run_from_block` runs only blocks s..L-1, only on tokens p..,
+and reads the keys and values of tokens before p (at blocks >= s) from a cache of that run:
+
+    hidden  [B, M, d]   the input of block s (its "resid_pre") at the row's suffix tokens,
+                        right-padded to M (row r has suffix_len[r] real tokens)
+    past    per block, (keys, values) [B, heads, P, head_dim] of the tokens before the
+                        suffix, LEFT-padded: row r's past_len[r] tokens sit at P - past_len[r] .. P-1
+                        (None for blocks below s, which do not run)
+
+It swaps the model's list of blocks for blocks s.., writes `hidden` into the input of
+block s (or of the final norm when s = L) with a hook, and passes explicit position ids
+(past_len[r] + i) and a 4-D additive attention mask (causal within the suffix, padding
+hidden). Every family in models.ARCHS indexes its key-value cache by the attention
+module's own layer index and loops over its list of blocks, so this is the same
+computation as the full run, up to float rounding.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from .hooks import _add_hook, _site_hook, patch
+from .models import _blocks, final_norm, get_arch, n_layers
+
+
+@contextmanager
+def only_blocks_from(model: nn.Module, start: int):
+    """Inside the block, the model runs blocks start..L-1 only (its block list is swapped)."""
+    blocks = _blocks(model)
+    parent_path, _, attr = get_arch(model).blocks.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if getattr(parent, attr) is not blocks:
+        raise RuntimeError("the model's list of blocks is already swapped (nested only_blocks_from)")
+    parent._modules[attr] = nn.ModuleList(list(blocks)[start:])
+    try:
+        yield
+    finally:
+        parent._modules[attr] = blocks
+
+
+@contextmanager
+def _feed(model: nn.Module, start: int, hidden: Tensor):
+    """Replace the input of block `start` (the final norm when start = L) by `hidden`."""
+    replace = lambda act: hidden  # noqa: E731
+    if start < n_layers(model):
+        with patch(model, "resid_pre", start, replace):
+            yield
+        return
+    handle = _add_hook(final_norm(model), True, _site_hook(True, "final norm input", replace))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def suffix_mask(past_len: Tensor, suffix_len: Tensor, P: int, M: int, dtype: torch.dtype) -> Tensor:
+    """[B, 1, M, P + M] additive mask: 0 where row r's suffix token i may attend, dtype-min elsewhere."""
+    device = past_len.device
+    key = torch.arange(P + M, device=device)
+    query = torch.arange(M, device=device)
+    in_past = (key[None, :] >= P - past_len[:, None]) & (key[None, :] < P)                     # [B, P+M]
+    in_suffix = (key[None, :] >= P) & (key[None, :] - P < suffix_len[:, None])                 # [B, P+M]
+    causal = key[None, None, :] - P <= query[None, :, None]                                    # [1, M, P+M]
+    allowed = in_past[:, None, :] | (in_suffix[:, None, :] & causal)
+    allowed |= (key[None, None, :] - P == query[None, :, None])  # padded queries see themselves (no NaN)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def left_pad_past(kv: list[tuple[Tensor, Tensor] | None], lengths: Tensor) -> tuple[list, int]:
+    """Keys/values of a right-padded (or unpadded) run, keeping row r's first lengths[r] tokens,
+    re-laid LEFT-padded to P = max(lengths): returns (per block (keys, values) or None, P)."""
+    P = int(lengths.max()) if len(lengths) else 0
+    rows = torch.arange(len(lengths), device=lengths.device)[:, None]
+    source = (torch.arange(P, device=lengths.device)[None, :] - (P - lengths[:, None])).clamp(min=0)  # [B, P]
+    out = []
+    for entry in kv:
+        if entry is None:
+            out.append(None)
+            continue
+        keys, values = entry  # [B, H, T, hd]
+        out.append(tuple(x.transpose(1, 2)[rows, source].transpose(1, 2) for x in (keys, values)))
+    return out, P
+
+
+def run_from_block(model: nn.Module, start: int, hidden: Tensor, past: list | None, past_len: Tensor,
+                   suffix_len: Tensor | None = None, last_only: bool = False) -> Tensor:
+    """Logits of the suffix tokens when the model runs from block `start` (see the module docstring).
+
+    hidden [B, M, d]: input of block `start` at the suffix; past: per block (keys, values)
+    [B, H, P, hd] left-padded, None below `start` (or past=None when no row has a prefix);
+    past_len [B] real prefix tokens per row; suffix_len [B] real suffix tokens (default M).
+    Returns [B, M, vocab] logits, or [B, vocab] of the last position when last_only (every row
+    then needs suffix_len = M). Gradients flow to `hidden`.
+    """
+    L = n_layers(model)
+    if not 0 <= start <= L:
+        raise ValueError(f"start block {start} is not in 0..{L}")
+    B, M, _ = hidden.shape
+    device = hidden.device
+    past_len = past_len.to(device)
+    suffix_len = torch.full((B,), M, device=device) if suffix_len is None else suffix_len.to(device)
+    if last_only and bool((suffix_len != M).any()):
+        raise ValueError("last_only needs every row's suffix to fill all M positions")
+    if past is not None and len(past) != L:
+        raise ValueError(f"past has {len(past)} blocks, the model {L}")
+    widths = [kv[0].shape[2] for layer, kv in enumerate(past or []) if kv is not None and layer >= start]
+    P = widths[0] if widths else 0  # no block runs (start = L): nothing attends
+    cache = None
+    if P > 0:
+        cache = DynamicCache(ddp_cache_data=[(None, None) if kv is None or layer < start else kv
+                                             for layer, kv in enumerate(past)])
+    position_ids = past_len[:, None] + torch.arange(M, device=device)[None, :]
+    mask = suffix_mask(past_len, suffix_len, P, M, hidden.dtype)
+    kwargs = {"past_key_values": cache} if cache is not None else {}
+    if cache is not None and "cache" in _forward_params(model):
+        kwargs = {"cache": cache}
+    with ExitStack() as stack:
+        stack.enter_context(_feed(model, start, hidden))
+        stack.enter_context(only_blocks_from(model, start))  # last: hooks above are found by layer index
+        out = model(inputs_embeds=hidden.detach(), attention_mask=mask, position_ids=position_ids,
+                    use_cache=cache is not None, logits_to_keep=1 if last_only else 0, **kwargs)
+    return out.logits[:, -1] if last_only else out.logits
+
+
+def _forward_params(model) -> set:
+    import inspect
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _join_hook(new_rows: Tensor):
+    """Block pre-hook appending new_rows [n, M, d] to the batch of the block's input."""
+
+    def pre_hook(module, args, kwargs):
+        if args:
+            return (torch.cat([args[0], new_rows.to(args[0].dtype)]), *args[1:]), kwargs
+        hidden = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": torch.cat([hidden, new_rows.to(hidden.dtype)])}
+    return pre_hook
+
+
+def run_rows_from_blocks(model: nn.Module, starts: Tensor, hidden: Tensor, past: list | None, past_len: int,
+                         last_only: bool = False) -> Tensor:
+    """Like `run_from_block`, but row r starts at its own block starts[r], all rows in one pass.
+
+    starts [R] ascending; hidden [R, M, d]: row r's input of block starts[r]; past: per block
+    (keys, values) [R, H, P, hd] (P = past_len for every row, no padding; None for blocks below
+    starts[0]), or None when past_len = 0. The model runs from block starts[0] on the rows that
+    start there; a pre-hook on each later block appends the rows that start at it (rows enter
+    in order, so the batch at block b is rows 0..n_b - 1, those with starts <= b, and a hook
+    writing row r of a block's activation addresses it by r). Mask and positions are the same
+    for every row and broadcast over the batch. Returns [R, M, vocab] (or [R, vocab] last_only).
+    """
+    L = n_layers(model)
+    R, M, _ = hidden.shape
+    device = hidden.device
+    starts = starts.to(device)
+    if R == 0:
+        raise ValueError("no rows to run")
+    if bool((starts[1:] < starts[:-1]).any()) or not 0 <= int(starts[0]) <= int(starts[-1]) <= L:
+        raise ValueError(f"starts must be ascending block indices in 0..{L}")
+    first = int(starts[0])
+    present = [int((starts <= b).sum()) for b in range(L + 1)]  # rows in the batch at block b
+    cache = None
+    if past_len > 0:
+        cache = DynamicCache(ddp_cache_data=[
+            (None, None) if b < first else (past[b][0][:present[b]], past[b][1][:present[b]]) for b in range(L)])
+    P = past_len
+    mask = suffix_mask(torch.tensor([P], device=device), torch.tensor([M], device=device), P, M, hidden.dtype)
+    position_ids = P + torch.arange(M, device=device)[None, :]
+    kwargs = {} if cache is None else {("cache" if "cache" in _forward_params(model) else "past_key_values"): cache}
+    with ExitStack() as stack:
+        stack.enter_context(_feed(model, first, hidden[:present[first]]))
+        for b in range(first + 1, L + 1):
+            if present[b] > present[b - 1]:
+                module = _blocks(model)[b] if b < L else final_norm(model)
+                handle = module.register_forward_pre_hook(_join_hook(hidden[present[b - 1]:present[b]]),
+                                                          with_kwargs=True, prepend=True)
+                stack.callback(handle.remove)
+        stack.enter_context(only_blocks_from(model, first))  # last: hooks above are found by layer index
+        out = model(inputs_embeds=hidden[:present[first]].detach(), attention_mask=mask, position_ids=position_ids,
+                    use_cache=cache is not None, logits_to_keep=1 if last_only else 0, **kwargs)
+    return out.logits[:, -1] if last_only else out.logits
