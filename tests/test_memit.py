@@ -262,7 +262,7 @@ def test_hparams_of_the_paper():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("layer", [0, 2])  # 2: the last block, after which only the final norm runs
+@pytest.mark.parametrize("layer", [0, 1])  # 1: the last block MEMIT accepts (it refuses the last block, 2)
 def test_targets_equal_the_naive_full_forward_per_step(family, layer):
     """The fast z (only the blocks after `layer`, from each row's subject's last token, run per
     step) equals one full forward pass per step, also when one group stops before the other."""
