@@ -158,7 +158,7 @@ def setup(seed: int = 0, offer: bool = True) -> str:
     return model_name()
 
 
-def claim(text: str, condition, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> bool:
+def claim(text: str, condition, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> None:
     """Check a claim the chapter's text makes about particular models (Atlas by default).
 
     A chapter's prose quotes numbers that hold for Atlas (its 8 layers, its tables in
@@ -168,17 +168,16 @@ def claim(text: str, condition, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> b
     other model (``KN_MODEL``: a hub model, a local folder) the claim is not checked and a note
     says so, visibly: "skipped on gpt2-xl: this claim is about Atlas: ...". Pass a callable for
     a condition that only makes sense on those models (it then is not even evaluated elsewhere).
-    Returns True when checked and true, False when skipped.
+    Returns None either way, so that a claim on a cell's last line prints nothing when it holds.
     """
     name = model_name()
     if name not in models:
         about = " and ".join("Atlas" if m == DEFAULT_MODEL else m for m in models)
         print(f"skipped on {name}: this claim is about {about}: {text}")
-        return False
+        return
     holds = condition() if callable(condition) else condition
     if not holds:
         raise AssertionError(text)
-    return True
 
 
 def colab_url(notebook_path: str, branch: str = "main") -> str:
