@@ -4,16 +4,20 @@ Every method in the book that edits a model (knowledge-neuron erase/update,
 ROME, MEMIT) edits parameters in place; this module makes each edit undoable:
 
     with snapshot_layers(model, [17]) as snap:     # ROME on gpt2-xl edits layer 17
-        rome_edit(model, request)                  # changes W_out in place
+        W = models.mlp_out_weight(model, 17)
+        rome.apply_rank_one(W, u, k_star, residual)  # W += Λ uᵀ, in place
         evaluate(model)
         print(snap.changed())                      # ['transformer.h.17.mlp.c_proj.weight']
     # here the weights are exactly the originals again (torch.equal)
 
+(`rome.edit(model, tokenizer, request, hparams)` does the same itself: it returns a handle whose
+`restore()` undoes the edit.)
+
 The snapshot is a clone of each tensor's data; restoring copies it back into
 the same storage, so edits made through views (e.g. `models.mlp_out_weight`,
-which is `c_proj.weight.T` for GPT-2's Conv1D) are undone too. This is the
-"a context manager restores the original weights bit for bit" convention of
-DESIGN.md.
+which is `c_proj.weight.T` for GPT-2's Conv1D) are undone too. Every function in
+the package that changes weights follows this convention: it returns or records
+what it changed, and a context manager restores the originals bit for bit.
 
 Restore order. Edits that change the same tensor stack up: edit 2's snapshot holds the weights
 *with* edit 1 in them, so restoring edit 1 and then edit 2 would bring edit 1 back. An edit's
