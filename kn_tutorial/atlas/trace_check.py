@@ -11,7 +11,10 @@ Settings: 5 noise samples per fact (the paper: 10) of 3 x the embedding std, win
 Atlas' 8 layers is already an eighth of its depth, six of GPT-2 XL's 48 layers in proportion,
 and ROME edits a single layer). Time: 200 facts x 3 kinds x 3 samples took 61 s on 2 CPU cores (2 pinned cores of an
 idle Xeon), so the default 5 samples take about 100 s; the tracing itself is exact
-(equal to one forward pass per restoration), the samples only set the noise average.
+(equal to one forward pass per restoration), the samples only set the noise average. Since
+issue 21 a restoration runs only the blocks from its layer on: chapter 5's call (200 facts,
+3 samples) took 90 s instead of 157 s (1.74x, one thread of a shared 2-core machine, the two
+versions interleaved in one process; the averages agree to 1.4e-8).
 """
 from __future__ import annotations
 
