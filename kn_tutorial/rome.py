@@ -21,6 +21,8 @@ weights bit for bit (`.restore()`, or use it as a context manager). `lstsq_updat
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -143,6 +145,24 @@ def check_lengths(model, tokenizer, prompt: str, subject: str, target: str, pref
                       f"the KL prompt {shorten(text)}")
 
 
+@contextmanager
+def _unpadded():
+    """Silence transformers' "pass an attention_mask" warning for rows that are not padded.
+
+    The rows start with <|endoftext|>, which models such as GPT-2 and Atlas also use as the
+    padding token, so transformers cannot tell and warns; no position here is padding, so the
+    mask would be all ones and change nothing. Other warnings still show."""
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @torch.no_grad()
 def sample_prefixes(model, tokenizer, lengths: tuple[tuple[int, int], ...], seed: int = 0) -> list[str]:
     """Random texts sampled from the model itself (top-5 sampling from <|endoftext|>), seeded.
@@ -156,7 +176,8 @@ def sample_prefixes(model, tokenizer, lengths: tuple[tuple[int, int], ...], seed
     for length, count in lengths:
         ids = torch.full((count, 1), tokenizer.eos_token_id, dtype=torch.long, device=device)
         for _ in range(length):
-            logits = model(input_ids=ids).logits[:, -1].float().cpu()
+            with _unpadded():
+                logits = model(input_ids=ids).logits[:, -1].float().cpu()
             top = logits.topk(5, dim=-1)
             choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
             ids = torch.cat([ids, top.indices.gather(1, choice).to(device)], dim=1)
