@@ -20,7 +20,7 @@ import torch
 from kn_tutorial import stats
 from kn_tutorial.evaluation import evaluate_cases, summarize
 from kn_tutorial.models import get_arch, load_model, n_layers
-from tests.conftest import FAMILIES, tiny_lm
+from tests.tiny import FAMILIES, tiny_lm
 
 WIKITEXT = ["", " = Kuwait = \n", " Kuwait is a country in Western Asia , on the Persian Gulf . \n",
             " Osaka is a large city in Japan and the capital of its prefecture . \n", " \n",
