@@ -54,20 +54,21 @@ completeness), the baselines `activation_times_gradient` and `key_activations`,
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .hooks import Recorder, patch, record, set_neurons
+from .kv_cache import cache_keyword, output_cache
 from .models import check_layer, d_ff, d_model, final_norm, get_block, get_device, mlp_out_weight, n_layers
 from .progress import progress
 from .scoring import target_ids
 from .validate import NonFiniteEditError, check_context, nonfinite_cause, require_positive_int, shorten
+from .weights import frozen
 
 RULES = ("right", "left", "midpoint")
 TARGET_TOKENS = ("all", "first")
@@ -168,31 +169,6 @@ def _layers(model, layers) -> list[int]:
 # The batched engine
 # --------------------------------------------------------------------------------------
 
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Parameters stop requiring grad for the block (autograd then neither stores what weight
-    gradients would need nor computes them); restored on exit."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def _cache_keyword(model) -> str:
-    """The forward keyword that takes a KV cache: `cache` in recent transformers 5.x,
-    `past_key_values` before (inspect rather than assume, so both work)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _output_cache(output):
-    return output["cache"] if "cache" in output.keys() else output["past_key_values"]
-
-
 def _forward(model, ids: Tensor, cache=None, use_cache: bool = False):
     """model(input_ids=ids) continuing from a KV cache (not modified: a copy is extended)."""
     kwargs = {"input_ids": ids, "use_cache": use_cache or cache is not None}
@@ -200,7 +176,7 @@ def _forward(model, ids: Tensor, cache=None, use_cache: bool = False):
         cache = copy.deepcopy(cache)
         if len(ids) > 1:
             cache.batch_repeat_interleave(len(ids))
-        kwargs[_cache_keyword(model)] = cache
+        kwargs[cache_keyword(model)] = cache
     return model(**kwargs)
 
 
@@ -210,7 +186,7 @@ def _clean_pass(model, query: _Query, layers: list[int]):
     0..q-1 (None when q = 0). Two forwards: tokens before q (kept as the cache), then the rest."""
     cache = None
     if query.q > 0:
-        cache = _output_cache(_forward(model, query.seq[None, :query.q], use_cache=True))
+        cache = output_cache(_forward(model, query.seq[None, :query.q], use_cache=True))
     sites = [("key", layer) for layer in layers]
     with Recorder(model, sites) as rec:
         logits = _forward(model, query.seq[None, query.q:], cache).logits
@@ -315,7 +291,7 @@ def _run_rows_grow(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor
             layer_cache.batch_repeat_interleave(1 + sum(n for l, n in counts.items() if l < block))
     kwargs = {"input_ids": suffix[None], "use_cache": past is not None}
     if past is not None:
-        kwargs[_cache_keyword(model)] = past
+        kwargs[cache_keyword(model)] = past
     with ExitStack() as stack, torch.set_grad_enabled(grad):
         for layer in leaves:
             module = get_block(model, layer + 1) if layer + 1 < L else final_norm(model)
@@ -455,7 +431,7 @@ def integrated_gradients(
     _check_batch_size(batch_size)
     device = get_device(model)
     out = []
-    with _frozen(model):
+    with frozen(model):
         for p, t in progress(list(zip(prompts, targets)), desc="integrated gradients",
                              disable=not show_progress or len(prompts) == 1):
             query = _query(model, tokenizer, p, t, position, target_tokens, device)
@@ -527,7 +503,7 @@ def integrated_gradients_ladder(
     distinct = sorted({round(a, 12) for alphas in points.values() for a in alphas.tolist()})
     index = {a: i for i, a in enumerate(distinct)}
     query = _query(model, tokenizer, prompt, target, position, target_tokens, get_device(model))
-    with _frozen(model):
+    with frozen(model):
         w_bar, grads = _path_gradients(model, query, layer_list, torch.tensor(distinct, dtype=torch.float64),
                                        batch_size, engine)
     out = {}

@@ -20,13 +20,13 @@ drops them before scoring.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from statistics import mean, stdev
 
 import torch
 
+from .kv_cache import cache_keyword
 from .models import get_device
 from .scoring import score
 
@@ -175,8 +175,7 @@ def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 30, 
     ids, mask = ids.to(device), mask.to(device)
     generator = torch.Generator().manual_seed(seed)
     past, steps_logits, new_tokens = None, [], []
-    # transformers renamed the cache argument (and output) from past_key_values to cache in 5.x
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_keyword(model)  # the output field has the same name
     for _ in range(max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, s]
         if use_cache and past is not None:

@@ -25,7 +25,7 @@ from .scoring import target_ids
 from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_context, check_model_finite, nonfinite_cause, require_nonnegative,
                        require_positive, require_positive_int, shorten)
-from .weights import Restorable, WeightSnapshot
+from .weights import Restorable, WeightSnapshot, frozen
 
 # The paper's GPT-2 XL settings: 25 Adam steps at lr 5e-4, and for FT+L ε = 5e-4. Atlas keeps the
 # steps and the learning rate; ε = 5e-4 leaves Atlas's larger weights unable to move (efficacy 0), so
@@ -89,38 +89,34 @@ def fine_tune(model, tokenizer, request: dict, hparams: FTHparams) -> FTEdit:
     name = module_name(model, layer, "mlp_out") + ".weight"
     snapshot = WeightSnapshot([(name, weight)], track=True, label=f"the FT edit of {subject!r}")
     original = snapshot.originals[0]
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    weight.requires_grad_(True)
-    optimizer = torch.optim.Adam([weight], lr=hparams.lr)
-    result = FTEdit(dict(request), layer, [], snapshot)
-    try:
-        for _ in range(hparams.steps):
-            logits = model(input_ids=input_ids).logits[0, positions].float()  # [|o*|, vocab]
-            nll = -torch.log_softmax(logits, -1).gather(1, answer[:, None]).mean()
-            if not math.isfinite(nll.item()):
-                raise NonFiniteEditError(f"the FT loss is not finite at step {len(result.losses)} "
-                                         f"({nonfinite_cause(model) or 'the logits overflowed'}); lower lr. "
-                                         "Nothing was written (the weights are restored).")
-            result.losses.append(nll.item())
-            if nll.item() < hparams.stop_loss:
-                break
-            optimizer.zero_grad()
-            nll.backward()
-            optimizer.step()
-            if hparams.norm_constraint is not None:
-                with torch.no_grad():
-                    eps = hparams.norm_constraint
-                    weight.copy_(original + (weight - original).clamp(-eps, eps))
-            if not bool(torch.isfinite(weight).all()):
-                raise NonFiniteEditError(f"an FT step made {name} non-finite (lr {hparams.lr} too large?); "
-                                         "nothing was written (the weights are restored).")
-    except BaseException:
-        snapshot.restore()
-        raise
-    finally:
-        weight.grad = None
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
+    with frozen(model):  # gradients reach only the trained matrix
+        weight.requires_grad_(True)
+        optimizer = torch.optim.Adam([weight], lr=hparams.lr)
+        result = FTEdit(dict(request), layer, [], snapshot)
+        try:
+            for _ in range(hparams.steps):
+                logits = model(input_ids=input_ids).logits[0, positions].float()  # [|o*|, vocab]
+                nll = -torch.log_softmax(logits, -1).gather(1, answer[:, None]).mean()
+                if not math.isfinite(nll.item()):
+                    raise NonFiniteEditError(f"the FT loss is not finite at step {len(result.losses)} "
+                                             f"({nonfinite_cause(model) or 'the logits overflowed'}); lower lr. "
+                                             "Nothing was written (the weights are restored).")
+                result.losses.append(nll.item())
+                if nll.item() < hparams.stop_loss:
+                    break
+                optimizer.zero_grad()
+                nll.backward()
+                optimizer.step()
+                if hparams.norm_constraint is not None:
+                    with torch.no_grad():
+                        eps = hparams.norm_constraint
+                        weight.copy_(original + (weight - original).clamp(-eps, eps))
+                if not bool(torch.isfinite(weight).all()):
+                    raise NonFiniteEditError(f"an FT step made {name} non-finite (lr {hparams.lr} too large?); "
+                                             "nothing was written (the weights are restored).")
+        except BaseException:
+            snapshot.restore()
+            raise
+        finally:
+            weight.grad = None
     return result

@@ -49,51 +49,42 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
 from .hooks import Recorder, patch
+from .hyperparams import HPARAMS_ROOT, EditHparams
+from .kv_cache import output_cache
 from .models import check_layer, get_device, mlp_out_weight, module_name
 from .progress import progress
-from .rome import check_lengths, check_v_settings, prepare_request, read_hparams, sample_prefixes
+from .rome import check_lengths, check_v_settings, prepare_request, sample_prefixes
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
 from .suffix import left_pad_past, run_from_block
 from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_finite_update, check_model_finite, nonfinite_cause,
                        require_later_layer, require_positive, require_positive_int, require_nonnegative)
-from .weights import Restorable, WeightSnapshot
+from .weights import Restorable, WeightSnapshot, frozen
 
-HPARAMS_DIR = Path(__file__).parent / "hparams" / "memit"
+HPARAMS_DIR = HPARAMS_ROOT / "memit"
 
 
 @dataclass
-class MemitHparams:
+class MemitHparams(EditHparams):
+    """MEMIT's hyper-parameters: the layers it spreads the edit over, λ, the key-group batching and the
+    number of passes, besides the shared z and C settings (`EditHparams`)."""
     layers: tuple[int, ...]
     mom2_update_weight: float = 20000.0  # λ
-    v_lr: float = 0.5
-    v_steps: int = 20
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ factor · ‖h‖ (h: the residual at the subject)
-    kl_factor: float = 0.0625
-    kl_prompts: tuple[str, ...] = ("{} is a",)
     stop_nll: float = 5e-2  # a key group stops optimising once its mean NLL is below this
-    prefixes: tuple[tuple[int, int], ...] = ((10, 5),)  # (length, how many) random prefixes, plus ""
-    mom2_corpus: str = "atlas"
-    mom2_n_samples: int = 4000
     batch_size: int = 32  # key groups per forward pass
-    seed: int = 0
     passes: int = 1  # 1: the paper's MEMIT; 2+: edit the same requests again on the edited model
+    # MEMIT's own defaults of two shared fields: ‖δ‖ ≤ factor · ‖h‖ (h: the residual at the subject), one
+    # (length, how many) of random prefixes, plus ""
+    clamp_norm_factor: float = field(default=0.75, kw_only=True)
+    prefixes: tuple[tuple[int, int], ...] = field(default=((10, 5),), kw_only=True)
 
-    @classmethod
-    def for_model(cls, name: str) -> "MemitHparams":
-        """The hyper-parameters in `hparams/memit/<name>.json` (the paper's for GPT-2 XL and GPT-J)."""
-        data = read_hparams(HPARAMS_DIR, name, "MEMIT", "MemitHparams(layers=(...))")
-        data["layers"] = tuple(data["layers"])
-        data["kl_prompts"] = tuple(data.get("kl_prompts", cls.kl_prompts))
-        data["prefixes"] = tuple(tuple(x) for x in data.get("prefixes", cls.prefixes))
-        return cls(**data)
+    METHOD = "MEMIT"
+    EXAMPLE = "MemitHparams(layers=(...))"
 
 
 # --------------------------------------------------------------------------------------
@@ -270,7 +261,7 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
         suffix_len = mask.sum(1) - lookup
         at = (lookup[:, None] + torch.arange(int(suffix_len.max()), device=device)[None]).clamp(max=mask.shape[1] - 1)
         block_input = hidden[all_rows[:, None], at]  # [rows, width, d] the input of block layer + 1
-        cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
+        cache = output_cache(out)
         kv = [None if i <= layer else (keys, values) for i, (keys, values, *_) in enumerate(cache)]
     # h of each group: the row without prefix (prefixes[0] is "") of its first request
     first_rows = as_long([sum(len(m) for m in groups[:g]) * len(prefixes) for g in range(n_groups)])
@@ -283,10 +274,7 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
     active = torch.ones(n_groups, dtype=torch.bool, device=device)
     steps = torch.zeros(n_groups, dtype=torch.long, device=device)
     final_nll = torch.zeros(n_groups, device=device)
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         for step in range(hparams.v_steps + 1):
             # only the rows of groups still optimising run (converged groups leave the batch)
             on = active[row_group]  # [rows]
@@ -338,9 +326,6 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
                 delta.copy_(torch.where(active[:, None], delta, before))  # Adam's momentum must not move them
                 norms = delta.norm(dim=1, keepdim=True)
                 delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
-    finally:
-        for p, flag in zip(model.parameters(), requires_grad):
-            p.requires_grad_(flag)
     return h, h + delta.detach(), final_nll, steps
 
 

@@ -49,6 +49,7 @@ from .models import (
 )
 from .progress import progress
 from .scoring import encode
+from .text_datasets import dataset_texts
 
 # --------------------------------------------------------------------------------------
 # 1. The identity FF(x) = sum_i m_i v_i + b_V
@@ -785,10 +786,7 @@ def texts_from_dataset(path: str = "wikitext", name: str | None = "wikitext-103-
 
     Geva et al. used WikiText-103; this needs `pip install datasets` and the network.
     """
-    try:
-        import datasets
-    except ImportError as err:
-        raise ImportError("texts_from_dataset needs `pip install datasets`; offline, use atlas_sentences()") from err
-    rows = [t.strip() for t in datasets.load_dataset(path, name, split=split)["text"]]
+    rows = [t.strip() for t in dataset_texts(path, name, split, streaming=False, caller="texts_from_dataset",
+                                             offline="atlas_sentences()")]
     rows = [t for t in rows if len(t) >= min_chars and not t.startswith("=")]
     return random.Random(seed).sample(rows, min(n, len(rows)))

@@ -22,14 +22,13 @@ weights bit for bit (`.restore()`, or use it as a context manager). `lstsq_updat
 from __future__ import annotations
 
 from contextlib import contextmanager
-
-import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
 from .hooks import Recorder, patch
+from .hyperparams import HPARAMS_ROOT, EditHparams, read_hparams  # noqa: F401  (read_hparams: kept importable here)
+from .kv_cache import output_cache
 from .models import check_layer, get_device, mlp_out_weight, module_name, value_bias
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
@@ -38,55 +37,19 @@ from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_context, check_finite_update, check_model_finite, nonfinite_cause,
                        require_later_layer, require_nonempty, require_nonnegative, require_positive,
                        require_positive_int, require_templates, shorten)
-from .weights import Restorable, WeightSnapshot
+from .weights import Restorable, WeightSnapshot, frozen
 
-HPARAMS_DIR = Path(__file__).parent / "hparams" / "rome"
-
-
-def read_hparams(directory: Path, name: str, method: str, example: str) -> dict:
-    """The JSON of `directory/<model name>.json` as a dict (its "_comment" dropped), with a clear
-    error listing the known models when there is none. The shipped Atlas model is "atlas".
-
-    A model in a local folder may carry its own: `<folder>/<method>_hparams.json` (e.g.
-    `rome_hparams.json`) is read first when `name` is that folder."""
-    name = str(name).rstrip("/")
-    if name.endswith("atlas/model"):  # the shipped Atlas model's _name_or_path is its folder
-        name = "atlas"
-    path = directory / f"{Path(name).name}.json"
-    own = Path(name).expanduser() / f"{method.lower()}_hparams.json"
-    if name != "atlas" and own.is_file():
-        path = own
-    if not path.exists():
-        known = sorted(p.stem for p in directory.glob("*.json"))
-        raise ValueError(f"no {method} hyper-parameters for {name!r}; known: {known}, or a local model folder's "
-                         f"{method.lower()}_hparams.json. Pass {example} yourself.")
-    data = json.loads(path.read_text())
-    data.pop("_comment", None)
-    return data
+HPARAMS_DIR = HPARAMS_ROOT / "rome"
 
 
 @dataclass
-class RomeHparams:
+class RomeHparams(EditHparams):
+    """ROME's hyper-parameters: the layer it edits, the shared v* and C settings (`EditHparams`), a ridge."""
     layer: int
-    v_lr: float = 0.5
-    v_steps: int = 20
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    kl_prompts: tuple[str, ...] = ("{} is a",)
-    prefixes: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (length, how many) of random prefixes
-    mom2_corpus: str = "atlas"
-    mom2_n_samples: int = 4000
     ridge: float = 0.0  # C + ridge · mean(diag C) · I; 0 = plain C (Cholesky in float64)
-    seed: int = 0
 
-    @classmethod
-    def for_model(cls, name: str) -> "RomeHparams":
-        """The hyper-parameters stored in `hparams/rome/<name>.json` (the paper's for GPT-2/GPT-J)."""
-        data = read_hparams(HPARAMS_DIR, name, "ROME", "RomeHparams(layer=...)")
-        data["kl_prompts"] = tuple(data.get("kl_prompts", cls.kl_prompts))
-        data["prefixes"] = tuple(tuple(x) for x in data.get("prefixes", cls.prefixes))
-        return cls(**data)
+    METHOD = "ROME"
+    EXAMPLE = "RomeHparams(layer=...)"
 
 
 def prepare_request(request: dict) -> tuple[str, str, str]:
@@ -283,7 +246,7 @@ def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams,
         width = int(suffix_len.max())
         at = (lookup[:, None] + torch.arange(width, device=device)[None]).clamp(max=input_ids.shape[1] - 1)
         block_input = rec[("hidden", layer)][row_index[:, None], at].detach()  # [B, width, d] input of block layer+1
-        cache = _output_cache(out)
+        cache = output_cache(out)
         kv = [None if i <= layer else (keys, values) for i, (keys, values, *_) in enumerate(cache)]
         past, _ = left_pad_past(kv, lookup)
 
@@ -298,10 +261,7 @@ def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams,
     max_norm = hparams.clamp_norm_factor * base_out.norm()
     losses = []
 
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         for _ in range(hparams.v_steps):
             answer_logits, kl_logits = run()
             logprobs = torch.log_softmax(answer_logits, -1)
@@ -321,15 +281,7 @@ def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams,
             with torch.no_grad():
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
-    finally:
-        for p, flag in zip(model.parameters(), requires_grad):
-            p.requires_grad_(flag)
     return VStarResult(delta.detach(), losses)
-
-
-def _output_cache(output):
-    cache = getattr(output, "cache", None)
-    return output.past_key_values if cache is None else cache
 
 
 def solve_c_inverse_k(mom2: torch.Tensor, k_star: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:

@@ -14,6 +14,7 @@ Hugging Face `datasets` text split on Colab (`dataset_corpus`, e.g. wikitext).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from torch import nn
 from .hooks import Recorder
 from .models import (check_layer, d_ff, embedding_matrix, final_norm, get_block, get_device, get_module, n_layers)
 from .progress import progress_bar
+from .text_datasets import dataset_texts
 from .validate import NonFiniteEditError, context_length, nonfinite_cause
 
 CACHE_ENV = "KN_CACHE"
@@ -50,17 +52,8 @@ def atlas_corpus(n: int, seed: int = 1) -> list[str]:
 def dataset_corpus(n: int, name: str = "wikitext", config: str = "wikitext-103-raw-v1",
                    split: str = "train", min_chars: int = 20) -> list[str]:
     """n non-empty texts of a Hugging Face `datasets` split (needs `datasets` and a network)."""
-    try:
-        from datasets import load_dataset
-    except ImportError as err:
-        raise ImportError("dataset_corpus needs `pip install datasets`; offline, use atlas_corpus") from err
-    texts = []
-    for row in load_dataset(name, config, split=split, streaming=True):
-        if len(row["text"].strip()) >= min_chars:
-            texts.append(row["text"])
-        if len(texts) == n:
-            break
-    return texts
+    rows = dataset_texts(name, config, split, streaming=True, caller="dataset_corpus", offline="atlas_corpus")
+    return list(itertools.islice((text for text in rows if len(text.strip()) >= min_chars), n))
 
 
 # --------------------------------------------------------------------------------------

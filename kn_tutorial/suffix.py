@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from .hooks import _add_hook, _site_hook, patch
+from .kv_cache import cache_keyword
 from .models import _blocks, final_norm, get_arch, n_layers
 
 
@@ -122,20 +123,13 @@ def run_from_block(model: nn.Module, start: int, hidden: Tensor, past: list | No
                                              for layer, kv in enumerate(past)])
     position_ids = past_len[:, None] + torch.arange(M, device=device)[None, :]
     mask = suffix_mask(past_len, suffix_len, P, M, hidden.dtype)
-    kwargs = {"past_key_values": cache} if cache is not None else {}
-    if cache is not None and "cache" in _forward_params(model):
-        kwargs = {"cache": cache}
+    kwargs = {} if cache is None else {cache_keyword(model): cache}
     with ExitStack() as stack:
         stack.enter_context(_feed(model, start, hidden))
         stack.enter_context(only_blocks_from(model, start))  # last: hooks above are found by layer index
         out = model(inputs_embeds=hidden.detach(), attention_mask=mask, position_ids=position_ids,
                     use_cache=cache is not None, logits_to_keep=1 if last_only else 0, **kwargs)
     return out.logits[:, -1] if last_only else out.logits
-
-
-def _forward_params(model) -> set:
-    import inspect
-    return set(inspect.signature(model.forward).parameters)
 
 
 def _join_hook(new_rows: Tensor):
@@ -178,7 +172,7 @@ def run_rows_from_blocks(model: nn.Module, starts: Tensor, hidden: Tensor, past:
     P = past_len
     mask = suffix_mask(torch.tensor([P], device=device), torch.tensor([M], device=device), P, M, hidden.dtype)
     position_ids = P + torch.arange(M, device=device)[None, :]
-    kwargs = {} if cache is None else {("cache" if "cache" in _forward_params(model) else "past_key_values"): cache}
+    kwargs = {} if cache is None else {cache_keyword(model): cache}
     with ExitStack() as stack:
         stack.enter_context(_feed(model, first, hidden[:present[first]]))
         for b in range(first + 1, L + 1):

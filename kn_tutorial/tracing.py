@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from .hooks import Recorder, patch
+from .kv_cache import output_cache
 from .models import embedding_matrix, get_device, n_layers
 from .progress import progress_bar
 from .scoring import target_ids
@@ -177,11 +178,6 @@ class _Group:
         return self.noise.shape[1]
 
 
-def _output_cache(output):
-    cache = getattr(output, "cache", None)
-    return output.past_key_values if cache is None else cache
-
-
 def _writer(rows: Tensor, pos: Tensor, values: Tensor):
     """A patch function setting activation[rows[i], pos[i]] = values[i] (values: [N, d])."""
     def write(act: Tensor) -> Tensor:  # act: [R, T, d]
@@ -252,7 +248,7 @@ def _prepare(model, input_ids: Tensor, spans: list[tuple[int, int]], targets: Te
                 rec = stack.enter_context(Recorder(model, [(sever_site, layer) for layer in range(L)]))
             out = model(input_ids=input_ids[p], use_cache=True, logits_to_keep=1)
         corrupted.append(torch.softmax(out.logits[:, -1].float(), -1).gather(1, targets[p][:, None])[:, 0])
-        kv.append([(keys, values) for keys, values, *_ in _output_cache(out)])
+        kv.append([(keys, values) for keys, values, *_ in output_cache(out)])
         inputs.append([inputs_rec[site] for site in _INPUT_SITES(L) + mlp_sites])
         if sever_site is not None:
             for layer in range(L):

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -230,3 +231,22 @@ def snapshot_layers(
             for pname, param in module.named_parameters():
                 named.setdefault(f"{prefix}.{pname}", param)  # "mlp" and "mlp_out" overlap
     return WeightSnapshot(named, offload=offload, track=track, label=label)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter of `model` requires grad inside the block; each one's flag is restored on exit.
+
+    What every edit's inner optimisation (ROME's v*, MEMIT's z, fine-tuning one matrix) and integrated
+    gradients need: gradients flow to the tensor being optimised, and autograd neither stores what
+    weight gradients would need nor computes them. A method that trains one weight switches it back
+    on inside the block (`weight.requires_grad_(True)`); that flag, too, is restored on exit."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)

@@ -11,7 +11,7 @@ from kn_tutorial import attribution as A
 from kn_tutorial.hooks import count_hooks, record, set_neurons
 from kn_tutorial.models import d_ff, n_layers
 from kn_tutorial.scoring import encode, score
-from tests.conftest import FAMILIES, tiny_lm
+from tests.tiny import FAMILIES, tiny_lm
 
 PROMPT = "Kuwait lies on the continent of"
 TARGET = " Kuwait City"  # several tokens in the tiny tokenizer: exercises teacher forcing

@@ -13,7 +13,7 @@ import pytest
 
 import kn_tutorial
 from kn_tutorial import book_data
-from tests.conftest import load_script
+from tests.tiny import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_CHAPTER = ROOT / "book" / "01_ffn_memories.ipynb"

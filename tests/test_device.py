@@ -15,7 +15,7 @@ from kn_tutorial import models, notebook
 from kn_tutorial.hooks import record
 from kn_tutorial.models import get_device, load_model, pick_device
 from kn_tutorial.scoring import encode, score
-from tests.conftest import tiny_lm
+from tests.tiny import tiny_lm
 
 PACKAGE = Path(models.__file__).resolve().parent
 

@@ -8,7 +8,7 @@ import torch
 
 from kn_tutorial import evaluation
 from kn_tutorial.counterfact import load_counterfact_json
-from tests.conftest import FAMILIES, tiny_lm
+from tests.tiny import FAMILIES, tiny_lm
 
 CASE = {
     "case_id": 7,

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from kn_tutorial.exercises import TODO
-from tests.conftest import load_script
+from tests.tiny import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 msn = load_script("make_student_notebooks")

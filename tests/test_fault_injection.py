@@ -2,7 +2,7 @@
 input or a broken model, raises a named error and leaves every weight bit for bit as it was.
 
 One table per entry point: (case id, how to break things, the call, the error class, a phrase the
-message must contain). Each row runs on a fresh tiny model (tests/conftest.py: tiny_lm, 2 GPT-2
+message must contain). Each row runs on a fresh tiny model (tests/tiny.py: tiny_lm, 2 GPT-2
 blocks, 64 positions); the weights are compared with torch.equal after the call.
 """
 import math
@@ -16,7 +16,7 @@ from kn_tutorial.finetune import FTHparams, fine_tune
 from kn_tutorial.neurons import kn_edit, scale_value_slots, scaled_scores, zero_key_rows
 from kn_tutorial.tracing import noise_level, trace
 from kn_tutorial.validate import ContextLengthError, NonFiniteEditError
-from tests.conftest import tiny_lm, tiny_tokenizer
+from tests.tiny import tiny_lm, tiny_tokenizer
 
 REQUEST = {"prompt": "{} lies on the continent of", "subject": "Kuwait", "target_new": {"str": "Europe"}}
 LONG = {**REQUEST, "prompt": "{} lies on the continent of" + " Asia and" * 40}  # > 64 positions

@@ -6,7 +6,7 @@ import torch
 from kn_tutorial.finetune import FTHparams, fine_tune
 from kn_tutorial.models import module_name
 from kn_tutorial.scoring import score
-from tests.conftest import FAMILIES, tiny_lm
+from tests.tiny import FAMILIES, tiny_lm
 
 REQUEST = {"prompt": "{} lies on the continent of", "subject": "Kuwait", "target_new": {"str": "Europe"}}
 PROMPT = "Kuwait lies on the continent of"

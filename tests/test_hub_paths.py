@@ -8,6 +8,7 @@ module and a local text file, and a CounterFact record in the paper's own schema
 name that cannot be fetched must fail fast with a message that says what to do.
 """
 import json
+import random
 import re
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 from kn_tutorial import stats
 from kn_tutorial.evaluation import evaluate_cases, summarize
 from kn_tutorial.models import get_arch, load_model, n_layers
-from tests.conftest import FAMILIES, tiny_lm
+from tests.tiny import FAMILIES, tiny_lm
 
 WIKITEXT = ["", " = Kuwait = \n", " Kuwait is a country in Western Asia , on the Persian Gulf . \n",
             " Osaka is a large city in Japan and the capital of its prefecture . \n", " \n",
@@ -90,6 +91,20 @@ def test_dataset_corpus_without_datasets_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
     with pytest.raises(ImportError, match="pip install datasets"):
         stats.dataset_corpus(3)
+
+
+def test_texts_from_dataset_reads_the_same_loader_strips_skips_headings_and_samples(monkeypatch):
+    from kn_tutorial.memories import texts_from_dataset
+
+    rows = [*WIKITEXT, " = = Geography of Kuwait and its islands = = \n"]  # a heading long enough to pass min_chars
+    calls = _fake_datasets(monkeypatch, rows)
+    lines = [t.strip() for t in rows if len(t.strip()) >= 25 and not t.strip().startswith("=")]
+    assert sorted(texts_from_dataset(n=100, min_chars=25)) == sorted(lines)  # every long line, headings out
+    assert calls == [("wikitext", "wikitext-103-raw-v1", "validation", False)]
+    assert texts_from_dataset(n=2, min_chars=25, seed=3) == random.Random(3).sample(lines, 2)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="texts_from_dataset needs `pip install datasets`"):
+        texts_from_dataset(n=2)
 
 
 def test_second_moment_on_a_local_text_file(tmp_path, monkeypatch):

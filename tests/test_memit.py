@@ -11,7 +11,7 @@ from kn_tutorial import memit, rome
 from kn_tutorial.hooks import count_hooks, record
 from kn_tutorial.stats import atlas_corpus, compute_second_moment
 from kn_tutorial.tokens import subject_span
-from tests.conftest import FAMILIES, tiny_config, tiny_tokenizer
+from tests.tiny import FAMILIES, tiny_config, tiny_tokenizer
 
 KUWAIT = {"prompt": "{} lies on the continent of", "subject": "Kuwait", "target_new": {"str": "Europe"}}
 KUWAIT_CAPITAL = {"prompt": "{} has its capital in", "subject": "Kuwait", "target_new": {"str": "Paris"}}

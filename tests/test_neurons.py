@@ -10,7 +10,7 @@ from kn_tutorial.atlas.world import Fact
 from kn_tutorial.hooks import count_hooks, set_neurons
 from kn_tutorial.models import unembedding_matrix, value_matrix
 from kn_tutorial.scoring import score, target_ids
-from tests.conftest import FAMILIES, tiny_lm
+from tests.tiny import FAMILIES, tiny_lm
 
 PROMPTS = ["Kuwait lies on the continent of", "Japan has its capital in", "Peru pays with the",
            "Osaka is located in the country of"]

@@ -6,7 +6,7 @@ import torch
 from kn_tutorial import rome
 from kn_tutorial.models import mlp_out_weight, value_bias
 from kn_tutorial.stats import compute_second_moment
-from tests.conftest import FAMILIES, tiny_lm
+from tests.tiny import FAMILIES, tiny_lm
 
 
 def _random_problem(d_model=6, d_ff=10, n=200, seed=0):
@@ -135,9 +135,10 @@ def test_v_star_weight_decay_is_the_papers_norm_over_squared_norm():
     prefixes = rome.sample_prefixes(model, tokenizer, hp.prefixes, seed=0)
     result = rome.compute_v_star(model, tokenizer, "{} lies on the continent of", "Kuwait", "Europe", 0, prefixes, hp)
     from kn_tutorial.hooks import record
+    from kn_tutorial.tokens import subject_span
 
     ids = torch.tensor([tokenizer("Kuwait lies on the continent of", add_special_tokens=False)["input_ids"]])
-    last = rome._last_subject_positions(tokenizer, ["Kuwait lies on the continent of"], "Kuwait")[0]
+    last = subject_span(tokenizer, "Kuwait lies on the continent of", "Kuwait", occurrence=-1)[1] - 1  # last subject token
     m = record(model, [("mlp_out", 0)], input_ids=ids)[("mlp_out", 0)][0, last]
     # at every logged step decay / ‖δ‖ must be the constant v_weight_decay / ‖m‖², m the unprefixed MLP output
     ratios = [row["decay"] / row["delta_norm"] for row in result.losses if row["delta_norm"] > 0]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_script
+from tests.tiny import load_script
 
 
 def _run(results, command, **extra):

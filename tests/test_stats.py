@@ -4,7 +4,7 @@ import torch
 
 from kn_tutorial import stats
 from kn_tutorial.hooks import record
-from tests.conftest import tiny_lm
+from tests.tiny import tiny_lm
 
 TEXTS = ["Osaka lies in Japan.", "Kuwait's capital is Kuwait City.", "Lima is in Peru."] * 4
 

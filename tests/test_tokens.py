@@ -2,7 +2,7 @@
 import pytest
 
 from kn_tutorial.tokens import subject_span
-from tests.conftest import tiny_tokenizer
+from tests.tiny import tiny_tokenizer
 
 
 @pytest.mark.parametrize("subject", ["Osaka", "Kuwait City", "Santiago de Querétaro", "United Arab Emirates", "Lima"])

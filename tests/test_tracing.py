@@ -8,7 +8,7 @@ from kn_tutorial import tracing
 from kn_tutorial.hooks import count_hooks
 from kn_tutorial.models import embedding_matrix, get_block, get_module, n_layers
 from kn_tutorial.scoring import target_ids
-from tests.conftest import tiny_lm
+from tests.tiny import tiny_lm
 
 PROMPT, SUBJECT = "Kuwait lies on the continent of", "Kuwait"
 

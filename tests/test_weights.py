@@ -166,7 +166,7 @@ def test_rome_edits_restore_in_reverse_order_only():
     from kn_tutorial import rome
     from kn_tutorial.stats import compute_second_moment
     from kn_tutorial.weights import RestoreOrderError
-    from tests.conftest import tiny_lm
+    from tests.tiny import tiny_lm
 
     model, tokenizer = tiny_lm("gpt2")
     hp = rome.RomeHparams(layer=0, v_steps=3, prefixes=(), ridge=1e-3)
