@@ -28,10 +28,11 @@ from .world import load_world
 SAMPLES, NOISE, WINDOW = 5, 3.0, 1
 
 
-def known_facts(model, tokenizer, n_facts: int = 200, seed: int = 0) -> list[dict]:
-    """n_facts facts (seeded shuffle of the world) whose object's first token the model predicts
-    first after the first training template; dicts with prompt, subject, target, relation."""
-    facts = load_world().facts[:]
+def known_facts(model, tokenizer, n_facts: int = 200, seed: int = 0, world=None) -> list[dict]:
+    """n_facts facts (seeded shuffle of the world, default the shipped one) whose object's first
+    token the model predicts first after the first training template; dicts with prompt, subject,
+    target, relation."""
+    facts = (world or load_world()).facts[:]
     random.Random(seed).shuffle(facts)
     rows = [{"prompt": fill(TEMPLATES[f.relation].train[0], f.subject, f.subject_kind), "subject": f.subject,
              "target": f.object, "relation": f.relation} for f in facts]
