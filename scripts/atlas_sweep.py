@@ -1,0 +1,172 @@
+"""The recorded sweep of Atlas variants (issue 16): which data and shapes move the MLP site
+of causal tracing (Meng et al., 2022) above the first layer?
+
+Every variant is trained with the SAME short budget (`BUDGET`: steps, batch, warm-up; seed 0,
+one CPU thread), then scored by `kn_tutorial.atlas.probe.probe` with the same settings
+(`PROBE`). The v2 recipe at that budget is the control. Results are appended variant by
+variant to book/data/atlas_sweep.json (config, probe measures, seconds), so a run can be
+stopped and resumed; scripts/atlas_sweep.md is the table made from that file.
+
+    python scripts/atlas_sweep.py                 # every variant not yet in the JSON, in order
+    python scripts/atlas_sweep.py v2 contexts     # only these
+    python scripts/atlas_sweep.py --table         # rewrite the markdown table only
+    while python scripts/atlas_sweep.py --next; do :; done   # one process per variant
+
+Short budgets undertrain: the table compares variants with each other, not with the
+shipped model (2,000 steps of 48 rows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "book" / "data" / "atlas_sweep.json"
+TABLE = ROOT / "scripts" / "atlas_sweep.md"
+
+BUDGET = dict(steps=300, batch_size=32, warmup=30, seed=0, threads=1, device="cpu")
+PROBE = dict(n_trace=40, n_recall=100, samples=2, window=3, geva=True, kn_per_relation=1, seed=0)
+
+DEEP = dict(n_layer=12, n_embd=192, n_head=4, n_inner=768)
+TEN = dict(n_layer=10, n_embd=224, n_head=4, n_inner=896)
+CONTEXTS = dict(context=0.5)
+MORE_FACTS = dict(world_cities=3000, world_max_per_country=30)
+SENTENCES = dict(multi=0.3, lists=0.2, preceding=0.3)
+
+# name -> (what changed, TrainConfig overrides); run in this order
+VARIANTS = {
+    "v2": ("the v2 recipe (control)", {}),
+    "contexts": ("many compositional contexts before the subject (half the fact sentences)", CONTEXTS),
+    "contexts-deep": ("contexts, 12 x 192, d_ff 768", {**CONTEXTS, **DEEP}),
+    "contexts-morefacts": ("contexts, 3,000 cities (up to 30 per country): 2.8x the facts", {**CONTEXTS, **MORE_FACTS}),
+    "contexts-compose": ("contexts, half the further facts about the previous object (city -> country -> ...)",
+                         {**CONTEXTS, "compose": 0.5}),
+    "contexts-sentences": ("contexts, several facts per sentence, lists, a preceding unrelated sentence",
+                           {**CONTEXTS, **SENTENCES}),
+    "fixed-contexts": ("twelve fixed contexts before the subject (half the fact sentences)",
+                       {"context": 0.5, "context_style": "fixed"}),
+    "all-deep": ("contexts, compose, sentences, 12 x 192", {**CONTEXTS, "compose": 0.5, **SENTENCES, **DEEP}),
+    "deep": ("12 x 192, d_ff 768, v2 corpus", DEEP),
+    "contexts-10layers": ("contexts, 10 x 224, d_ff 896", {**CONTEXTS, **TEN}),
+    "morefacts": ("3,000 cities, v2 corpus", MORE_FACTS),
+    "all-morefacts-deep": ("contexts, compose, sentences, 3,000 cities, 12 x 192",
+                           {**CONTEXTS, "compose": 0.5, **SENTENCES, **MORE_FACTS, **DEEP}),
+}
+
+
+def load_results() -> dict:
+    if RESULTS.exists():
+        return json.loads(RESULTS.read_text())
+    return {"budget": BUDGET, "probe": PROBE, "variants": []}
+
+
+def run_variant(name: str, models_dir: Path | None) -> dict:
+    import torch
+
+    from kn_tutorial.atlas.probe import format_probe, probe
+    from kn_tutorial.atlas.train import TrainConfig, config_world, save, train
+
+    what, overrides = VARIANTS[name]
+    cfg = TrainConfig(**{**BUDGET, **overrides})
+    torch.set_num_threads(1)
+    world = config_world(cfg)
+    started = time.time()
+    model, tokenizer, log = train(cfg, world=world, log_every=100)
+    train_seconds = time.time() - started
+    if models_dir is not None:
+        save(model, tokenizer, log, models_dir / name)
+    started = time.time()
+    result = probe(model, tokenizer, world, **PROBE)
+    print(format_probe(result), flush=True)
+    return {"name": name, "what": what, "overrides": overrides, "config": asdict(cfg), "n_facts": len(world),
+            "n_params": sum(p.numel() for p in model.parameters()), "loss": log["log"][-1]["loss"],
+            "train_seconds": round(train_seconds, 1), "probe_seconds": round(time.time() - started, 1),
+            "probe": result}
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def table(results: dict) -> str:
+    b, p = results["budget"], results["probe"]
+    lines = [
+        "# Atlas v3 sweep (issue 16)", "",
+        f"Every variant: {b['steps']} steps of {b['batch_size']} rows x 64 tokens, warm-up {b['warmup']}, "
+        f"seed {b['seed']}, one CPU thread (the shipped v2: 2,000 steps of 48 rows). "
+        f"Probe (`kn_tutorial.atlas.probe`): recall on {p['n_recall']} facts (first token); causal tracing on "
+        f"{p['n_trace']} known facts, {p['samples']} noise samples; MLP AIE at the last subject token with window 1 "
+        f"and window {p['window']} (best window leaving layer 0 out); Geva on 1,000 corpus sentences; knowledge "
+        f"neurons of {p['kn_per_relation']} fact per relation. Written by `scripts/atlas_sweep.py` from "
+        "`book/data/atlas_sweep.json`.", "",
+        "| variant | what changed | loss | MLP AIE L0 | best MLP AIE >= 1 (layer) | ratio | window 3: L0 / best (layer) "
+        "| hidden peak layer (AIE) | severed drop MLP / attn | recall train / frames / contexts / novel "
+        "| remove last token L0 / top half | semantic keys (relation) L0 / top half | KN in L0 | train + probe s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in results["variants"]:
+        r, t = v["probe"]["recall"], v["probe"]["trace"]
+        g, k = v["probe"].get("geva"), v["probe"].get("knowledge_neurons")
+        recall = " / ".join(_pct(r[x]) for x in ("train", "heldout_frames", "heldout_contexts", "novel"))
+        if t.get("n_facts"):
+            m, w, h, s = t["mlp"], t["mlp_window"], t["hidden"], t["severed"]
+            trace = (f"{m['layer0']:.3f} | {m['best_after_first_aie']:.3f} ({m['best_after_first']}) | {m['ratio']} | "
+                     f"{w['layer0']:.3f} / {w['best_after_first_aie']:.3f} ({w['best_after_first']}) | "
+                     f"{h['peak_layer']} ({h['peak_aie']:.3f}) | {s['drop_mlp']:.3f} / {s['drop_attn']:.3f}")
+        else:
+            trace = "– | – | – | – | – | –"
+        if g:
+            half = len(g["remove_last"]) // 2
+            top = lambda xs: sum(xs[half:]) / len(xs[half:])  # noqa: E731
+            geva = (f"{_pct(g['remove_last'][0])} / {_pct(top(g['remove_last']))} | "
+                    f"{_pct(g['semantic_relation'][0])} / {_pct(top(g['semantic_relation']))}")
+        else:
+            geva = "– | –"
+        kn = _pct(k["share_layer0"]) if k else "–"
+        lines.append(f"| {v['name']} | {v['what']} | {v['loss']:.3f} | {trace} | {recall} | {geva} | {kn} | "
+                     f"{v['train_seconds']:.0f} + {v['probe_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"variants to run (default: all not yet done): {', '.join(VARIANTS)}")
+    parser.add_argument("--table", action="store_true", help="only rewrite the markdown table")
+    parser.add_argument("--next", action="store_true",
+                        help="run only the first variant not yet done (exit code 3 when none is left), "
+                             "so a shell loop picks up variants added while it runs")
+    parser.add_argument("--models", default=None, help="also save each variant's model under this folder")
+    args = parser.parse_args(argv)
+    results = load_results()
+    if results["budget"] != BUDGET or results["probe"] != PROBE:
+        raise SystemExit(f"{RESULTS} was made with another budget or probe; move it away to start a new sweep")
+    if not args.table:
+        unknown = [n for n in args.names if n not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        done = {v["name"] for v in results["variants"]}
+        todo = args.names or [n for n in VARIANTS if n not in done]
+        if args.next:
+            if not todo:
+                raise SystemExit(3)
+            todo = todo[:1]
+        for name in todo:
+            print(f"=== {name}: {VARIANTS[name][0]}", flush=True)
+            entry = run_variant(name, Path(args.models) if args.models else None)
+            results = load_results()  # the file may have grown meanwhile
+            results["variants"] = [v for v in results["variants"] if v["name"] != name] + [entry]
+            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+            TABLE.write_text(table(results))
+            print(f"=== {name} done: {entry['train_seconds']:.0f} s training, {entry['probe_seconds']:.0f} s probe",
+                  flush=True)
+    TABLE.write_text(table(results))
+
+
+if __name__ == "__main__":
+    main()
