@@ -1,8 +1,8 @@
 """The recorded sweep of Atlas variants (issue 16): which data and shapes move the MLP site
 of causal tracing (Meng et al., 2022) above the first layer?
 
-Every variant is trained with the SAME short budget (`BUDGET`: steps, batch, warm-up; seed 0,
-one CPU thread), then scored by `kn_tutorial.atlas.probe.probe` with the same settings
+Every variant is trained with the SAME short budget (`BUDGET`: steps, batch, warm-up, learning
+rate, and half the shipped width; seed 0, one CPU thread), then scored by `kn_tutorial.atlas.probe.probe` with the same settings
 (`PROBE`). The v2 recipe at that budget is the control. Results are appended variant by
 variant to book/data/atlas_sweep.json (config, probe measures, seconds), so a run can be
 stopped and resumed; scripts/atlas_sweep.md is the table made from that file.
@@ -30,33 +30,39 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "book" / "data" / "atlas_sweep.json"
 TABLE = ROOT / "scripts" / "atlas_sweep.md"
 
-BUDGET = dict(steps=300, batch_size=32, warmup=30, seed=0, threads=1, device="cpu")
-PROBE = dict(n_trace=40, n_recall=100, samples=2, window=3, geva=True, kn_per_relation=1, seed=0)
+# Half the shipped width (8 x 128, d_ff 512: a quarter of the parameters), so that a short run
+# on a shared CPU gets far enough to memorise facts: at the shipped 8 x 256, 300 steps of 32 rows
+# (10.5 minutes here) left the v2 recipe at 15% recall, and nothing to trace.
+BUDGET = dict(steps=450, batch_size=32, warmup=30, lr=3e-3, n_layer=8, n_embd=128, n_head=4, n_inner=512,
+              seed=0, threads=1, device="cpu")
+PROBE = dict(n_trace=30, n_recall=100, samples=2, window=3, geva=True, kn_per_relation=1, seed=0)
 
-DEEP = dict(n_layer=12, n_embd=192, n_head=4, n_inner=768)
-TEN = dict(n_layer=10, n_embd=224, n_head=4, n_inner=896)
+DEEP = dict(n_layer=12, n_embd=96, n_head=4, n_inner=384)  # about the same parameters as 8 x 128
+TEN = dict(n_layer=10, n_embd=112, n_head=4, n_inner=448)
 CONTEXTS = dict(context=0.5)
 MORE_FACTS = dict(world_cities=3000, world_max_per_country=30)
 SENTENCES = dict(multi=0.3, lists=0.2, preceding=0.3)
 
 # name -> (what changed, TrainConfig overrides); run in this order
 VARIANTS = {
-    "v2": ("the v2 recipe (control)", {}),
+    "v2": ("the v2 corpus (control)", {}),
     "contexts": ("many compositional contexts before the subject (half the fact sentences)", CONTEXTS),
-    "contexts-deep": ("contexts, 12 x 192, d_ff 768", {**CONTEXTS, **DEEP}),
-    "contexts-morefacts": ("contexts, 3,000 cities (up to 30 per country): 2.8x the facts", {**CONTEXTS, **MORE_FACTS}),
+    "contexts-deep": ("contexts, 12 x 96, d_ff 384", {**CONTEXTS, **DEEP}),
     "contexts-compose": ("contexts, half the further facts about the previous object (city -> country -> ...)",
                          {**CONTEXTS, "compose": 0.5}),
+    "contexts-morefacts": ("contexts, 3,000 cities (up to 30 per country): 2.8x the facts", {**CONTEXTS, **MORE_FACTS}),
+    "all-deep": ("contexts, compose, sentences, 12 x 96", {**CONTEXTS, "compose": 0.5, **SENTENCES, **DEEP}),
     "contexts-sentences": ("contexts, several facts per sentence, lists, a preceding unrelated sentence",
                            {**CONTEXTS, **SENTENCES}),
     "fixed-contexts": ("twelve fixed contexts before the subject (half the fact sentences)",
                        {"context": 0.5, "context_style": "fixed"}),
-    "all-deep": ("contexts, compose, sentences, 12 x 192", {**CONTEXTS, "compose": 0.5, **SENTENCES, **DEEP}),
-    "deep": ("12 x 192, d_ff 768, v2 corpus", DEEP),
-    "contexts-10layers": ("contexts, 10 x 224, d_ff 896", {**CONTEXTS, **TEN}),
+    "deep": ("12 x 96, d_ff 384, v2 corpus", DEEP),
+    "contexts-10layers": ("contexts, 10 x 112, d_ff 448", {**CONTEXTS, **TEN}),
     "morefacts": ("3,000 cities, v2 corpus", MORE_FACTS),
-    "all-morefacts-deep": ("contexts, compose, sentences, 3,000 cities, 12 x 192",
+    "all-morefacts-deep": ("contexts, compose, sentences, 3,000 cities, 12 x 96",
                            {**CONTEXTS, "compose": 0.5, **SENTENCES, **MORE_FACTS, **DEEP}),
+    # not trained: the shipped model (8 x 256, 2,000 steps of 48 rows) under the same probe, for scale
+    "shipped-v2": ("the shipped v2 model, probed only (not trained at the sweep's budget)", None),
 }
 
 
@@ -73,18 +79,27 @@ def run_variant(name: str, models_dir: Path | None) -> dict:
     from kn_tutorial.atlas.train import TrainConfig, config_world, save, train
 
     what, overrides = VARIANTS[name]
-    cfg = TrainConfig(**{**BUDGET, **overrides})
     torch.set_num_threads(1)
-    world = config_world(cfg)
-    started = time.time()
-    model, tokenizer, log = train(cfg, world=world, log_every=100)
-    train_seconds = time.time() - started
-    if models_dir is not None:
-        save(model, tokenizer, log, models_dir / name)
+    if overrides is None:  # the shipped model, as it is
+        from kn_tutorial.atlas.probe import model_world
+        from kn_tutorial.atlas.train import MODEL_DIR
+        from kn_tutorial.models import load_model
+
+        model, tokenizer = load_model(str(MODEL_DIR), device="cpu")
+        log = json.loads((MODEL_DIR / "training_report.json").read_text())
+        cfg, world, train_seconds = TrainConfig(**log["config"]), model_world(MODEL_DIR), log["seconds"]
+    else:
+        cfg = TrainConfig(**{**BUDGET, **overrides})
+        world = config_world(cfg)
+        started = time.time()
+        model, tokenizer, log = train(cfg, world=world, log_every=100)
+        train_seconds = time.time() - started
+        if models_dir is not None:
+            save(model, tokenizer, log, models_dir / name)
     started = time.time()
     result = probe(model, tokenizer, world, **PROBE)
     print(format_probe(result), flush=True)
-    return {"name": name, "what": what, "overrides": overrides, "config": asdict(cfg), "n_facts": len(world),
+    return {"name": name, "what": what, "overrides": overrides or {}, "config": asdict(cfg), "n_facts": len(world),
             "n_params": sum(p.numel() for p in model.parameters()), "loss": log["log"][-1]["loss"],
             "train_seconds": round(train_seconds, 1), "probe_seconds": round(time.time() - started, 1),
             "probe": result}
@@ -98,8 +113,9 @@ def table(results: dict) -> str:
     b, p = results["budget"], results["probe"]
     lines = [
         "# Atlas v3 sweep (issue 16)", "",
-        f"Every variant: {b['steps']} steps of {b['batch_size']} rows x 64 tokens, warm-up {b['warmup']}, "
-        f"seed {b['seed']}, one CPU thread (the shipped v2: 2,000 steps of 48 rows). "
+        f"Every variant: {b['n_layer']} x {b['n_embd']} (d_ff {b['n_inner']}) unless it says otherwise, "
+        f"{b['steps']} steps of {b['batch_size']} rows x 64 tokens, lr {b['lr']}, warm-up {b['warmup']}, "
+        f"seed {b['seed']}, one CPU thread (the shipped v2: 8 x 256, 2,000 steps of 48 rows, lr 0.0015). "
         f"Probe (`kn_tutorial.atlas.probe`): recall on {p['n_recall']} facts (first token); causal tracing on "
         f"{p['n_trace']} known facts, {p['samples']} noise samples; MLP AIE at the last subject token with window 1 "
         f"and window {p['window']} (best window leaving layer 0 out); Geva on 1,000 corpus sentences; knowledge "
