@@ -150,6 +150,16 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOTES_MARK = "<!-- notes: kept when the table is rewritten -->"
+
+
+def write_table(results: dict) -> None:
+    """Rewrite the table, keeping the hand-written notes after NOTES_MARK."""
+    old = TABLE.read_text() if TABLE.exists() else ""
+    notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else NOTES_MARK + "\n"
+    TABLE.write_text(table(results) + "\n" + notes)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"variants to run (default: all not yet done): {', '.join(VARIANTS)}")
@@ -178,10 +188,10 @@ def main(argv=None) -> None:
             results = load_results()  # the file may have grown meanwhile
             results["variants"] = [v for v in results["variants"] if v["name"] != name] + [entry]
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-            TABLE.write_text(table(results))
+            write_table(results)
             print(f"=== {name} done: {entry['train_seconds']:.0f} s training, {entry['probe_seconds']:.0f} s probe",
                   flush=True)
-    TABLE.write_text(table(results))
+    write_table(results)
 
 
 if __name__ == "__main__":

