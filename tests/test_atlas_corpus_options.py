@@ -122,3 +122,18 @@ def test_make_world_builds_more_cities_in_memory_without_touching_the_shipped_fi
     assert WORLD_FILE.read_bytes() == before
     with pytest.raises(ValueError, match="n_cities"):
         make_world(0)
+
+
+def test_sub_world_keeps_whole_countries_with_their_cities_and_is_seeded():
+    from kn_tutorial.atlas.world import sub_world
+
+    world = load_world()
+    small = sub_world(world, 60, seed=0)
+    assert small.facts == sub_world(world, 60, seed=0).facts and small.facts != sub_world(world, 60, seed=1).facts
+    countries = {f.subject for f in small.facts if f.subject_kind == "country"}
+    assert len(countries) == 60
+    for f in small.facts_of("country"):
+        assert f.object in countries  # city -> country -> continent still composes
+    assert sum(len(world.facts_about(c)) for c in countries) + 2 * len(small.facts_of("country")) == len(small)
+    with pytest.raises(ValueError, match="n_countries=0"):
+        sub_world(world, 0)

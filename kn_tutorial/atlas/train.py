@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..progress import progress_bar
 from .corpus import SequenceSampler, all_training_sentences
 from .tokenizer import train_tokenizer
-from .world import World, load_world, make_world, place_names
+from .world import World, load_world, make_world, place_names, sub_world
 
 MODEL_DIR = Path(__file__).parent / "model"
 
@@ -56,6 +56,7 @@ class TrainConfig:
     compose: float = 0.0  # share of further facts about the previous fact's object
     world_cities: int = 0  # 0: the shipped world; n: an in-memory world with n cities (make_world)
     world_max_per_country: int = 5
+    world_countries: int = 0  # 0: every country; n: only n countries (seeded by `seed`) and their cities (sub_world)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -73,10 +74,10 @@ def make_tokenizer(world: World, vocab_size: int, extra_texts: list[str] | None 
 
 
 def config_world(cfg: TrainConfig) -> World:
-    """The world a config trains on: the shipped one, or `make_world(cfg.world_cities, ...)`."""
-    if cfg.world_cities == 0:
-        return load_world()
-    return make_world(cfg.world_cities, cfg.world_max_per_country)
+    """The world a config trains on: the shipped one, or `make_world(cfg.world_cities, ...)`, then
+    only `cfg.world_countries` of its countries (`sub_world`) when that is not 0."""
+    world = load_world() if cfg.world_cities == 0 else make_world(cfg.world_cities, cfg.world_max_per_country)
+    return world if cfg.world_countries == 0 else sub_world(world, cfg.world_countries, cfg.seed)
 
 
 def make_sampler(cfg: TrainConfig, world: World) -> SequenceSampler:
