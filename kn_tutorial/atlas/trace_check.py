@@ -31,12 +31,13 @@ from .world import load_world
 SAMPLES, NOISE, WINDOW = 5, 3.0, 1
 
 
-def known_facts(model, tokenizer, n_facts: int = 200, seed: int = 0, known_only: bool = True) -> list[dict]:
-    """n_facts facts (seeded shuffle of the world) whose object's first token the model predicts
-    first after the first training template; dicts with prompt, subject, target, relation.
-    With known_only=False, the first n_facts of the same shuffle, known or not (for a model
-    that knows none of them, such as a random one)."""
-    facts = load_world().facts[:]
+def known_facts(model, tokenizer, n_facts: int = 200, seed: int = 0, known_only: bool = True,
+                world=None) -> list[dict]:
+    """n_facts facts (seeded shuffle of the world, default the shipped one) whose object's first
+    token the model predicts first after the first training template; dicts with prompt, subject,
+    target, relation. With known_only=False, the first n_facts of the same shuffle, known or not
+    (for a model that knows none of them, such as a random one)."""
+    facts = (world or load_world()).facts[:]
     random.Random(seed).shuffle(facts)
     rows = [{"prompt": fill(TEMPLATES[f.relation].train[0], f.subject, f.subject_kind), "subject": f.subject,
              "target": f.object, "relation": f.relation} for f in facts]

