@@ -28,17 +28,7 @@ from kn_tutorial import attribution as A
 from kn_tutorial.atlas.templates import TEMPLATES, fill
 from kn_tutorial.atlas.world import load_world
 from kn_tutorial.models import default_model_name, load_model
-
-
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+from proc_status import status_kib  # noqa: E402  (benchmarks/ is on sys.path when a benchmark runs)
 
 
 class PeakMemory:
@@ -58,7 +48,7 @@ class PeakMemory:
                     f.write("5")  # resets VmHWM to the current RSS (Linux)
             except OSError:
                 pass
-            self.start = _rss_kib("VmRSS")
+            self.start = status_kib("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -66,7 +56,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.mib = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
         elif self.start is not None:
-            self.mib = (_rss_kib("VmHWM") - self.start) / 1024
+            self.mib = (status_kib("VmHWM") - self.start) / 1024
 
 
 def _timed(fn, device) -> tuple:

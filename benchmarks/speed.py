@@ -31,19 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+from proc_status import status_kib  # benchmarks/ is on sys.path when a benchmark runs
 
 RESULTS = Path(__file__).parent / "results" / "speed.json"
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def measured(fn, device: torch.device) -> tuple:
@@ -61,11 +51,11 @@ def measured(fn, device: torch.device) -> tuple:
             f.write("5")  # VmHWM := VmRSS
     except OSError:
         pass
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     start = time.process_time()
     out = fn()
     seconds = time.process_time() - start
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return out, seconds, float("nan") if before is None or peak is None else (peak - before) / 1024
 
 
