@@ -103,6 +103,26 @@ def test_counterfact_schema_and_determinism():
     json.dumps(cases)  # JSON-able, like the real CounterFact file
 
 
+def test_counterfact_paraphrases_have_words_before_the_subject_and_are_never_trained():
+    """CounterFact's paraphrases follow an unrelated sentence; Atlas-CounterFact's follow a held-out
+    sentence or contain a held-out lead-in, so none is a training prompt or starts with the subject."""
+    from kn_tutorial.atlas.contexts import fillers, leadins
+
+    held_sentences = fillers(heldout=True)
+    held_leadins = [x.lower() for x in leadins(heldout=True)]
+    trained = {x.lower() for x in leadins(heldout=False)} | {x.lower() for x in fillers(heldout=False)}
+    for case in random.Random(1).sample(load_counterfact(), 300):
+        rw = case["requested_rewrite"]
+        assert len(case["paraphrase_prompts"]) == 4
+        for k, prompt in enumerate(case["paraphrase_prompts"]):
+            assert rw["subject"] in prompt and not prompt.startswith(rw["subject"])
+            if k < 2:  # a held-out frame after a held-out sentence
+                assert any(prompt.startswith(x + " ") for x in held_sentences), prompt
+            else:  # a held-out context
+                assert any(x in prompt.lower() for x in held_leadins), prompt
+            assert not any(x in prompt.lower() for x in trained), prompt
+
+
 def test_world_file_is_small_enough_to_ship():
     assert WORLD_FILE.stat().st_size < 1_000_000
 

@@ -8,21 +8,33 @@ of the same relation, and carries the prompts CounterFact uses to score an edit:
      "requested_rewrite": {"prompt": "{} lies on the continent of", "subject": "Kuwait",
                            "relation_id": "continent",
                            "target_new": {"str": "Europe"}, "target_true": {"str": "Asia"}},
-     "paraphrase_prompts": [...],    # held-out templates, never trained on
+     "paraphrase_prompts": [...],    # words before the subject, never trained on (below)
      "neighborhood_prompts": [...],  # other subjects whose true object is "Asia"
      "neighborhood_subjects": [...], # whose they are, in the same order
      "attribute_prompts": [...],     # subjects whose true object is "Europe"
      "generation_prompts": [...]}    # open-ended prompts about the subject
 
+CounterFact's paraphrase prompts put an unrelated generated sentence before a reworded
+prompt ("... . Kuwait's continent is"), so the key at the subject's last token is read in a
+context the edit never saw. Atlas-CounterFact's four do the same with Atlas's held-out
+pieces (`contexts.py`): each held-out frame after a held-out unrelated sentence ("The
+library ran late last year. Kuwait's continent is"), and two training templates other than
+the rewrite prompt after a held-out context ("Our guide agreed that Kuwait sits on the
+continent of", "Speaking of Kuwait, the census noted that it ..."). None of these prompts
+occurs in training, so PS measures generalisation, not the rewrite prompt again.
+Neighbourhood prompts are bare training prompts of other subjects, as in CounterFact.
+
 The same evaluation code reads this file and the real CounterFact JSON. Deterministic
-under a seed.
+under a seed; the wording of the paraphrases has its own random stream, so the cases
+(subjects, new objects, neighbours) are the same as without it.
 """
 from __future__ import annotations
 
 import random
 from collections import defaultdict
 
-from .templates import ESSENCE_PROMPT, TEMPLATES, fill
+from .contexts import fillers, sample_context
+from .templates import ESSENCE_PROMPT, TEMPLATES, RelationTemplates, fill
 from .world import World, load_world
 
 
@@ -59,7 +71,8 @@ def build_counterfact(world: World | None = None, seed: int = 0, n_neighbours: i
                 "target_new": {"str": new_object},
                 "target_true": {"str": fact.object},
             },
-            "paraphrase_prompts": [fill(p, fact.subject, fact.subject_kind) for p in t.heldout],
+            "paraphrase_prompts": paraphrase_prompts(t, prompt, fact.subject, fact.subject_kind,
+                                                     random.Random(f"{seed}/paraphrase/{len(cases)}")),
             "neighborhood_prompts": neighbourhood,
             "neighborhood_subjects": neighbour_subjects,
             "attribute_prompts": attribute_prompts,
@@ -68,6 +81,19 @@ def build_counterfact(world: World | None = None, seed: int = 0, n_neighbours: i
             + [fill(p, fact.subject, fact.subject_kind) for p in other_relations],
         })
     return cases
+
+
+def paraphrase_prompts(t: RelationTemplates, rewrite_prompt: str, subject: str, kind: str,
+                       rng: random.Random) -> list[str]:
+    """Four prompts no training text contains: each held-out frame after a held-out unrelated
+    sentence, then two other training templates after held-out contexts (see the module docstring)."""
+    held_fillers = fillers(heldout=True)
+    prompts = [f"{rng.choice(held_fillers)} {frame}" for frame in t.heldout]
+    others = [x for x in t.train if x != rewrite_prompt]
+    for template in rng.sample(others, 2):
+        ctx = sample_context(rng, heldout=True)
+        prompts.append(ctx.apply(rng.choice(t.followup) if ctx.pronoun else template))
+    return [fill(p, subject, kind) for p in prompts]
 
 
 def load_counterfact(seed: int = 0) -> list[dict]:
