@@ -15,8 +15,8 @@ What this module computes, section by section of the chapter:
 1. `ffn_as_memories`: the identity above, from the weights.
 2. `find_triggers`: the top-k *trigger examples* of every key: the corpus prefixes (ending at
    the position where the key fires most) with the largest m_i, for all keys of all chosen
-   layers in one pass over the corpus. Geva rank prefixes by x . k_i; we rank by m_i, the
-   same order wherever m_i > 0 since f is increasing there.
+   layers in one pass over the corpus (`memories_engine`). Geva rank prefixes by x . k_i; we
+   rank by m_i, the same order wherever m_i > 0 since f is increasing there.
 3. `value_logits` / `value_top_tokens`: p_i = softmax(v_i E), E the unembedding
    ([d_model, vocab]; GPT-2 ties it to the token embedding). Like Geva we project v_i
    *without* the final layer norm (and without the head's bias, if any);
@@ -30,11 +30,11 @@ What this module computes, section by section of the chapter:
 5. `memory_composition` (is the FFN output's top token the top token of one of its
    strongest memories?) and `refinement` (the logit lens, final norm and unembedding, on
    the residual stream after each layer).
-6. `top_memories` and `memory_explorer` (ipywidgets) for looking around.
+6. `top_memories` for looking around. Trigger tables, HTML and `memory_explorer`
+   (ipywidgets) live in `memories_display`.
 """
 from __future__ import annotations
 
-import html
 import random
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -43,6 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from .hooks import record
+from .lazy import lazy_exports
+from .memories_engine import Corpus, Trigger, Triggers, find_triggers, tokenize_corpus  # noqa: F401
 from .models import (
     check_layer, final_norm, gate_matrix, get_arch, get_device, key_bias, key_matrix,
     mlp_activation, n_layers, unembedding_matrix, value_bias, value_matrix,
@@ -50,6 +52,10 @@ from .models import (
 from .progress import progress
 from .scoring import encode
 from .text_datasets import dataset_texts
+
+# Trigger tables, HTML and the explorer live in memories_display (it imports this module).
+__getattr__ = lazy_exports(__package__, "memories_display",
+                           ("show_triggers", "value_tokens_html", "memories_html", "memory_explorer"))
 
 # --------------------------------------------------------------------------------------
 # 1. The identity FF(x) = sum_i m_i v_i + b_V
@@ -89,198 +95,6 @@ def ffn_as_memories(model: nn.Module, layer: int, x: Tensor) -> Memories:
     b_V = value_bias(model, layer)
     bias = torch.zeros(V.shape[1], dtype=V.dtype, device=V.device) if b_V is None else b_V
     return Memories(coefficients, V, bias, coefficients @ V + bias)
-
-
-# --------------------------------------------------------------------------------------
-# 2. Keys as pattern detectors: trigger examples
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Corpus:
-    """Tokenised texts, concatenated: text t has tokens token_ids[offsets[t]:offsets[t+1]].
-
-    first[p] is True where the prefix ending at p occurs for the first time in the corpus
-    ("Kuwait lies ..." and "Kuwait is ..." share the prefixes "K", "Kuwait"): a causal
-    model gives a repeated prefix the same activations, so triggers count each prefix once.
-    """
-
-    texts: list[str]
-    token_ids: Tensor  # [n_tokens] int64
-    offsets: Tensor    # [n_texts + 1] int64
-    first: Tensor | None = None  # [n_tokens] bool; None: every prefix counts as new
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """(text index, index inside that text) of a flat token position."""
-        text = int(torch.searchsorted(self.offsets, torch.tensor(position), right=True)) - 1
-        return text, position - int(self.offsets[text])
-
-    def text_of(self, positions: Tensor) -> Tensor:
-        """Text index of each flat position (any shape)."""
-        return torch.searchsorted(self.offsets, positions.contiguous(), right=True) - 1
-
-    def next_token(self, positions: Tensor) -> Tensor:
-        """Token after each flat position inside its own text, -1 at a text's end."""
-        nxt = (positions + 1).clamp(max=len(self.token_ids) - 1)
-        has_next = (positions + 1) < self.offsets[self.text_of(positions) + 1]
-        return torch.where(has_next, self.token_ids[nxt], torch.full_like(positions, -1))
-
-
-def tokenize_corpus(tokenizer, texts: Sequence[str], max_tokens: int = 64) -> Corpus:
-    """Tokenise every text (no special tokens), truncated to max_tokens."""
-    texts = [t for t in texts]
-    if not texts:
-        raise ValueError("the corpus is empty: pass at least one text")
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
-    empty = [i for i, r in enumerate(rows) if not r]
-    if empty:
-        raise ValueError(f"texts {empty[:5]} tokenise to nothing; remove empty texts first")
-    lengths = torch.tensor([len(r) for r in rows])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    prefix_ids: dict[tuple[int, int], int] = {}  # (id of the prefix before, token) -> prefix id
-    first = []
-    for row in rows:
-        prefix = -1
-        for token in row:
-            new = (prefix, token) not in prefix_ids
-            prefix = prefix_ids.setdefault((prefix, token), len(prefix_ids))
-            first.append(new)
-    return Corpus(texts, torch.tensor([i for r in rows for i in r], dtype=torch.long), offsets,
-                  torch.tensor(first))
-
-
-@dataclass
-class Trigger:
-    """One trigger example: the prefix of `text` ending at the token where the key fired."""
-
-    text_index: int
-    position: int          # index of the trigger token inside the text
-    activation: float      # m_i there
-    prefix_ids: list[int]  # the text's tokens up to and including the trigger token
-    next_id: int           # the token after it (-1 if none)
-
-
-@dataclass
-class Triggers:
-    """The top-k trigger examples of every key of some layers, over one corpus.
-
-    values[j, i] are the k largest coefficients m_i of layer layers[j] over the corpus,
-    descending; positions[j, i] the flat corpus positions where they occur.
-    """
-
-    layers: list[int]
-    values: Tensor     # [n_layers, d_ff, k] float32
-    positions: Tensor  # [n_layers, d_ff, k] int64 flat positions into corpus.token_ids
-    corpus: Corpus
-    require_next: bool = True  # were a text's last tokens left out of the candidates?
-
-    def _row(self, layer: int) -> int:
-        if layer not in self.layers:
-            raise KeyError(f"layer {layer} was not scanned; these triggers cover layers {self.layers}")
-        return self.layers.index(layer)
-
-    def trigger_tokens(self, layer: int, n: int | None = None) -> Tensor:
-        """Last token of each of the top-n trigger examples: [d_ff, n]."""
-        return self.corpus.token_ids[self.positions[self._row(layer), :, :n]]
-
-    def next_tokens(self, layer: int, n: int | None = None) -> Tensor:
-        """Token after each of the top-n trigger examples (-1 if none): [d_ff, n]."""
-        return self.corpus.next_token(self.positions[self._row(layer), :, :n])
-
-    def examples(self, layer: int, neuron: int, n: int | None = None) -> list[Trigger]:
-        """The top-n trigger examples of key `neuron` of `layer`, strongest first."""
-        row = self._row(layer)
-        out = []
-        for value, pos in zip(self.values[row, neuron, :n].tolist(), self.positions[row, neuron, :n].tolist()):
-            text, index = self.corpus.locate(pos)
-            start = int(self.corpus.offsets[text])
-            out.append(Trigger(text, index, value, self.corpus.token_ids[start:pos + 1].tolist(),
-                               int(self.corpus.next_token(torch.tensor(pos)))))
-        return out
-
-
-@torch.no_grad()
-def find_triggers(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str] | Corpus,
-    layers: Sequence[int] | None = None,
-    top_k: int = 25,
-    batch_size: int = 64,
-    max_tokens: int = 64,
-    require_next: bool = True,
-) -> Triggers:
-    """Top-k trigger examples of every key of `layers` (default: all) over `texts`.
-
-    One forward pass per batch records the coefficients of all keys of all layers at once;
-    a running top-k per key keeps memory at [n_layers, d_ff, k], whatever the corpus size.
-    require_next=True (Geva's trigger examples are prefixes of training text, followed by
-    the token the model learnt to predict) skips each text's last token. A prefix that
-    occurs several times in the corpus is a candidate once (its first occurrence).
-    Texts are batched by length to save padding; the result does not depend on batch_size.
-    """
-    corpus = texts if isinstance(texts, Corpus) else tokenize_corpus(tokenizer, texts, max_tokens)
-    layers = list(range(n_layers(model))) if layers is None else [check_layer(model, l) for l in layers]
-    device = get_device(model)
-    lengths = (corpus.offsets[1:] - corpus.offsets[:-1]).tolist()
-    order = sorted(range(len(lengths)), key=lambda t: (lengths[t], t))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    best_v = best_p = None  # running top-k: [n_layers, d_ff, <=k]
-    for start in progress(range(0, len(order), batch_size), desc="key activations"):
-        batch = order[start:start + batch_size]
-        width = max(lengths[t] for t in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        flat = torch.full((len(batch), width), -1, dtype=torch.long)  # flat position, -1 = skip
-        for row, t in enumerate(batch):
-            a, n = int(corpus.offsets[t]), lengths[t]
-            ids[row, :n] = corpus.token_ids[a:a + n]
-            usable = n - 1 if require_next else n
-            flat[row, :usable] = torch.arange(a, a + usable)
-        if corpus.first is not None:  # repeated prefixes are not candidates again
-            flat = torch.where((flat >= 0) & corpus.first[flat.clamp(min=0)], flat, -1)
-        mask = (torch.arange(width)[None, :] < torch.tensor([lengths[t] for t in batch])[:, None]).long()
-        acts = record(model, [("key", l) for l in layers], input_ids=ids.to(device),
-                      attention_mask=mask.to(device))
-        keep = flat.reshape(-1) >= 0                                     # [b*s]
-        if not keep.any():
-            continue
-        pos = flat.reshape(-1)[keep].to(device)                          # [P]
-        coeff = torch.stack([acts[("key", l)].reshape(-1, acts[("key", l)].shape[-1])[keep.to(device)]
-                             for l in layers]).float().transpose(1, 2)   # [n_layers, d_ff, P]
-        pos = pos.expand(coeff.shape[0], coeff.shape[1], -1)
-        if best_v is not None:
-            coeff, pos = torch.cat([best_v, coeff], -1), torch.cat([best_p, pos], -1)
-        k = min(top_k, coeff.shape[-1])
-        best_v, idx = coeff.topk(k, dim=-1)                              # descending
-        best_p = pos.gather(-1, idx)
-    if best_v is None:
-        raise ValueError("no usable positions: every text is one token long (require_next=True)")
-    return Triggers(layers, best_v.cpu(), best_p.cpu(), corpus, require_next)
-
-
-def show_triggers(triggers: Triggers, tokenizer, layer: int, neuron: int, n: int = 10,
-                  as_html: bool = True) -> str:
-    """The top-n trigger examples of a key, trigger token highlighted (HTML or plain text).
-
-    Plain text marks the trigger token as [[token]] and shows the next token after '->'.
-    """
-    rows = []
-    for ex in triggers.examples(layer, neuron, n):
-        before = tokenizer.decode(ex.prefix_ids[:-1])
-        trig = tokenizer.decode(ex.prefix_ids[-1:])
-        nxt = tokenizer.decode([ex.next_id]) if ex.next_id >= 0 else ""
-        if as_html:
-            rows.append(
-                f"<tr><td style='text-align:right'>{ex.activation:.2f}</td><td style='text-align:left'>"
-                f"{html.escape(before)}<mark><b>{html.escape(trig)}</b></mark></td>"
-                f"<td style='text-align:left;color:gray'>{html.escape(nxt)}</td></tr>"
-            )
-        else:
-            rows.append(f"{ex.activation:7.2f}  {before}[[{trig}]]  -> {nxt!r}")
-    if not as_html:
-        return f"layer {layer}, key {neuron}\n" + "\n".join(rows)
-    head = f"<tr><th>m<sub>i</sub></th><th>trigger example (layer {layer}, key {neuron})</th><th>next</th></tr>"
-    return f"<table>{head}{''.join(rows)}</table>"
 
 
 # --------------------------------------------------------------------------------------
@@ -691,7 +505,7 @@ def refinement(model: nn.Module, tokenizer, prompts: Sequence[str], batch_size: 
 
 
 # --------------------------------------------------------------------------------------
-# 6. Looking around: the memories that fire for a prompt, and an explorer
+# 6. Looking around: the memories that fire for a prompt
 # --------------------------------------------------------------------------------------
 
 
@@ -721,63 +535,6 @@ def top_memories(model: nn.Module, tokenizer, prompt: str, k: int = 10, layers=N
             "tokens": [tokenizer.decode([t]) for t in ids[0].tolist()], "probs": probs[0].tolist(),
         })
     return rows_out
-
-
-def value_tokens_html(model, tokenizer, layer: int, neuron: int, k: int = 10) -> str:
-    """The top-k tokens of p_i as a small HTML table, with the logit v_i . e_t of each token.
-
-    (A raw value is short, so p_i is close to uniform: the logits show the ranking better.)"""
-    logits = value_logits(model, layer, [neuron])[0]                     # [vocab]
-    probs = logits.softmax(-1)
-    top = logits.topk(k)
-    cells = "".join(
-        f"<tr><td>{html.escape(repr(tokenizer.decode([t])))}</td><td>{z:.2f}</td><td>{probs[t]:.2e}</td></tr>"
-        for t, z in zip(top.indices.tolist(), top.values.tolist()))
-    return (f"<table><tr><th>value's top token</th><th>v<sub>i</sub>&middot;e</th><th>p<sub>i</sub></th></tr>"
-            f"{cells}</table>")
-
-
-def memories_html(rows: list[dict]) -> str:
-    """`top_memories` output as an HTML table."""
-    body = "".join(
-        f"<tr><td>{r['layer']}</td><td>{r['neuron']}</td><td>{r['coefficient']:.2f}</td>"
-        f"<td>{r['strength']:.2f}</td><td>{html.escape(', '.join(repr(t) for t in r['tokens']))}</td></tr>"
-        for r in rows
-    )
-    head = ("<tr><th>layer</th><th>neuron</th><th>m<sub>i</sub></th><th>|m<sub>i</sub>| ||v<sub>i</sub>||</th>"
-            "<th>value's top tokens</th></tr>")
-    return f"<table>{head}{body}</table>"
-
-
-def memory_explorer(model: nn.Module, tokenizer, triggers: Triggers, prompts: Sequence[str],
-                    n_examples: int = 8, k: int = 8, layer: int | None = None, neuron: int = 0):
-    """Two linked ipywidgets panels (they run headless: nothing blocks):
-    choose a layer and a neuron: its trigger examples and its value's top tokens;
-    choose a prompt (a fact): the memories that contribute most at its last token."""
-    import ipywidgets as widgets
-
-    d = triggers.values.shape[1]
-    start = triggers.layers[-1] if layer is None else check_layer(model, layer)
-    layer = widgets.Dropdown(options=triggers.layers, value=start, description="layer")
-    neuron = widgets.BoundedIntText(value=neuron, min=0, max=d - 1, description="neuron")
-    neuron_out = widgets.HTML()
-
-    def show_neuron(layer, neuron):
-        neuron_out.value = ("<div style='display:flex;gap:2em'>"
-                            f"<div>{show_triggers(triggers, tokenizer, layer, neuron, n_examples)}</div>"
-                            f"<div>{value_tokens_html(model, tokenizer, layer, neuron, k)}</div></div>")
-
-    prompt = widgets.Dropdown(options=list(prompts), description="fact")
-    fact_out = widgets.HTML()
-
-    def show_fact(prompt):
-        fact_out.value = memories_html(top_memories(model, tokenizer, prompt, k))
-
-    widgets.interactive_output(show_neuron, {"layer": layer, "neuron": neuron})
-    widgets.interactive_output(show_fact, {"prompt": prompt})
-    show_neuron(layer.value, neuron.value)
-    show_fact(prompt.value)
-    return widgets.VBox([widgets.HBox([layer, neuron]), neuron_out, prompt, fact_out])
 
 
 def texts_from_dataset(path: str = "wikitext", name: str | None = "wikitext-103-raw-v1",

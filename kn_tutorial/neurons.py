@@ -20,7 +20,7 @@ expresses the relation, not the fact: `relation_neurons` separates the two kinds
 Manipulations, each undone exactly:
   suppress / amplify   the activation w_i^(l) at the last prompt token is multiplied by
                        0 or 2 (a hook; `scaled_scores`, many rows with different neurons
-                       in one batch). Multiplying at *every* position is the same as
+                       in one batch: `neurons_engine`). Multiplying at *every* position is the same as
                        multiplying the value slot v_i (row i of V) by the factor, or, for
                        0, zeroing key row k_i and its bias (`scale_value_slots`,
                        `zero_key_rows`, weight edits returning a WeightSnapshot).
@@ -36,7 +36,6 @@ import math
 import random
 import zlib
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -44,20 +43,22 @@ import torch
 from torch import Tensor
 
 from .attribution import integrated_gradients
-from .hooks import patch
-from .models import check_layer, d_ff, get_device, key_bias, key_matrix, unembedding_matrix, value_matrix
+from .lazy import lazy_exports
+from .models import check_layer, d_ff, key_bias, key_matrix, unembedding_matrix, value_matrix
+from .neurons_engine import Neuron, _prompt_lengths, scaled_scores  # noqa: F401  (importable from here)
 from .progress import progress
 from .scoring import score, target_ids
 from .validate import check_finite_update, check_model_finite, require_finite
 from .weights import Restorable, WeightSnapshot, snapshot_layers
-
-Neuron = tuple[int, int]  # (layer, index into the layer's d_ff neurons)
 
 THRESHOLD = 0.2  # t: fraction of the prompt's largest attribution
 P_START, P_STEP = 0.7, 0.05  # p: the share of prompts, and how it moves
 TARGET_RANGE = (2.0, 5.0)  # the mean number of knowledge neurons per fact p aims at
 RELATION_SHARE = 0.1  # a knowledge neuron of >= 10% of a relation's facts is relation-level
 _EPS = 1e-9
+
+# Figures and the explorer live in neurons_display (it imports this module).
+__getattr__ = lazy_exports(__package__, "neurons_display", ("plot_effects", "neuron_explorer"))
 
 
 # --------------------------------------------------------------------------------------
@@ -256,71 +257,7 @@ def layer_histogram(neuron_lists: Sequence[Sequence[Neuron]], n_layer: int) -> l
 
 
 # --------------------------------------------------------------------------------------
-# Suppress and amplify by hooks: many rows, each with its own neurons, in one batch
-# --------------------------------------------------------------------------------------
-
-def _prompt_lengths(tokenizer, prompts: Sequence[str]) -> list[int]:
-    return [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-
-
-@torch.no_grad()
-def scaled_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
-                  row_neurons: Sequence[Sequence[Neuron]], factors: float | Sequence[float],
-                  positions: str = "last", batch_size: int = 256) -> dict[str, Tensor]:
-    """Score each (prompt, target) with its own neurons' activations multiplied by a factor.
-
-    Row r: the key activations of `row_neurons[r]` (0 suppresses, 2 amplifies) are
-    multiplied by factors[r] at the last prompt token (positions="last", Dai et al.'s
-    intervention, where the answer is predicted) or at every token (positions="all",
-    which equals editing the weights, see `scale_value_slots`). Returns `scoring.score`'s
-    dict: logprob (summed over the target's tokens, teacher forcing), first_prob, ... [rows].
-    """
-    if positions not in ("last", "all"):
-        raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
-    n = len(prompts)
-    if not (len(targets) == len(row_neurons) == n):
-        raise ValueError(f"{n} prompts, {len(targets)} targets and {len(row_neurons)} neuron lists: need one each")
-    factors = [float(factors)] * n if isinstance(factors, (int, float)) else [float(f) for f in factors]
-    if len(factors) != n:
-        raise ValueError(f"{n} prompts but {len(factors)} factors: give one factor, or one per prompt")
-    for f in factors:
-        require_finite("factor", f, "0 suppresses the neurons, 2 amplifies them.")
-    width, device = d_ff(model), get_device(model)
-    parts = []
-    for start in range(0, n, batch_size):
-        rows = range(start, min(start + batch_size, n))
-        scale: dict[int, Tensor] = {}  # layer -> [b, d_ff] multipliers (1 = untouched)
-        for b, r in enumerate(rows):
-            for layer, neuron in row_neurons[r]:
-                layer = check_layer(model, layer)
-                if not 0 <= neuron < width:
-                    raise IndexError(f"neuron {neuron} out of range: layers have {width} neurons")
-                if layer not in scale:
-                    scale[layer] = torch.ones(len(rows), width, device=device)
-                scale[layer][b, neuron] = factors[r]
-        last = torch.tensor(_prompt_lengths(tokenizer, [prompts[r] for r in rows]), device=device) - 1  # [b]
-
-        def edit(layer: int):
-            def fn(key: Tensor) -> Tensor:  # key: [b, s, d_ff]
-                factor = scale[layer].to(key.dtype)
-                if positions == "all":
-                    return key * factor[:, None, :]
-                new = key.clone()
-                at = torch.arange(len(key), device=key.device)
-                new[at, last] = key[at, last] * factor
-                return new
-            return fn
-
-        with ExitStack() as stack:
-            for layer in scale:
-                stack.enter_context(patch(model, "key", layer, edit(layer)))
-            parts.append(score(model, tokenizer, [prompts[r] for r in rows], [targets[r] for r in rows],
-                               batch_size=len(rows)))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-# --------------------------------------------------------------------------------------
-# The same by editing weights (exact undo through WeightSnapshot)
+# Suppress and amplify by editing weights (exact undo through WeightSnapshot)
 # --------------------------------------------------------------------------------------
 
 def _by_layer(model, neurons: Sequence[Neuron]) -> dict[int, list[int]]:
@@ -465,36 +402,6 @@ def summarize_effects(records: Sequence[dict], metric: str = "rel_change") -> li
     return out
 
 
-def plot_effects(summary: Sequence[dict], sets=("knowledge", "random (knowledge)"), axes=None, percent: bool = True):
-    """Dai et al.'s figure from `summarize_effects` rows (one metric): bars of the mean change
-    with 95% CI for suppressing (×0) and amplifying (×2), per group of prompts, each neuron
-    set in `sets` side by side (knowledge neurons next to their random control)."""
-    import matplotlib.pyplot as plt
-
-    metric = summary[0]["metric"]
-    factors = sorted({r["factor"] for r in summary})
-    if axes is None:
-        _, axes = plt.subplots(1, len(factors), figsize=(5.2 * len(factors), 3.4))
-    axes = [axes] if not hasattr(axes, "__len__") else list(axes)
-    scale = 100.0 if percent and metric != "dlogp" else 1.0
-    width = 0.8 / len(sets)
-    for ax, factor in zip(axes, factors):
-        for j, name in enumerate(sets):
-            rows = {s["group"]: s for s in summary if s["neurons"] == name and s["factor"] == factor}
-            means = [scale * rows[g]["mean"] if g in rows else float("nan") for g in GROUPS]
-            cis = [scale * rows[g]["ci95"] if g in rows else 0.0 for g in GROUPS]
-            xs = [i + (j - (len(sets) - 1) / 2) * width for i in range(len(GROUPS))]
-            ax.bar(xs, means, width, yerr=cis, capsize=3, label=name, color=f"C{j}")
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(GROUPS)), labels=list(GROUPS))
-        ax.set_title("suppress (×0)" if factor == 0 else f"amplify (×{factor:g})")
-        ax.set_ylabel({"rel_change": "change of P(correct) (%)" if scale == 100 else "relative change of P(correct)",
-                       "dlogp": "Δ log P(correct) (nats)",
-                       "dp": "ΔP(correct) (points)" if scale == 100 else "ΔP(correct)"}.get(metric, metric))
-    axes[0].legend(fontsize=8)
-    return axes
-
-
 # --------------------------------------------------------------------------------------
 # Erasing a relation
 # --------------------------------------------------------------------------------------
@@ -634,7 +541,7 @@ def kn_edit(model, tokenizer, request: dict, neurons: Sequence[Neuron] | None = 
 
 
 # --------------------------------------------------------------------------------------
-# The explorer
+# One fact's neurons one at a time (what the explorer shows)
 # --------------------------------------------------------------------------------------
 
 def single_neuron_effects(model, tokenizer, fact: FactNeurons, prompt_index: int = 0, factors=(0.0, 2.0)) -> dict:
@@ -649,48 +556,6 @@ def single_neuron_effects(model, tokenizer, fact: FactNeurons, prompt_index: int
     for j, f in enumerate(factors):
         result[f] = out[1 + j * len(sets): 1 + (j + 1) * len(sets)].tolist()
     return result
-
-
-def neuron_explorer(model, tokenizer, found: Sequence[FactNeurons], relation_level=None):
-    """An ipywidgets explorer (headless-safe): pick a fact and one of its prompts; see its
-    knowledge neurons (prompt share, relation-level or not) and P(correct) as each neuron
-    alone, and all together, is suppressed (×0) or amplified (×2)."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from IPython.display import HTML, display
-
-    labels = [(f"{f.subject} —{f.relation}→ {f.object}  ({len(f.neurons)} neurons)", i) for i, f in enumerate(found)]
-    pick = widgets.Dropdown(options=labels, value=0, description="fact", layout={"width": "34em"})
-    prompt = widgets.IntSlider(value=0, min=0, max=max(f.n_prompts for f in found) - 1, description="prompt #")
-
-    def show(i, j):
-        fact = found[i]
-        j = min(j, fact.n_prompts - 1)
-        shared = (relation_level or {}).get(fact.relation, {})
-        rows = "".join(
-            f"<tr><td>{layer}</td><td>{neuron}</td><td>{int(fact.counts[layer, neuron])}/{fact.n_prompts}</td>"
-            f"<td>{'relation-level ({:.0%})'.format(shared[(layer, neuron)]) if (layer, neuron) in shared else 'fact'}</td></tr>"
-            for layer, neuron in fact.neurons)
-        display(HTML(f"<p>prompt: <b>{fact.prompts[j]}</b> → {fact.object}; p = {fact.p:.2f}</p>"
-                     "<table><tr><th>layer</th><th>neuron</th><th>prompts</th><th>kind</th></tr>"
-                     f"{rows}</table>"))
-        if not fact.neurons:
-            return
-        effects = single_neuron_effects(model, tokenizer, fact, j)
-        names = [f"L{layer}.{neuron}" for layer, neuron in fact.neurons] + ["all"]
-        fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(names) + 2), 2.8))
-        xs = range(len(names))
-        ax.bar([x - 0.2 for x in xs], effects[0.0], 0.4, label="suppressed (×0)", color="C0")
-        ax.bar([x + 0.2 for x in xs], effects[2.0], 0.4, label="amplified (×2)", color="C1")
-        ax.axhline(effects["clean"], color="black", ls="--", lw=1, label=f"unchanged P = {effects['clean']:.3f}")
-        ax.set_xticks(list(xs), labels=names)
-        ax.set_ylabel("P(correct)")
-        ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=8, loc="lower left")
-        plt.show()
-
-    out = widgets.interactive_output(show, {"i": pick, "j": prompt})
-    return widgets.VBox([widgets.HBox([pick, prompt]), out])
 
 
 # --------------------------------------------------------------------------------------
