@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .hooks import Recorder, patch
+from .hooks import Recorder, canonical_site, patch
 from .lazy import lazy_exports
 from .models import embedding_matrix, get_device, n_layers
 from .progress import progress_bar
@@ -53,7 +53,7 @@ from .tracing_engine import (  # noqa: F401  (the engine's names stay importable
 from .validate import NonFiniteEditError, check_context, require_finite
 
 KINDS = ("hidden", "mlp", "attn")
-SITE_OF_KIND = {"hidden": "hidden", "mlp": "mlp_out", "attn": "attn_out"}  # hooks.HOOK_POINTS names
+SITE_OF_KIND = {kind: canonical_site(kind) for kind in KINDS}  # the kinds are hooks.SITE_ALIASES
 ROLES = ("first subject token", "middle subject tokens", "last subject token",
          "first subsequent token", "further tokens", "last token")
 
