@@ -24,7 +24,9 @@ The noise is added to the input of block 0 ("resid_pre"): for GPT-2 that is toke
 embedding, and adding ε there is adding it to the token embedding. The noise of a prompt
 depends only on the seed and the prompt's tokens: a prompt gets the same noise alone or in a
 batch. `trace_naive` runs the definition literally; `trace` and `trace_batch` give the same
-numbers batched (how: `tracing_engine`). Figures and the explorer: `tracing_display`.
+numbers batched (how: `tracing_engine`). Figures and the explorer: `tracing_display`. (About
+500 lines: the grid, the naive oracle and the averages over facts all build on the noise,
+window and token-role pieces at the top, so they stay together.)
 
     t = trace(model, tokenizer, "Kuwait lies on the continent of", "Kuwait")   # hidden
     t.scores        # [T, L] P_{*, clean h_t^l}(o), mean over samples
