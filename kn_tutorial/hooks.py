@@ -1,17 +1,30 @@
 """Reading and patching activations with PyTorch forward hooks.
 
-A *site* names an activation inside block `layer`, for every family in
-`models.ARCHS` (shapes for input_ids of shape [batch, seq]):
+A *site* (a hook point) names an activation inside block `layer`, for every family in
+`models.ARCHS`. This table is the package's one vocabulary of places (`HOOK_POINTS` holds
+it; input_ids of shape [batch, pos]):
 
-    "resid_pre"  input of the block (residual stream before it)      [b, s, d_model]
-    "attn_out"   output of the attention module (element 0 if tuple)  [b, s, d_model]
-    "mlp_in"     input of the MLP module (after its layer norm)        [b, s, d_model]
-    "key"        input of the MLP output projection: the FFN key       [b, s, d_ff]
-                 activations f(x K^T + b_K) of Geva et al. (2021); for
-                 Llama act(x G^T) * (x K^T). Knowledge neurons (Dai et al.
-                 2022) are indices into this last dimension.
-    "mlp_out"    output of the MLP module                             [b, s, d_model]
-    "hidden"     output of the block (residual stream after it)       [b, s, d_model]
+    site       location in block l                          shape                  also called
+    resid_pre  input of the block (residual stream before)  [batch, pos, d_model]  h^(l-1); tracing's noise goes
+                                                                                   into resid_pre of block 0
+    attn_out   output of the attention module (element 0)   [batch, pos, d_model]  tracing kind "attn" (a_t^l)
+    mlp_in     input of the MLP module (after its norm)     [batch, pos, d_model]  Geva's x
+    key        input of the MLP output projection           [batch, pos, d_ff]     Geva's coefficients m_i,
+                                                                                   Dai's neuron activations
+                                                                                   w_i^(l), ROME's key k
+    mlp_out    output of the MLP module                     [batch, pos, d_model]  tracing kind "mlp" (m_t^l),
+                                                                                   Geva's FF(x)
+    hidden     output of the block (residual stream after)  [batch, pos, d_model]  tracing kind "hidden" (h_t^l),
+                                                                                   TransformerLens's resid_post
+
+Aliases, accepted wherever a site is (a Recorder keeps the name it was given): "attn" is
+"attn_out" and "mlp" is "mlp_out" (causal tracing's kinds), "resid_post" is "hidden"
+(TransformerLens's word). `canonical_site` resolves them. "key" is the activation m_i (for
+Llama act(x G^T) * (x K^T)); knowledge neurons (Dai et al. 2022) are indices into its last
+dimension, and the key *row* k_i is a weight (`models.key_matrix`). Module names are another
+namespace: `models.MODULE_KINDS` "mlp_in" and "mlp_out" are the MLP's two projection
+*modules*; site "key" is the input of module "mlp_out", site "mlp_out" the output of the
+whole MLP.
 
 `hidden` at layer l equals `output_hidden_states[l + 1]` for every layer but the
 last: Hugging Face applies the final norm to the last entry, so
@@ -28,35 +41,58 @@ first runs first (a Recorder opened inside a patch sees the patched value).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .models import check_layer, get_block, get_module
 
-SITES = ("resid_pre", "attn_out", "mlp_in", "key", "mlp_out", "hidden")
 
-# site -> (module kind for models.get_module, or "block"; True for a forward pre-hook)
-_SITE_HOOKS = {
-    "resid_pre": ("block", True),
-    "attn_out": ("attn", False),
-    "mlp_in": ("mlp", True),
-    "key": ("mlp_out", True),
-    "mlp_out": ("mlp", False),
-    "hidden": ("block", False),
+class HookPoint(NamedTuple):
+    """One row of the vocabulary: where the site is, its width, how it is hooked, its other names."""
+
+    location: str     # inside block l
+    width: str        # "d_model" or "d_ff": the activation is [batch, pos, width]
+    module: str       # the hooked module: "block", or a models.MODULE_KINDS entry
+    pre: bool         # True: the module's input (a forward pre-hook); False: its output
+    also_called: str  # the words the package and the papers use for the same place
+
+
+HOOK_POINTS: dict[str, HookPoint] = {
+    "resid_pre": HookPoint("input of the block (residual stream before it)", "d_model", "block", True,
+                           "h^(l-1); tracing adds its noise to resid_pre of block 0"),
+    "attn_out": HookPoint("output of the attention module (element 0 if a tuple)", "d_model", "attn", False,
+                          'tracing kind "attn" (a_t^l)'),
+    "mlp_in": HookPoint("input of the MLP module (after the block's layer norm)", "d_model", "mlp", True,
+                        "Geva's x"),
+    "key": HookPoint("input of the MLP output projection", "d_ff", "mlp_out", True,
+                     "Geva's coefficients m_i, Dai's neuron activations w_i^(l), ROME's key k"),
+    "mlp_out": HookPoint("output of the MLP module", "d_model", "mlp", False,
+                         'tracing kind "mlp" (m_t^l), Geva\'s FF(x)'),
+    "hidden": HookPoint("output of the block (residual stream after it)", "d_model", "block", False,
+                        'tracing kind "hidden" (h_t^l), TransformerLens\'s resid_post'),
 }
+SITES = tuple(HOOK_POINTS)  # the canonical names
+SITE_ALIASES = {"attn": "attn_out", "mlp": "mlp_out", "resid_post": "hidden"}
+
+
+def canonical_site(site: str) -> str:
+    """The canonical name of a site or alias ("mlp" -> "mlp_out"); a clear error for anything else."""
+    name = SITE_ALIASES.get(site, site)
+    if name not in HOOK_POINTS:
+        raise ValueError(f"unknown site {site!r}; choose one of {SITES} (or an alias: {SITE_ALIASES})")
+    return name
+
 
 Site = tuple[str, int]  # (site name, layer)
 
 
 def site_module(model: nn.Module, site: str, layer: int) -> tuple[nn.Module, bool]:
-    """(module to hook, is_pre_hook) for an activation site."""
-    if site not in _SITE_HOOKS:
-        raise ValueError(f"unknown site {site!r}; choose one of {SITES}")
-    kind, pre = _SITE_HOOKS[site]
-    module = get_block(model, layer) if kind == "block" else get_module(model, layer, kind)
-    return module, pre
+    """(module to hook, is_pre_hook) for an activation site (or an alias of one)."""
+    point = HOOK_POINTS[canonical_site(site)]
+    module = get_block(model, layer) if point.module == "block" else get_module(model, layer, point.module)
+    return module, point.pre
 
 
 # --------------------------------------------------------------------------------------

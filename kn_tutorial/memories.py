@@ -15,8 +15,8 @@ What this module computes, section by section of the chapter:
 1. `ffn_as_memories`: the identity above, from the weights.
 2. `find_triggers`: the top-k *trigger examples* of every key: the corpus prefixes (ending at
    the position where the key fires most) with the largest m_i, for all keys of all chosen
-   layers in one pass over the corpus. Geva rank prefixes by x . k_i; we rank by m_i, the
-   same order wherever m_i > 0 since f is increasing there.
+   layers in one pass over the corpus (`memories_engine`). Geva rank prefixes by x . k_i; we
+   rank by m_i, the same order wherever m_i > 0 since f is increasing there.
 3. `value_logits` / `value_top_tokens`: p_i = softmax(v_i E), E the unembedding
    ([d_model, vocab]; GPT-2 ties it to the token embedding). Like Geva we project v_i
    *without* the final layer norm (and without the head's bias, if any);
@@ -26,23 +26,28 @@ What this module computes, section by section of the chapter:
    token (a shallow pattern), or the same relation or subject attribute beyond what their
    tokens explain (a semantic one); `trigger_parts`: whether they sit in the subject, the
    relation or the object; `token_removal_effect`: Geva's test, remove the first or last
-   token of trigger examples. `atlas_sentences` labels the Atlas corpus.
+   token of trigger examples. `atlas_sentences` labels the Atlas corpus (`memories_sharing`).
 5. `memory_composition` (is the FFN output's top token the top token of one of its
    strongest memories?) and `refinement` (the logit lens, final norm and unembedding, on
    the residual stream after each layer).
-6. `top_memories` and `memory_explorer` (ipywidgets) for looking around.
+6. `top_memories` for looking around. Trigger tables, HTML and `memory_explorer`
+   (ipywidgets) live in `memories_display`.
 """
 from __future__ import annotations
 
-import html
 import random
-from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .hooks import record
+from .lazy import lazy_exports
+from .memories_engine import Corpus, Trigger, Triggers, find_triggers, tokenize_corpus  # noqa: F401
+from .memories_sharing import (  # noqa: F401  (section 4 of the chapter, importable from here)
+    SENTENCE_PARTS, AtlasSentence, _label_ids, _pair_share, atlas_sentences, atlas_token_parts,
+    candidate_positions, key_sharing, same_token_resample, token_removal_effect, trigger_parts, trigger_sharing,
+)
 from .models import (
     check_layer, final_norm, gate_matrix, get_arch, get_device, key_bias, key_matrix,
     mlp_activation, n_layers, unembedding_matrix, value_bias, value_matrix,
@@ -50,6 +55,10 @@ from .models import (
 from .progress import progress
 from .scoring import encode
 from .text_datasets import dataset_texts
+
+# Trigger tables, HTML and the explorer live in memories_display (it imports this module).
+__getattr__ = lazy_exports(__package__, "memories_display",
+                           ("show_triggers", "value_tokens_html", "memories_html", "memory_explorer"))
 
 # --------------------------------------------------------------------------------------
 # 1. The identity FF(x) = sum_i m_i v_i + b_V
@@ -89,198 +98,6 @@ def ffn_as_memories(model: nn.Module, layer: int, x: Tensor) -> Memories:
     b_V = value_bias(model, layer)
     bias = torch.zeros(V.shape[1], dtype=V.dtype, device=V.device) if b_V is None else b_V
     return Memories(coefficients, V, bias, coefficients @ V + bias)
-
-
-# --------------------------------------------------------------------------------------
-# 2. Keys as pattern detectors: trigger examples
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Corpus:
-    """Tokenised texts, concatenated: text t has tokens token_ids[offsets[t]:offsets[t+1]].
-
-    first[p] is True where the prefix ending at p occurs for the first time in the corpus
-    ("Kuwait lies ..." and "Kuwait is ..." share the prefixes "K", "Kuwait"): a causal
-    model gives a repeated prefix the same activations, so triggers count each prefix once.
-    """
-
-    texts: list[str]
-    token_ids: Tensor  # [n_tokens] int64
-    offsets: Tensor    # [n_texts + 1] int64
-    first: Tensor | None = None  # [n_tokens] bool; None: every prefix counts as new
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """(text index, index inside that text) of a flat token position."""
-        text = int(torch.searchsorted(self.offsets, torch.tensor(position), right=True)) - 1
-        return text, position - int(self.offsets[text])
-
-    def text_of(self, positions: Tensor) -> Tensor:
-        """Text index of each flat position (any shape)."""
-        return torch.searchsorted(self.offsets, positions.contiguous(), right=True) - 1
-
-    def next_token(self, positions: Tensor) -> Tensor:
-        """Token after each flat position inside its own text, -1 at a text's end."""
-        nxt = (positions + 1).clamp(max=len(self.token_ids) - 1)
-        has_next = (positions + 1) < self.offsets[self.text_of(positions) + 1]
-        return torch.where(has_next, self.token_ids[nxt], torch.full_like(positions, -1))
-
-
-def tokenize_corpus(tokenizer, texts: Sequence[str], max_tokens: int = 64) -> Corpus:
-    """Tokenise every text (no special tokens), truncated to max_tokens."""
-    texts = [t for t in texts]
-    if not texts:
-        raise ValueError("the corpus is empty: pass at least one text")
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
-    empty = [i for i, r in enumerate(rows) if not r]
-    if empty:
-        raise ValueError(f"texts {empty[:5]} tokenise to nothing; remove empty texts first")
-    lengths = torch.tensor([len(r) for r in rows])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    prefix_ids: dict[tuple[int, int], int] = {}  # (id of the prefix before, token) -> prefix id
-    first = []
-    for row in rows:
-        prefix = -1
-        for token in row:
-            new = (prefix, token) not in prefix_ids
-            prefix = prefix_ids.setdefault((prefix, token), len(prefix_ids))
-            first.append(new)
-    return Corpus(texts, torch.tensor([i for r in rows for i in r], dtype=torch.long), offsets,
-                  torch.tensor(first))
-
-
-@dataclass
-class Trigger:
-    """One trigger example: the prefix of `text` ending at the token where the key fired."""
-
-    text_index: int
-    position: int          # index of the trigger token inside the text
-    activation: float      # m_i there
-    prefix_ids: list[int]  # the text's tokens up to and including the trigger token
-    next_id: int           # the token after it (-1 if none)
-
-
-@dataclass
-class Triggers:
-    """The top-k trigger examples of every key of some layers, over one corpus.
-
-    values[j, i] are the k largest coefficients m_i of layer layers[j] over the corpus,
-    descending; positions[j, i] the flat corpus positions where they occur.
-    """
-
-    layers: list[int]
-    values: Tensor     # [n_layers, d_ff, k] float32
-    positions: Tensor  # [n_layers, d_ff, k] int64 flat positions into corpus.token_ids
-    corpus: Corpus
-    require_next: bool = True  # were a text's last tokens left out of the candidates?
-
-    def _row(self, layer: int) -> int:
-        if layer not in self.layers:
-            raise KeyError(f"layer {layer} was not scanned; these triggers cover layers {self.layers}")
-        return self.layers.index(layer)
-
-    def trigger_tokens(self, layer: int, n: int | None = None) -> Tensor:
-        """Last token of each of the top-n trigger examples: [d_ff, n]."""
-        return self.corpus.token_ids[self.positions[self._row(layer), :, :n]]
-
-    def next_tokens(self, layer: int, n: int | None = None) -> Tensor:
-        """Token after each of the top-n trigger examples (-1 if none): [d_ff, n]."""
-        return self.corpus.next_token(self.positions[self._row(layer), :, :n])
-
-    def examples(self, layer: int, neuron: int, n: int | None = None) -> list[Trigger]:
-        """The top-n trigger examples of key `neuron` of `layer`, strongest first."""
-        row = self._row(layer)
-        out = []
-        for value, pos in zip(self.values[row, neuron, :n].tolist(), self.positions[row, neuron, :n].tolist()):
-            text, index = self.corpus.locate(pos)
-            start = int(self.corpus.offsets[text])
-            out.append(Trigger(text, index, value, self.corpus.token_ids[start:pos + 1].tolist(),
-                               int(self.corpus.next_token(torch.tensor(pos)))))
-        return out
-
-
-@torch.no_grad()
-def find_triggers(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str] | Corpus,
-    layers: Sequence[int] | None = None,
-    top_k: int = 25,
-    batch_size: int = 64,
-    max_tokens: int = 64,
-    require_next: bool = True,
-) -> Triggers:
-    """Top-k trigger examples of every key of `layers` (default: all) over `texts`.
-
-    One forward pass per batch records the coefficients of all keys of all layers at once;
-    a running top-k per key keeps memory at [n_layers, d_ff, k], whatever the corpus size.
-    require_next=True (Geva's trigger examples are prefixes of training text, followed by
-    the token the model learnt to predict) skips each text's last token. A prefix that
-    occurs several times in the corpus is a candidate once (its first occurrence).
-    Texts are batched by length to save padding; the result does not depend on batch_size.
-    """
-    corpus = texts if isinstance(texts, Corpus) else tokenize_corpus(tokenizer, texts, max_tokens)
-    layers = list(range(n_layers(model))) if layers is None else [check_layer(model, l) for l in layers]
-    device = get_device(model)
-    lengths = (corpus.offsets[1:] - corpus.offsets[:-1]).tolist()
-    order = sorted(range(len(lengths)), key=lambda t: (lengths[t], t))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    best_v = best_p = None  # running top-k: [n_layers, d_ff, <=k]
-    for start in progress(range(0, len(order), batch_size), desc="key activations"):
-        batch = order[start:start + batch_size]
-        width = max(lengths[t] for t in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        flat = torch.full((len(batch), width), -1, dtype=torch.long)  # flat position, -1 = skip
-        for row, t in enumerate(batch):
-            a, n = int(corpus.offsets[t]), lengths[t]
-            ids[row, :n] = corpus.token_ids[a:a + n]
-            usable = n - 1 if require_next else n
-            flat[row, :usable] = torch.arange(a, a + usable)
-        if corpus.first is not None:  # repeated prefixes are not candidates again
-            flat = torch.where((flat >= 0) & corpus.first[flat.clamp(min=0)], flat, -1)
-        mask = (torch.arange(width)[None, :] < torch.tensor([lengths[t] for t in batch])[:, None]).long()
-        acts = record(model, [("key", l) for l in layers], input_ids=ids.to(device),
-                      attention_mask=mask.to(device))
-        keep = flat.reshape(-1) >= 0                                     # [b*s]
-        if not keep.any():
-            continue
-        pos = flat.reshape(-1)[keep].to(device)                          # [P]
-        coeff = torch.stack([acts[("key", l)].reshape(-1, acts[("key", l)].shape[-1])[keep.to(device)]
-                             for l in layers]).float().transpose(1, 2)   # [n_layers, d_ff, P]
-        pos = pos.expand(coeff.shape[0], coeff.shape[1], -1)
-        if best_v is not None:
-            coeff, pos = torch.cat([best_v, coeff], -1), torch.cat([best_p, pos], -1)
-        k = min(top_k, coeff.shape[-1])
-        best_v, idx = coeff.topk(k, dim=-1)                              # descending
-        best_p = pos.gather(-1, idx)
-    if best_v is None:
-        raise ValueError("no usable positions: every text is one token long (require_next=True)")
-    return Triggers(layers, best_v.cpu(), best_p.cpu(), corpus, require_next)
-
-
-def show_triggers(triggers: Triggers, tokenizer, layer: int, neuron: int, n: int = 10,
-                  as_html: bool = True) -> str:
-    """The top-n trigger examples of a key, trigger token highlighted (HTML or plain text).
-
-    Plain text marks the trigger token as [[token]] and shows the next token after '->'.
-    """
-    rows = []
-    for ex in triggers.examples(layer, neuron, n):
-        before = tokenizer.decode(ex.prefix_ids[:-1])
-        trig = tokenizer.decode(ex.prefix_ids[-1:])
-        nxt = tokenizer.decode([ex.next_id]) if ex.next_id >= 0 else ""
-        if as_html:
-            rows.append(
-                f"<tr><td style='text-align:right'>{ex.activation:.2f}</td><td style='text-align:left'>"
-                f"{html.escape(before)}<mark><b>{html.escape(trig)}</b></mark></td>"
-                f"<td style='text-align:left;color:gray'>{html.escape(nxt)}</td></tr>"
-            )
-        else:
-            rows.append(f"{ex.activation:7.2f}  {before}[[{trig}]]  -> {nxt!r}")
-    if not as_html:
-        return f"layer {layer}, key {neuron}\n" + "\n".join(rows)
-    head = f"<tr><th>m<sub>i</sub></th><th>trigger example (layer {layer}, key {neuron})</th><th>next</th></tr>"
-    return f"<table>{head}{''.join(rows)}</table>"
 
 
 # --------------------------------------------------------------------------------------
@@ -363,230 +180,6 @@ def next_token_ranks(triggers: Triggers, model: nn.Module, layer: int, chunk: in
         ranks.append((logits > own).sum(-1).cpu())
     ranks = torch.cat(ranks)
     return torch.where(nxt >= 0, ranks, torch.full_like(ranks, -1))
-
-
-# --------------------------------------------------------------------------------------
-# 4. Shallow or semantic: what a key's top triggers share
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AtlasSentence:
-    """A sentence of the Atlas corpus and the fact it states."""
-
-    text: str
-    fact: object           # atlas.world.Fact
-    followup: bool         # "Its capital is ..." (the subject is not in the sentence)
-    continent: str | None  # the subject's continent, None for follow-ups (not in the text)
-
-
-def atlas_sentences(world=None, n: int | None = None, seed: int = 0) -> list[AtlasSentence]:
-    """The Atlas corpus (`corpus.all_training_sentences`, same texts, same order) with labels.
-
-    n: a deterministic random subsample of n sentences (seeded), in corpus order.
-    """
-    from .atlas.corpus import followup_sentence, sentence, training_templates
-    from .atlas.templates import TEMPLATES
-    from .atlas.world import load_world
-
-    world = load_world() if world is None else world
-    continent = {f.subject: f.object for f in world.facts if f.relation == "continent"}
-    rows = [AtlasSentence(sentence(f, t), f, False, continent.get(f.subject))
-            for f in world.facts for t in training_templates(f)]
-    rows += [AtlasSentence(followup_sentence(f, t), f, True, None)
-             for f in world.facts for t in TEMPLATES[f.relation].followup]
-    if n is not None and n < len(rows):
-        keep = sorted(random.Random(seed).sample(range(len(rows)), n))
-        rows = [rows[i] for i in keep]
-    return rows
-
-
-def _pair_share(ids: Tensor) -> Tensor:
-    """Share of pairs with equal ids within each row of [m, n] ids (-1 = unknown, left out):
-    [m], nan for a row with fewer than two known ids."""
-    n = ids.shape[1]
-    off_diag = ~torch.eye(n, dtype=torch.bool)
-    known = (ids[:, :, None] >= 0) & (ids[:, None, :] >= 0) & off_diag            # [m, n, n]
-    same = (ids[:, :, None] == ids[:, None, :]) & known
-    return same.sum((1, 2)) / known.sum((1, 2)).float()
-
-
-def _label_ids(corpus: Corpus, labels: dict[str, Sequence]) -> dict[str, Tensor]:
-    """Each text's label as an integer id (-1 for None), per label name: [n_texts] each."""
-    out = {}
-    for name, values in labels.items():
-        if len(values) != len(corpus.texts):
-            raise ValueError(f"labels[{name!r}] has {len(values)} entries for {len(corpus.texts)} texts")
-        vocab = {v: i for i, v in enumerate(sorted({v for v in values if v is not None}, key=str))}
-        out[name] = torch.tensor([vocab[v] if v is not None else -1 for v in values])
-    return out
-
-
-def candidate_positions(triggers: Triggers) -> Tensor:
-    """The flat positions that could have been trigger examples (first occurrence of their
-    prefix, and followed by a token if require_next): the pool chance levels draw from."""
-    corpus = triggers.corpus
-    pool = torch.arange(len(corpus.token_ids))
-    if triggers.require_next:
-        pool = pool[corpus.next_token(pool) >= 0]
-    if corpus.first is not None:
-        pool = pool[corpus.first[pool]]
-    return pool
-
-
-def same_token_resample(corpus: Corpus, positions: Tensor, pool: Tensor, gen: torch.Generator) -> Tensor:
-    """Replace each position by a random position of `pool` that ends in the same token."""
-    pool_tokens = corpus.token_ids[pool]
-    order = pool_tokens.argsort(stable=True)
-    sorted_pool, sorted_tokens = pool[order], pool_tokens[order]
-    counts = torch.bincount(sorted_tokens, minlength=int(corpus.token_ids.max()) + 1)
-    starts = counts.cumsum(0) - counts
-    tokens = corpus.token_ids[positions]
-    if (counts[tokens] == 0).any():
-        raise ValueError("a position's token never occurs in the pool")
-    offset = (torch.rand(positions.shape, generator=gen) * counts[tokens]).long()
-    return sorted_pool[starts[tokens] + offset.clamp(max=counts[tokens] - 1)]
-
-
-def key_sharing(triggers: Triggers, layer: int, labels: dict[str, Sequence], n_examples: int = 10,
-                n_resamples: int = 5, seed: int = 0) -> dict[str, Tensor]:
-    """What the top-n triggers of each key of `layer` share, per key ([d_ff] each):
-
-    "last token": share of pairs of triggers that end in the same token (a shallow pattern);
-    name:         share of labelled pairs with the same label (e.g. the same relation);
-    name + " | tokens": the same after moving every trigger to a random candidate position
-                  that ends in the same token (mean of n_resamples draws): the sharing
-                  the trigger tokens alone explain. A key is semantic for `name` when
-                  name exceeds name + " | tokens".
-    """
-    corpus = triggers.corpus
-    label_ids = _label_ids(corpus, labels)
-    positions = triggers.positions[triggers._row(layer), :, :n_examples]            # [d_ff, n]
-    pool = candidate_positions(triggers)
-    gen = torch.Generator().manual_seed(seed)
-    resampled = [same_token_resample(corpus, positions, pool, gen) for _ in range(n_resamples)]
-    out = {"last token": _pair_share(corpus.token_ids[positions])}
-    for name, ids in label_ids.items():
-        out[name] = _pair_share(ids[corpus.text_of(positions)])
-        out[name + " | tokens"] = torch.stack([_pair_share(ids[corpus.text_of(r)]) for r in resampled]).mean(0)
-    return out
-
-
-def trigger_sharing(triggers: Triggers, labels: dict[str, Sequence], n_examples: int = 10,
-                    n_resamples: int = 5, margin: float = 0.25, n_random: int = 2000,
-                    seed: int = 0) -> dict[str, dict[str, list[float]]]:
-    """`key_sharing` averaged over the keys of each layer (keys with no labelled pair left out),
-    plus, per label, the share of keys that are clearly semantic for it.
-
-    labels: {name: one label per corpus text} (None = unknown), e.g. the relation and the
-    subject's continent of each Atlas sentence.
-    Returns {"keys": {"layer": [...], "last token": [...], name: [...], name + " | tokens": [...],
-                      name + " beyond tokens": share of keys whose `name` exceeds
-                      `name | tokens` by at least `margin`},
-             "chance": {"layer": [...], "last token": [...], name: [...]} for sets of n random
-             candidate positions (one value, repeated per layer)}.
-    """
-    keys = {"layer": list(triggers.layers)}
-    for layer in triggers.layers:
-        shares = key_sharing(triggers, layer, labels, n_examples, n_resamples, seed)
-        for name, values in shares.items():
-            keys.setdefault(name, []).append(values.nanmean().item())
-        for name in labels:
-            lift = torch.nan_to_num(shares[name] - shares[name + " | tokens"], nan=0.0)
-            keys.setdefault(name + " beyond tokens", []).append((lift >= margin).float().mean().item())
-    corpus, pool = triggers.corpus, candidate_positions(triggers)
-    gen = torch.Generator().manual_seed(seed)
-    random_positions = pool[torch.randint(len(pool), (n_random, n_examples), generator=gen)]
-    chance = {"layer": list(triggers.layers),
-              "last token": [_pair_share(corpus.token_ids[random_positions]).nanmean().item()] * len(triggers.layers)}
-    for name, ids in _label_ids(corpus, labels).items():
-        share = _pair_share(ids[corpus.text_of(random_positions)]).nanmean().item()
-        chance[name] = [share] * len(triggers.layers)
-    return {"keys": keys, "chance": chance}
-
-
-SENTENCE_PARTS = ("subject", "relation", "object")
-
-
-def atlas_token_parts(tokenizer, sentences: Sequence[AtlasSentence], corpus: Corpus) -> Tensor:
-    """For every corpus token, the part of its Atlas sentence it belongs to: 0 the subject's
-    name, 1 the relation's wording, 2 the object and the final period ([n_tokens] int64).
-
-    The subject is its first occurrence in the sentence (templates name it before the
-    object; follow-up sentences name no subject); the object is the text before the final
-    period. A token belongs to the subject when its characters lie inside it. Needs a fast
-    tokenizer (character offsets)."""
-    parts = torch.full((len(corpus.token_ids),), 1, dtype=torch.long)
-    for t, s in enumerate(sentences):
-        spans = tokenizer(s.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        a, b = int(corpus.offsets[t]), int(corpus.offsets[t + 1])
-        if s.text != corpus.texts[t] or len(spans) < b - a:
-            raise ValueError(f"sentence {t} does not match the corpus: pass the sentences the corpus was built from")
-        subject_start = -1 if s.followup else s.text.find(s.fact.subject)
-        subject_end = subject_start + len(s.fact.subject)
-        object_start = len(s.text) - len(s.fact.object) - 1  # "... Asia." -> where "Asia" starts
-        for j, (begin, end) in enumerate(spans[: b - a]):
-            if subject_start >= 0 and begin >= subject_start - 1 and end <= subject_end and end > subject_start:
-                parts[a + j] = 0  # (begin may include the space before the name: " Kuwait")
-            elif end > object_start:
-                parts[a + j] = 2
-    return parts
-
-
-def trigger_parts(triggers: Triggers, token_parts: Tensor, n_examples: int = 10,
-                  names: Sequence[str] = SENTENCE_PARTS) -> dict[str, dict[str, list[float]]]:
-    """Where the top-n triggers of each layer's keys sit: the share of each part (e.g. subject,
-    relation, object) among their trigger tokens, and the same share among all candidates."""
-    keys, chance = {"layer": list(triggers.layers)}, {"layer": list(triggers.layers)}
-    pool_parts = token_parts[candidate_positions(triggers)]
-    for i, name in enumerate(names):
-        keys[name] = [(token_parts[triggers.positions[triggers._row(l), :, :n_examples]] == i).float().mean().item()
-                      for l in triggers.layers]
-        chance[name] = [(pool_parts == i).float().mean().item()] * len(triggers.layers)
-    return {"keys": keys, "chance": chance}
-
-
-@torch.no_grad()
-def token_removal_effect(model: nn.Module, triggers: Triggers, n_keys: int = 32, n_examples: int = 5,
-                         seed: int = 0, batch_size: int = 64, pad_id: int = 0) -> dict[str, list[float]]:
-    """Geva et al.'s test of what a key reads: remove one token of its trigger examples.
-
-    For n_keys random keys per layer (seeded) and their top-n_examples trigger prefixes of at
-    least 3 tokens, the coefficient m_i at the last position after removing the "first",
-    the "last" (the trigger token itself) or a "random" interior token, as a relative change
-    (m_new - m) / m averaged per layer. A key that reads the last token (a shallow pattern)
-    collapses when it goes; one that reads the whole prefix cares about earlier tokens too.
-    """
-    gen = random.Random(seed)
-    d = triggers.values.shape[1]
-    rows = []  # (layer, neuron, original m, variant name, token ids)
-    for layer in triggers.layers:
-        for neuron in gen.sample(range(d), min(n_keys, d)):
-            for ex in triggers.examples(layer, neuron, n_examples):
-                ids = ex.prefix_ids
-                if len(ids) < 3 or ex.activation <= 0:
-                    continue
-                cut = gen.randrange(1, len(ids) - 1)
-                for name, variant in (("first", ids[1:]), ("last", ids[:-1]), ("random", ids[:cut] + ids[cut + 1:])):
-                    rows.append((layer, neuron, ex.activation, name, variant))
-    device = get_device(model)
-    changes = {(l, name): [] for l in triggers.layers for name in ("first", "last", "random")}
-    for start in progress(range(0, len(rows), batch_size), desc="token removal"):
-        chunk = rows[start:start + batch_size]
-        width = max(len(r[4]) for r in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(chunk):
-            ids[i, :len(r[4])], mask[i, :len(r[4])] = torch.tensor(r[4]), 1
-        acts = record(model, [("key", l) for l in triggers.layers], input_ids=ids.to(device),
-                      attention_mask=mask.to(device))
-        for i, (layer, neuron, m, name, variant) in enumerate(chunk):
-            new = acts[("key", layer)][i, len(variant) - 1, neuron].item()
-            changes[(layer, name)].append((new - m) / m)
-    out = {"layer": list(triggers.layers)}
-    for name in ("first", "last", "random"):
-        out[name] = [sum(v) / len(v) if (v := changes[(l, name)]) else float("nan") for l in triggers.layers]
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -691,7 +284,7 @@ def refinement(model: nn.Module, tokenizer, prompts: Sequence[str], batch_size: 
 
 
 # --------------------------------------------------------------------------------------
-# 6. Looking around: the memories that fire for a prompt, and an explorer
+# 6. Looking around: the memories that fire for a prompt
 # --------------------------------------------------------------------------------------
 
 
@@ -721,63 +314,6 @@ def top_memories(model: nn.Module, tokenizer, prompt: str, k: int = 10, layers=N
             "tokens": [tokenizer.decode([t]) for t in ids[0].tolist()], "probs": probs[0].tolist(),
         })
     return rows_out
-
-
-def value_tokens_html(model, tokenizer, layer: int, neuron: int, k: int = 10) -> str:
-    """The top-k tokens of p_i as a small HTML table, with the logit v_i . e_t of each token.
-
-    (A raw value is short, so p_i is close to uniform: the logits show the ranking better.)"""
-    logits = value_logits(model, layer, [neuron])[0]                     # [vocab]
-    probs = logits.softmax(-1)
-    top = logits.topk(k)
-    cells = "".join(
-        f"<tr><td>{html.escape(repr(tokenizer.decode([t])))}</td><td>{z:.2f}</td><td>{probs[t]:.2e}</td></tr>"
-        for t, z in zip(top.indices.tolist(), top.values.tolist()))
-    return (f"<table><tr><th>value's top token</th><th>v<sub>i</sub>&middot;e</th><th>p<sub>i</sub></th></tr>"
-            f"{cells}</table>")
-
-
-def memories_html(rows: list[dict]) -> str:
-    """`top_memories` output as an HTML table."""
-    body = "".join(
-        f"<tr><td>{r['layer']}</td><td>{r['neuron']}</td><td>{r['coefficient']:.2f}</td>"
-        f"<td>{r['strength']:.2f}</td><td>{html.escape(', '.join(repr(t) for t in r['tokens']))}</td></tr>"
-        for r in rows
-    )
-    head = ("<tr><th>layer</th><th>neuron</th><th>m<sub>i</sub></th><th>|m<sub>i</sub>| ||v<sub>i</sub>||</th>"
-            "<th>value's top tokens</th></tr>")
-    return f"<table>{head}{body}</table>"
-
-
-def memory_explorer(model: nn.Module, tokenizer, triggers: Triggers, prompts: Sequence[str],
-                    n_examples: int = 8, k: int = 8, layer: int | None = None, neuron: int = 0):
-    """Two linked ipywidgets panels (they run headless: nothing blocks):
-    choose a layer and a neuron: its trigger examples and its value's top tokens;
-    choose a prompt (a fact): the memories that contribute most at its last token."""
-    import ipywidgets as widgets
-
-    d = triggers.values.shape[1]
-    start = triggers.layers[-1] if layer is None else check_layer(model, layer)
-    layer = widgets.Dropdown(options=triggers.layers, value=start, description="layer")
-    neuron = widgets.BoundedIntText(value=neuron, min=0, max=d - 1, description="neuron")
-    neuron_out = widgets.HTML()
-
-    def show_neuron(layer, neuron):
-        neuron_out.value = ("<div style='display:flex;gap:2em'>"
-                            f"<div>{show_triggers(triggers, tokenizer, layer, neuron, n_examples)}</div>"
-                            f"<div>{value_tokens_html(model, tokenizer, layer, neuron, k)}</div></div>")
-
-    prompt = widgets.Dropdown(options=list(prompts), description="fact")
-    fact_out = widgets.HTML()
-
-    def show_fact(prompt):
-        fact_out.value = memories_html(top_memories(model, tokenizer, prompt, k))
-
-    widgets.interactive_output(show_neuron, {"layer": layer, "neuron": neuron})
-    widgets.interactive_output(show_fact, {"prompt": prompt})
-    show_neuron(layer.value, neuron.value)
-    show_fact(prompt.value)
-    return widgets.VBox([widgets.HBox([layer, neuron]), neuron_out, prompt, fact_out])
 
 
 def texts_from_dataset(path: str = "wikitext", name: str | None = "wikitext-103-raw-v1",

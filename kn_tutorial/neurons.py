@@ -6,21 +6,14 @@ relation's training and held-out templates filled with s). Attr_j(w_i^(l)) is th
 integrated-gradients attribution of FFN neuron i of layer l on prompt x_j
 (`attribution.integrated_gradients`, m = 20 steps, at the last prompt token).
 
-Refinement (Dai et al., section 3.2):
-  1. per prompt, keep the neurons with Attr_j(w_i^(l)) > t · max_{l', i'} Attr_j(w_i'^(l')),
-     t = 0.2 ("coarse" neurons; none when the largest attribution is not positive);
-  2. keep the neurons kept for more than a fraction p of the fact's n prompts:
-     count_i^(l) > p · n. These are the fact's knowledge neurons N(s, r, o);
-  3. p starts at 0.7 and moves by 0.05 (up when the mean |N| over the analysed facts is
-     above 5, down when it is below 2) until the mean lies in [2, 5] (`adapt_p`).
-A neuron that is a knowledge neuron of many facts of one relation (at least a share
-`RELATION_SHARE` = 10% of them; Dai et al. drop such neurons before updating a fact)
-expresses the relation, not the fact: `relation_neurons` separates the two kinds.
+Refinement (Dai et al., section 3.2; `neurons_refinement`) keeps the neurons whose attribution
+is at least t = 0.2 of the prompt's largest on more than a share p of the fact's prompts: the
+fact's knowledge neurons N(s, r, o), with p adapted so a fact has 2 to 5 on average.
 
 Manipulations, each undone exactly:
   suppress / amplify   the activation w_i^(l) at the last prompt token is multiplied by
                        0 or 2 (a hook; `scaled_scores`, many rows with different neurons
-                       in one batch). Multiplying at *every* position is the same as
+                       in one batch: `neurons_engine`). Multiplying at *every* position is the same as
                        multiplying the value slot v_i (row i of V) by the factor, or, for
                        0, zeroing key row k_i and its bias (`scale_value_slots`,
                        `zero_key_rows`, weight edits returning a WeightSnapshot).
@@ -35,292 +28,30 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from collections import Counter
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import Tensor
 
-from .attribution import integrated_gradients
-from .hooks import patch
-from .models import check_layer, d_ff, get_device, key_bias, key_matrix, unembedding_matrix, value_matrix
+from .lazy import lazy_exports
+from .models import check_layer, d_ff, key_bias, key_matrix, unembedding_matrix, value_matrix
+from .neurons_engine import Neuron, _prompt_lengths, scaled_scores  # noqa: F401  (importable from here)
+from .neurons_refinement import (  # noqa: F401  (the definition of knowledge neurons, importable from here)
+    _EPS, P_START, P_STEP, RELATION_SHARE, TARGET_RANGE, THRESHOLD, AdaptedP, FactNeurons, adapt_p,
+    attribute_fact, coarse_mask, fact_prompts, find_knowledge_neurons, layer_histogram, mean_count,
+    most_common, prompt_counts, random_like, refine, relation_neurons, shared_neurons, split_neurons,
+)
 from .progress import progress
 from .scoring import score, target_ids
 from .validate import check_finite_update, check_model_finite, require_finite
 from .weights import Restorable, WeightSnapshot, snapshot_layers
 
-Neuron = tuple[int, int]  # (layer, index into the layer's d_ff neurons)
-
-THRESHOLD = 0.2  # t: fraction of the prompt's largest attribution
-P_START, P_STEP = 0.7, 0.05  # p: the share of prompts, and how it moves
-TARGET_RANGE = (2.0, 5.0)  # the mean number of knowledge neurons per fact p aims at
-RELATION_SHARE = 0.1  # a knowledge neuron of >= 10% of a relation's facts is relation-level
-_EPS = 1e-9
+# Figures and the explorer live in neurons_display (it imports this module).
+__getattr__ = lazy_exports(__package__, "neurons_display", ("plot_effects", "neuron_explorer"))
 
 
 # --------------------------------------------------------------------------------------
-# Prompts of a fact
-# --------------------------------------------------------------------------------------
-
-def fact_prompts(fact, heldout: bool = True) -> list[str]:
-    """The n diverse prompts of an Atlas fact: its relation's training templates, then the
-    held-out paraphrases (heldout=True), each filled with the subject."""
-    from .atlas.templates import TEMPLATES, fill
-
-    templates = TEMPLATES[fact.relation]
-    chosen = (*templates.train, *templates.heldout) if heldout else templates.train
-    return [fill(t, fact.subject, fact.subject_kind) for t in chosen]
-
-
-# --------------------------------------------------------------------------------------
-# Refinement
-# --------------------------------------------------------------------------------------
-
-def coarse_mask(attributions: Tensor, threshold: float = THRESHOLD, min_layer: int = 0) -> Tensor:
-    """Per prompt, the neurons above t · that prompt's largest attribution.
-
-    attributions: [n, L, d_ff] (n prompts of one fact) -> bool [n, L, d_ff]. A prompt whose
-    largest attribution is not positive keeps no neuron. min_layer > 0 considers only layers
-    min_layer.. (the maximum is taken over them; lower layers keep nothing)."""
-    if attributions.dim() != 3:
-        raise ValueError(f"attributions must be [n_prompts, L, d_ff], got shape {tuple(attributions.shape)}")
-    if not 0 <= min_layer < attributions.shape[1]:
-        raise ValueError(f"min_layer {min_layer} is not a layer of attributions with {attributions.shape[1]} layers")
-    considered = attributions[:, min_layer:]  # [n, L - min_layer, d_ff]
-    top = considered.flatten(1).max(dim=1).values  # [n]
-    keep = torch.zeros_like(attributions, dtype=torch.bool)
-    keep[:, min_layer:] = (considered > threshold * top[:, None, None]) & (top > 0)[:, None, None]
-    return keep
-
-
-def prompt_counts(attributions: Tensor, threshold: float = THRESHOLD, min_layer: int = 0) -> Tensor:
-    """For how many of the fact's n prompts each neuron is a coarse neuron: int [L, d_ff]."""
-    return coarse_mask(attributions, threshold, min_layer).sum(dim=0)
-
-
-def shared_neurons(counts: Tensor, n_prompts: int, p: float) -> list[Neuron]:
-    """Neurons kept for more than a fraction p of the n prompts (count > p·n), as
-    (layer, neuron) pairs, most shared first (ties: lower layer, lower index)."""
-    keep = counts.double() > p * n_prompts + _EPS
-    idx = keep.nonzero().tolist()  # [[layer, neuron], ...] in (layer, neuron) order
-    idx.sort(key=lambda ln: -int(counts[ln[0], ln[1]]))  # stable: ties keep (layer, neuron) order
-    return [(int(layer), int(neuron)) for layer, neuron in idx]
-
-
-def refine(attributions: Tensor, threshold: float = THRESHOLD, p: float = P_START) -> list[Neuron]:
-    """Dai et al.'s refinement of one fact: [n, L, d_ff] attributions -> knowledge neurons."""
-    return shared_neurons(prompt_counts(attributions, threshold), attributions.shape[0], p)
-
-
-@dataclass
-class AdaptedP:
-    """The p reached by `adapt_p`, the mean count there, and every p tried on the way."""
-
-    p: float
-    mean_count: float
-    converged: bool  # False when no p on the 0.05 grid puts the mean inside the range
-    history: list[tuple[float, float]]  # (p, mean number of knowledge neurons per fact)
-
-
-def mean_count(counts: Sequence[Tensor], n_prompts: Sequence[int], p: float) -> float:
-    """Mean number of knowledge neurons per fact at p."""
-    return sum(int((c.double() > p * n + _EPS).sum()) for c, n in zip(counts, n_prompts)) / len(counts)
-
-
-def adapt_p(counts: Sequence[Tensor], n_prompts: Sequence[int], start: float = P_START, step: float = P_STEP,
-            target: tuple[float, float] = TARGET_RANGE) -> AdaptedP:
-    """Move p from `start` by `step` until the mean number of knowledge neurons per fact
-    (over all the facts given) lies in `target` (inclusive).
-
-    Above the range p goes up (fewer neurons), below it p goes down. The walk stops inside
-    the range, or when p would leave [0, 1], or when it would revisit a p (the mean jumped
-    over the range between two neighbouring p); then `converged` is False and p is the one
-    tried whose mean was closest to the range.
-    """
-    if not counts or len(counts) != len(n_prompts):
-        raise ValueError(f"need one count tensor per fact and its number of prompts; got {len(counts)} "
-                         f"and {len(n_prompts)}")
-    low, high = target
-    history: list[tuple[float, float]] = []
-    k = 0
-    while True:
-        p = round(start + k * step, 10)
-        mean = mean_count(counts, n_prompts, p)
-        history.append((p, mean))
-        if low <= mean <= high:
-            return AdaptedP(p, mean, True, history)
-        k_next = k + (1 if mean > high else -1)
-        p_next = round(start + k_next * step, 10)
-        if not 0.0 <= p_next < 1.0 or any(abs(p_next - q) < _EPS for q, _ in history):
-            def distance(entry):
-                return max(low - entry[1], entry[1] - high, 0.0)
-            best = min(history, key=distance)
-            return AdaptedP(best[0], best[1], False, history)
-        k = k_next
-
-
-@dataclass
-class FactNeurons:
-    """What refinement found for one fact: prompt counts and its knowledge neurons at p."""
-
-    subject: str
-    relation: str
-    object: str
-    prompts: list[str]
-    counts: Tensor  # int [L, d_ff]: for how many prompts each neuron is a coarse neuron
-    p: float = P_START
-    neurons: list[Neuron] = field(default_factory=list)
-
-    @property
-    def n_prompts(self) -> int:
-        return len(self.prompts)
-
-    def at(self, p: float) -> list[Neuron]:
-        return shared_neurons(self.counts, self.n_prompts, p)
-
-    def set_p(self, p: float) -> "FactNeurons":
-        self.p, self.neurons = p, self.at(p)
-        return self
-
-
-def attribute_fact(model, tokenizer, prompts: Sequence[str], target: str, steps: int = 20,
-                   threshold: float = THRESHOLD, min_layer: int = 0) -> Tensor:
-    """Integrated gradients of every prompt of one fact, reduced to prompt counts [L, d_ff]."""
-    attributions = integrated_gradients(model, tokenizer, list(prompts), target, steps=steps)  # [n, L, d_ff]
-    return prompt_counts(attributions, threshold, min_layer)
-
-
-def find_knowledge_neurons(model, tokenizer, facts, steps: int = 20, threshold: float = THRESHOLD,
-                           start: float = P_START, min_layer: int = 0,
-                           show_progress: bool = False) -> tuple[list[FactNeurons], AdaptedP]:
-    """Refinement over a set of Atlas facts with the adaptive p: (per-fact results, the p reached).
-    min_layer > 0 refines within layers min_layer.. only (see `coarse_mask`)."""
-    found = []
-    for fact in progress(list(facts), desc="knowledge neurons", disable=not show_progress):
-        prompts = fact_prompts(fact)
-        counts = attribute_fact(model, tokenizer, prompts, " " + fact.object, steps, threshold, min_layer)
-        found.append(FactNeurons(fact.subject, fact.relation, fact.object, prompts, counts))
-    adapted = adapt_p([f.counts for f in found], [f.n_prompts for f in found], start=start)
-    for f in found:
-        f.set_p(adapted.p)
-    return found, adapted
-
-
-def relation_neurons(found: Sequence[FactNeurons], min_share: float = RELATION_SHARE) -> dict[str, dict[Neuron, float]]:
-    """Per relation, the knowledge neurons shared by at least `min_share` of its analysed
-    facts, with that share, most shared first."""
-    out: dict[str, dict[Neuron, float]] = {}
-    for relation in sorted({f.relation for f in found}):
-        facts = [f for f in found if f.relation == relation]
-        tally = Counter(n for f in facts for n in set(f.neurons))
-        out[relation] = {n: c / len(facts) for n, c in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))
-                         if c / len(facts) >= min_share - _EPS}
-    return out
-
-
-def split_neurons(fact: FactNeurons, relation_level: dict[str, dict[Neuron, float]]) -> tuple[list[Neuron], list[Neuron]]:
-    """(fact-specific, relation-level) knowledge neurons of a fact."""
-    shared = relation_level.get(fact.relation, {})
-    return [n for n in fact.neurons if n not in shared], [n for n in fact.neurons if n in shared]
-
-
-def most_common(found: Sequence[FactNeurons], relation: str, k: int = 20) -> list[tuple[Neuron, int]]:
-    """The k knowledge neurons shared by the most facts of `relation`, with their counts."""
-    tally = Counter(n for f in found if f.relation == relation for n in set(f.neurons))
-    return sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-
-
-def random_like(neurons: Sequence[Neuron], width: int, generator: torch.Generator,
-                exclude: Sequence[Neuron] = ()) -> list[Neuron]:
-    """As many random neurons as `neurons` has in each layer, from the same layers, none of
-    them in `neurons` or `exclude` (the control of every experiment here)."""
-    banned = set(map(tuple, neurons)) | set(map(tuple, exclude))
-    per_layer = Counter(layer for layer, _ in neurons)
-    out = []
-    for layer in sorted(per_layer):
-        allowed = torch.tensor([i for i in range(width) if (layer, i) not in banned])
-        pick = allowed[torch.randperm(len(allowed), generator=generator)[:per_layer[layer]]]
-        out += [(layer, int(i)) for i in sorted(pick.tolist())]
-    return out
-
-
-def layer_histogram(neuron_lists: Sequence[Sequence[Neuron]], n_layer: int) -> list[int]:
-    """How many of the listed neurons sit in each layer: [n_layer] counts."""
-    counts = [0] * n_layer
-    for neurons in neuron_lists:
-        for layer, _ in neurons:
-            counts[layer] += 1
-    return counts
-
-
-# --------------------------------------------------------------------------------------
-# Suppress and amplify by hooks: many rows, each with its own neurons, in one batch
-# --------------------------------------------------------------------------------------
-
-def _prompt_lengths(tokenizer, prompts: Sequence[str]) -> list[int]:
-    return [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-
-
-@torch.no_grad()
-def scaled_scores(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
-                  row_neurons: Sequence[Sequence[Neuron]], factors: float | Sequence[float],
-                  positions: str = "last", batch_size: int = 256) -> dict[str, Tensor]:
-    """Score each (prompt, target) with its own neurons' activations multiplied by a factor.
-
-    Row r: the key activations of `row_neurons[r]` (0 suppresses, 2 amplifies) are
-    multiplied by factors[r] at the last prompt token (positions="last", Dai et al.'s
-    intervention, where the answer is predicted) or at every token (positions="all",
-    which equals editing the weights, see `scale_value_slots`). Returns `scoring.score`'s
-    dict: logprob (summed over the target's tokens, teacher forcing), first_prob, ... [rows].
-    """
-    if positions not in ("last", "all"):
-        raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
-    n = len(prompts)
-    if not (len(targets) == len(row_neurons) == n):
-        raise ValueError(f"{n} prompts, {len(targets)} targets and {len(row_neurons)} neuron lists: need one each")
-    factors = [float(factors)] * n if isinstance(factors, (int, float)) else [float(f) for f in factors]
-    if len(factors) != n:
-        raise ValueError(f"{n} prompts but {len(factors)} factors: give one factor, or one per prompt")
-    for f in factors:
-        require_finite("factor", f, "0 suppresses the neurons, 2 amplifies them.")
-    width, device = d_ff(model), get_device(model)
-    parts = []
-    for start in range(0, n, batch_size):
-        rows = range(start, min(start + batch_size, n))
-        scale: dict[int, Tensor] = {}  # layer -> [b, d_ff] multipliers (1 = untouched)
-        for b, r in enumerate(rows):
-            for layer, neuron in row_neurons[r]:
-                layer = check_layer(model, layer)
-                if not 0 <= neuron < width:
-                    raise IndexError(f"neuron {neuron} out of range: layers have {width} neurons")
-                if layer not in scale:
-                    scale[layer] = torch.ones(len(rows), width, device=device)
-                scale[layer][b, neuron] = factors[r]
-        last = torch.tensor(_prompt_lengths(tokenizer, [prompts[r] for r in rows]), device=device) - 1  # [b]
-
-        def edit(layer: int):
-            def fn(key: Tensor) -> Tensor:  # key: [b, s, d_ff]
-                factor = scale[layer].to(key.dtype)
-                if positions == "all":
-                    return key * factor[:, None, :]
-                new = key.clone()
-                at = torch.arange(len(key), device=key.device)
-                new[at, last] = key[at, last] * factor
-                return new
-            return fn
-
-        with ExitStack() as stack:
-            for layer in scale:
-                stack.enter_context(patch(model, "key", layer, edit(layer)))
-            parts.append(score(model, tokenizer, [prompts[r] for r in rows], [targets[r] for r in rows],
-                               batch_size=len(rows)))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-# --------------------------------------------------------------------------------------
-# The same by editing weights (exact undo through WeightSnapshot)
+# Suppress and amplify by editing weights (exact undo through WeightSnapshot)
 # --------------------------------------------------------------------------------------
 
 def _by_layer(model, neurons: Sequence[Neuron]) -> dict[int, list[int]]:
@@ -465,36 +196,6 @@ def summarize_effects(records: Sequence[dict], metric: str = "rel_change") -> li
     return out
 
 
-def plot_effects(summary: Sequence[dict], sets=("knowledge", "random (knowledge)"), axes=None, percent: bool = True):
-    """Dai et al.'s figure from `summarize_effects` rows (one metric): bars of the mean change
-    with 95% CI for suppressing (×0) and amplifying (×2), per group of prompts, each neuron
-    set in `sets` side by side (knowledge neurons next to their random control)."""
-    import matplotlib.pyplot as plt
-
-    metric = summary[0]["metric"]
-    factors = sorted({r["factor"] for r in summary})
-    if axes is None:
-        _, axes = plt.subplots(1, len(factors), figsize=(5.2 * len(factors), 3.4))
-    axes = [axes] if not hasattr(axes, "__len__") else list(axes)
-    scale = 100.0 if percent and metric != "dlogp" else 1.0
-    width = 0.8 / len(sets)
-    for ax, factor in zip(axes, factors):
-        for j, name in enumerate(sets):
-            rows = {s["group"]: s for s in summary if s["neurons"] == name and s["factor"] == factor}
-            means = [scale * rows[g]["mean"] if g in rows else float("nan") for g in GROUPS]
-            cis = [scale * rows[g]["ci95"] if g in rows else 0.0 for g in GROUPS]
-            xs = [i + (j - (len(sets) - 1) / 2) * width for i in range(len(GROUPS))]
-            ax.bar(xs, means, width, yerr=cis, capsize=3, label=name, color=f"C{j}")
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(GROUPS)), labels=list(GROUPS))
-        ax.set_title("suppress (×0)" if factor == 0 else f"amplify (×{factor:g})")
-        ax.set_ylabel({"rel_change": "change of P(correct) (%)" if scale == 100 else "relative change of P(correct)",
-                       "dlogp": "Δ log P(correct) (nats)",
-                       "dp": "ΔP(correct) (points)" if scale == 100 else "ΔP(correct)"}.get(metric, metric))
-    axes[0].legend(fontsize=8)
-    return axes
-
-
 # --------------------------------------------------------------------------------------
 # Erasing a relation
 # --------------------------------------------------------------------------------------
@@ -634,7 +335,7 @@ def kn_edit(model, tokenizer, request: dict, neurons: Sequence[Neuron] | None = 
 
 
 # --------------------------------------------------------------------------------------
-# The explorer
+# One fact's neurons one at a time (what the explorer shows)
 # --------------------------------------------------------------------------------------
 
 def single_neuron_effects(model, tokenizer, fact: FactNeurons, prompt_index: int = 0, factors=(0.0, 2.0)) -> dict:
@@ -649,48 +350,6 @@ def single_neuron_effects(model, tokenizer, fact: FactNeurons, prompt_index: int
     for j, f in enumerate(factors):
         result[f] = out[1 + j * len(sets): 1 + (j + 1) * len(sets)].tolist()
     return result
-
-
-def neuron_explorer(model, tokenizer, found: Sequence[FactNeurons], relation_level=None):
-    """An ipywidgets explorer (headless-safe): pick a fact and one of its prompts; see its
-    knowledge neurons (prompt share, relation-level or not) and P(correct) as each neuron
-    alone, and all together, is suppressed (×0) or amplified (×2)."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from IPython.display import HTML, display
-
-    labels = [(f"{f.subject} —{f.relation}→ {f.object}  ({len(f.neurons)} neurons)", i) for i, f in enumerate(found)]
-    pick = widgets.Dropdown(options=labels, value=0, description="fact", layout={"width": "34em"})
-    prompt = widgets.IntSlider(value=0, min=0, max=max(f.n_prompts for f in found) - 1, description="prompt #")
-
-    def show(i, j):
-        fact = found[i]
-        j = min(j, fact.n_prompts - 1)
-        shared = (relation_level or {}).get(fact.relation, {})
-        rows = "".join(
-            f"<tr><td>{layer}</td><td>{neuron}</td><td>{int(fact.counts[layer, neuron])}/{fact.n_prompts}</td>"
-            f"<td>{'relation-level ({:.0%})'.format(shared[(layer, neuron)]) if (layer, neuron) in shared else 'fact'}</td></tr>"
-            for layer, neuron in fact.neurons)
-        display(HTML(f"<p>prompt: <b>{fact.prompts[j]}</b> → {fact.object}; p = {fact.p:.2f}</p>"
-                     "<table><tr><th>layer</th><th>neuron</th><th>prompts</th><th>kind</th></tr>"
-                     f"{rows}</table>"))
-        if not fact.neurons:
-            return
-        effects = single_neuron_effects(model, tokenizer, fact, j)
-        names = [f"L{layer}.{neuron}" for layer, neuron in fact.neurons] + ["all"]
-        fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(names) + 2), 2.8))
-        xs = range(len(names))
-        ax.bar([x - 0.2 for x in xs], effects[0.0], 0.4, label="suppressed (×0)", color="C0")
-        ax.bar([x + 0.2 for x in xs], effects[2.0], 0.4, label="amplified (×2)", color="C1")
-        ax.axhline(effects["clean"], color="black", ls="--", lw=1, label=f"unchanged P = {effects['clean']:.3f}")
-        ax.set_xticks(list(xs), labels=names)
-        ax.set_ylabel("P(correct)")
-        ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=8, loc="lower left")
-        plt.show()
-
-    out = widgets.interactive_output(show, {"i": pick, "j": prompt})
-    return widgets.VBox([widgets.HBox([pick, prompt]), out])
 
 
 # --------------------------------------------------------------------------------------

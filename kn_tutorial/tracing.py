@@ -20,23 +20,13 @@ l − ⌊w/2⌋ .. l − ⌊w/2⌋ + w − 1 clipped to the model (the paper: w 
 *Severing* (the paper's figure on the MLP's role) restores h_t^l while the MLP (or attention)
 outputs at token t of every later layer stay frozen at their corrupted values.
 
-How it runs. The noise is added to the input of block 0 ("resid_pre"): for GPT-2 that is
-token + position embedding, and adding ε there is adding it to the token embedding. All
-restorations of a prompt, for every (token, layer, noise sample), are rows of one batch;
-hooks write the clean states into the chosen (row, position) pairs with index tensors, and
-rows are chunked by `batch_size` to bound memory. Prompts of the same token length share
-batches (no padding), and only the last position's logits are computed. Attention is causal,
-so a restoration at token t cannot change tokens before t: a row restoring token t starts
-at t, reading the keys and values of tokens 0..t-1 from the corrupted run (a KV cache).
-Nor can it change anything below its layer: a row restoring layer l runs only blocks from
-l (from l + 1 for a hidden state, which is the input of block l + 1, and for an MLP output,
-which block l adds last to its output), starting from the corrupted run's input of that
-block; the rows of a token join one pass, each at its own block (suffix.run_rows_from_blocks).
-Restoring a state before the subject changes nothing at all (the
-noise has not reached it), nor does restoring a last-layer state of any token but the last
-(no later layer reads it): those cells are the corrupted probability without a pass. The
-noise of a prompt depends only on the seed and the prompt's tokens: a prompt gets the same
-noise alone or in a batch.
+The noise is added to the input of block 0 ("resid_pre"): for GPT-2 that is token + position
+embedding, and adding ε there is adding it to the token embedding. The noise of a prompt
+depends only on the seed and the prompt's tokens: a prompt gets the same noise alone or in a
+batch. `trace_naive` runs the definition literally; `trace` and `trace_batch` give the same
+numbers batched (how: `tracing_engine`). Figures and the explorer: `tracing_display`. (About
+500 lines: the grid, the naive oracle and the averages over facts all build on the noise,
+window and token-role pieces at the top, so they stay together.)
 
     t = trace(model, tokenizer, "Kuwait lies on the continent of", "Kuwait")   # hidden
     t.scores        # [T, L] P_{*, clean h_t^l}(o), mean over samples
@@ -53,21 +43,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .hooks import Recorder, patch
-from .kv_cache import output_cache
+from .hooks import Recorder, canonical_site, patch
+from .lazy import lazy_exports
 from .models import embedding_matrix, get_device, n_layers
 from .progress import progress_bar
 from .scoring import target_ids
-from .suffix import run_rows_from_blocks
 from .tokens import subject_span
-from .validate import NonFiniteEditError, check_context, nonfinite_cause, require_finite
+from .tracing_engine import (  # noqa: F401  (the engine's names stay importable from here)
+    _INPUT_SITES, _chunks, _first_blocks, _Group, _restored_rows, _writer, prepare_runs,
+)
+from .validate import NonFiniteEditError, check_context, require_finite
 
 KINDS = ("hidden", "mlp", "attn")
-SITE_OF_KIND = {"hidden": "hidden", "mlp": "mlp_out", "attn": "attn_out"}  # hooks.py site names
+SITE_OF_KIND = {kind: canonical_site(kind) for kind in KINDS}  # the kinds are hooks.SITE_ALIASES
 ROLES = ("first subject token", "middle subject tokens", "last subject token",
          "first subsequent token", "further tokens", "last token")
-CMAP_OF_KIND = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}  # the paper's colours
 
+# Figures and the explorer live in tracing_display (it imports this module).
+__getattr__ = lazy_exports(__package__, "tracing_display",
+                           ("CMAP_OF_KIND", "plot_trace", "plot_traces", "plot_average_effects", "trace_explorer"))
 
 # --------------------------------------------------------------------------------------
 # Small pieces: checks, noise, windows, token roles
@@ -156,197 +150,25 @@ def token_roles(span: tuple[int, int], seq_len: int) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------------------
-# The engine: many restored runs of a group of same-length prompts, batched
+# Restored runs of one prompt (the batched machinery: tracing_engine)
 # --------------------------------------------------------------------------------------
 
-@dataclass
-class _Group:
-    """Clean and corrupted runs of n prompts of T tokens (everything the restored rows need)."""
-    input_ids: Tensor            # [n, T]
-    targets: Tensor              # [n] token id of o
-    noise: Tensor                # [n, S, T, d_model] on the model's device and dtype
-    clean_prob: Tensor           # [n]
-    corrupted_prob: Tensor       # [n, S]
-    clean_states: list[Tensor]   # L x [n, T, d_model], the restored site
-    frozen_states: list[Tensor] | None  # L x [n, S, T, d_model] corrupted sever site, or None
-    corrupted_kv: list[tuple[Tensor, Tensor]]  # per layer (keys, values) of the corrupted runs, rows (i, j)
-    corrupted_inputs: list[Tensor]  # L+1 x [n*S, T, d_model]: input of block l (l = L: of the final norm)
-    corrupted_states: list[Tensor] | None  # kind "mlp": L x [n*S, T, d_model] corrupted MLP outputs, else None
-
-    @property
-    def samples(self) -> int:
-        return self.noise.shape[1]
-
-
-def _writer(rows: Tensor, pos: Tensor, values: Tensor):
-    """A patch function setting activation[rows[i], pos[i]] = values[i] (values: [N, d])."""
-    def write(act: Tensor) -> Tensor:  # act: [R, T, d]
-        out = act.clone()
-        out[rows, pos] = values.to(act.dtype)
-        return out
-    return write
-
-
-def _INPUT_SITES(L: int) -> list[tuple[str, int]]:
-    """The input of every block (the noise included at block 0), then the last block's output."""
-    return [("resid_pre", layer) for layer in range(L)] + [("hidden", L - 1)]
-
-
-def _chunks(total: int, batch_size: int):
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    return [slice(i, min(i + batch_size, total)) for i in range(0, total, batch_size)]
-
-
-@torch.no_grad()
 def _prepare(model, input_ids: Tensor, spans: list[tuple[int, int]], targets: Tensor, kind: str,
-             sever: str | None, samples: int, noise: float, seed: int, batch_size: int) -> _Group:
-    """Clean run (records the restored site), then the corrupted runs (record the severed site and
-    the attention keys and values, from which restored runs start at their restored token).
+             sever: str | None, samples: int, noise: float, seed: int, batch_size: int):
+    """The clean and corrupted runs of n prompts of one length (tracing_engine.prepare_runs),
+    after checking the prompts; the noise is `subject_noise` on each prompt's subject.
 
     targets: [n] token ids; -1 means "the model's own top prediction in the clean run".
     """
-    device, dtype = get_device(model), embedding_matrix(model).dtype
-    L, (n, T) = n_layers(model), input_ids.shape
-    check_context(model, T, "the traced prompt")
+    check_context(model, input_ids.shape[1], "the traced prompt")
     _check_embeddings(model, input_ids)
-    input_ids = input_ids.to(device)
-    site = SITE_OF_KIND[kind]
-    clean_probs, states, top = [], [[] for _ in range(L)], []
-    for sl in _chunks(n, batch_size):
-        with Recorder(model, [(site, layer) for layer in range(L)]) as rec:
-            logits = model(input_ids=input_ids[sl], use_cache=False, logits_to_keep=1).logits[:, -1]
-        probs = torch.softmax(logits.float(), dim=-1)  # [chunk, vocab]
-        chosen = targets[sl].to(device)
-        chosen = torch.where(chosen < 0, probs.argmax(-1), chosen)
-        top.append(chosen)
-        clean_probs.append(probs.gather(1, chosen[:, None])[:, 0])
-        for layer in range(L):
-            states[layer].append(rec[(site, layer)])
-    targets = torch.cat(top)
-    if not bool(torch.isfinite(torch.cat(clean_probs)).all()):
-        raise NonFiniteEditError(f"the clean run's probabilities are not finite ({nonfinite_cause(model)}); "
-                                 "nothing can be traced")
-    clean_states = [torch.cat(s) for s in states]  # L x [n, T, d]
 
-    scale = noise_level(model, noise)
-    eps = torch.stack([subject_noise(input_ids[i], spans[i], embedding_matrix(model).shape[1],
-                                     samples, scale, seed) for i in range(n)])
-    eps = eps.to(device=device, dtype=dtype)  # [n, S, T, d]
-
-    row_prompt = torch.arange(n, device=device).repeat_interleave(samples)  # rows (i, j), j fastest
-    row_sample = torch.arange(samples, device=device).repeat(n)
-    sever_site = None if sever is None else SITE_OF_KIND[sever]
-    corrupted, frozen, kv, inputs = [], [[] for _ in range(L)], [], []
-    mlp_sites = [("mlp_out", layer) for layer in range(L)] if kind == "mlp" else []
-    for sl in _chunks(n * samples, batch_size):
-        p, j = row_prompt[sl], row_sample[sl]
-        with ExitStack() as stack:
-            stack.enter_context(patch(model, "resid_pre", 0, lambda x, e=eps[p, j]: x + e))
-            inputs_rec = stack.enter_context(Recorder(model, _INPUT_SITES(L) + mlp_sites))
-            if sever_site is not None:
-                rec = stack.enter_context(Recorder(model, [(sever_site, layer) for layer in range(L)]))
-            out = model(input_ids=input_ids[p], use_cache=True, logits_to_keep=1)
-        corrupted.append(torch.softmax(out.logits[:, -1].float(), -1).gather(1, targets[p][:, None])[:, 0])
-        kv.append([(keys, values) for keys, values, *_ in output_cache(out)])
-        inputs.append([inputs_rec[site] for site in _INPUT_SITES(L) + mlp_sites])
-        if sever_site is not None:
-            for layer in range(L):
-                frozen[layer].append(rec[(sever_site, layer)])
-    frozen_states = None if sever_site is None else [torch.cat(f).view(n, samples, T, -1) for f in frozen]
-    corrupted_kv = [(torch.cat([c[i][0] for c in kv]), torch.cat([c[i][1] for c in kv])) for i in range(len(kv[0]))]
-    recorded = [torch.cat([c[i] for c in inputs]) for i in range(len(inputs[0]))]
-    corrupted_inputs, corrupted_states = recorded[:L + 1], (recorded[L + 1:] if kind == "mlp" else None)
-    return _Group(input_ids, targets, eps, torch.cat(clean_probs), torch.cat(corrupted).view(n, samples),
-                  clean_states, frozen_states, corrupted_kv, corrupted_inputs, corrupted_states)
-
-
-def _first_blocks(restore: Tensor, kind: str, frozen: Tensor | None) -> Tensor:
-    """[R] the first block each row has to run: the lowest layer it restores or freezes, L when it
-    changes nothing; one higher for a hidden state or an MLP output of layer l, which changes only
-    the output of block l at its token (the MLP output is added last), i.e. the input of block l + 1."""
-    R, L, _ = restore.shape
-    first = lambda mask: torch.where(mask.any(1), mask.int().argmax(1), L)  # noqa: E731  [R]
-    start = first(restore.any(-1)) + (1 if kind in ("hidden", "mlp") else 0)
-    if frozen is not None:
-        start = torch.minimum(start, first(frozen.any(-1)))
-    return start.clamp(max=L)
-
-
-@torch.no_grad()
-def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor, restore: Tensor,
-                   kind: str, sever: str | None = None, frozen: Tensor | None = None,
-                   batch_size: int = 512, bar=None, start: int = 0) -> Tensor:
-    """P(o) of restored corrupted runs, one per row: [R].
-
-    Row r is prompt row_prompt[r] with noise sample row_sample[r]; restore [R, L, T] marks the
-    (layer, position) states of `kind` set to their clean values; frozen [R, L, T] marks the
-    `sever` outputs held at their corrupted values (same prompt and noise sample).
-
-    Only what a restoration can change is run (suffix.run_from_block). Tokens before `start`,
-    the first position any row restores or freezes, see nothing restored (attention is
-    causal): their keys and values come from the corrupted runs and only tokens start..T-1
-    run. Blocks below a row's first restored (or frozen) layer see nothing restored either:
-    a row joins the pass at that block s (suffix.run_rows_from_blocks), with the corrupted
-    run's input of block s (a restored hidden state of layer s - 1 written into it, or a
-    restored MLP output's difference to the corrupted one added, see _first_blocks). Batches
-    hold about the same number of (token, block) steps as batch_size full rows.
-    """
-    device, L = group.input_ids.device, n_layers(model)
-    T = group.input_ids.shape[1]
-    if restore[:, :, :start].any() or (frozen is not None and frozen[:, :, :start].any()):
-        raise ValueError(f"rows restore states before start={start}")
-    row_prompt, row_sample = row_prompt.to(device), row_sample.to(device)
-    restore = restore[:, :, start:].to(device)
-    frozen = None if frozen is None else frozen[:, :, start:].to(device)
-    first_block = _first_blocks(restore, kind, frozen)
-    order = torch.argsort(first_block, stable=True)  # rows join the pass at their first block
-    steps = (T - start) * (L - first_block[order]).clamp(min=1)  # (token, block) steps of each row
-    budget = batch_size * T * L  # as many steps as batch_size full rows
-    out = torch.zeros(len(row_prompt), device=device)
-    begin = 0
-    while begin < len(order):
-        end = begin + max(1, int((steps[begin:].cumsum(0) <= budget).sum()))
-        chunk = order[begin:end]
-        begin = end
-        starts = first_block[chunk]
-        p, j = row_prompt[chunk], row_sample[chunk]
-        cached = p * group.samples + j
-        hidden = torch.empty(len(chunk), T - start, group.corrupted_inputs[0].shape[-1],
-                             dtype=group.corrupted_inputs[0].dtype, device=device)
-        for s in starts.unique().tolist():
-            at_s = (starts == s).nonzero()[:, 0]
-            hidden[at_s] = group.corrupted_inputs[s][cached[at_s], start:]
-            if kind == "hidden" and s > 0:  # restored hidden states of layer s - 1 are the input of block s
-                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
-                hidden[at_s[rows], pos] = group.clean_states[s - 1][p[at_s[rows]], start + pos].to(hidden.dtype)
-            if kind == "mlp" and s > 0:  # a restored MLP output of layer s - 1 moves block s's input by clean - corrupted
-                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
-                shift = (group.clean_states[s - 1][p[at_s[rows]], start + pos]
-                         - group.corrupted_states[s - 1][cached[at_s[rows]], start + pos])
-                hidden[at_s[rows], pos] += shift.to(hidden.dtype)
-        past = None
-        if start > 0:  # the corrupted runs' keys and values of tokens 0..start-1
-            first = int(starts[0])
-            past = [None if layer < first else (keys[cached, :, :start], values[cached, :, :start])
-                    for layer, (keys, values) in enumerate(group.corrupted_kv)]
-        with ExitStack() as stack:
-            for layer in range(int(starts[0]), L):
-                present = starts <= layer  # the rows in the pass at this block (a prefix of the chunk)
-                rows, pos = (restore[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
-                if len(rows):
-                    values = group.clean_states[layer][p[rows], start + pos]  # [N, d]
-                    stack.enter_context(patch(model, SITE_OF_KIND[kind], layer, _writer(rows, pos, values)))
-                if frozen is not None:
-                    rows, pos = (frozen[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
-                    if len(rows):
-                        values = group.frozen_states[layer][p[rows], j[rows], start + pos]
-                        stack.enter_context(patch(model, SITE_OF_KIND[sever], layer, _writer(rows, pos, values)))
-            logits = run_rows_from_blocks(model, starts, hidden, past, start, last_only=True)
-        out[chunk] = torch.softmax(logits.float(), -1).gather(1, group.targets[p][:, None])[:, 0]
-        if bar is not None:
-            bar.update(len(chunk))
-    return out
+    def corrupt(ids: Tensor) -> Tensor:  # [n, T] -> ε [n, S, T, d_model]
+        scale = noise_level(model, noise)
+        return torch.stack([subject_noise(ids[i], spans[i], embedding_matrix(model).shape[1], samples, scale, seed)
+                            for i in range(len(ids))])
+    return prepare_runs(model, input_ids, targets, SITE_OF_KIND[kind],
+                        None if sever is None else SITE_OF_KIND[sever], corrupt, batch_size)
 
 
 def restore_states(model, input_ids: Tensor, span: tuple[int, int], restore: Tensor, target: int | None = None,
@@ -378,8 +200,8 @@ def restore_states(model, input_ids: Tensor, span: tuple[int, int], restore: Ten
     if frozen is not None:
         frozen = torch.as_tensor(frozen, dtype=torch.bool)
         frozen = (frozen[None] if frozen.dim() == 2 else frozen).expand(M, L, T)[row_mask]
-    probs = _restored_rows(model, group, torch.zeros_like(row_mask), row_sample, restore[row_mask], kind,
-                           sever, frozen, batch_size)
+    probs = _restored_rows(model, group, torch.zeros_like(row_mask), row_sample, restore[row_mask],
+                           SITE_OF_KIND[kind], None if sever is None else SITE_OF_KIND[sever], frozen, batch_size)
     return {"probs": probs.float().cpu().view(M, samples), "clean": float(group.clean_prob[0]),
             "corrupted": group.corrupted_prob[0].float().cpu(), "target": int(group.targets[0])}
 
@@ -475,8 +297,9 @@ def trace_batch(model, input_ids: Tensor, spans: list[tuple[int, int]], targets:
     with progress_bar(total=int((~inert).sum()), desc=f"tracing {kind}", disable=not show_progress) as bar:
         for t in row_pos[~inert].unique().tolist():  # rows restoring token t start their run at t
             rows = ((row_pos == t) & ~inert).nonzero()[:, 0]
-            probs[rows] = _restored_rows(model, group, row_prompt[rows], row_sample[rows], restore[rows], kind,
-                                         sever, None if frozen is None else frozen[rows], batch_size, bar,
+            probs[rows] = _restored_rows(model, group, row_prompt[rows], row_sample[rows], restore[rows],
+                                         SITE_OF_KIND[kind], None if sever is None else SITE_OF_KIND[sever],
+                                         None if frozen is None else frozen[rows], batch_size, bar,
                                          start=t).float().cpu()
 
     corrupted = group.corrupted_prob.float().cpu()                             # [n, S]
@@ -485,7 +308,6 @@ def trace_batch(model, input_ids: Tensor, spans: list[tuple[int, int]], targets:
         by_sample[i, :a] = corrupted[i]                                        # untouched by the noise
     by_sample[row_prompt, row_pos, row_layer, row_sample] = probs
     return Grid(by_sample, group.clean_prob.float().cpu(), corrupted, group.targets.cpu())
-
 
 # --------------------------------------------------------------------------------------
 # One prompt
@@ -703,103 +525,3 @@ def severed_effects(model, tokenizer, facts, samples: int = 10, noise: float = 3
                 out[name] += sum(effects[i, pos[0]] for i, pos in enumerate(last))
                 bar.update(len(items))
     return {**{k: v / len(facts) for k, v in out.items()}, "n_facts": len(facts), "n_layers": L}
-
-
-# --------------------------------------------------------------------------------------
-# Figures in the paper's style, and an explorer
-# --------------------------------------------------------------------------------------
-
-_KIND_NAME = {"hidden": "hidden states", "mlp": "MLP outputs", "attn": "attention outputs"}
-_KIND_LABEL = {"hidden": "single restored layer", "mlp": "centre of restored MLP layers",
-               "attn": "centre of restored attention layers"}
-
-
-def plot_trace(result: Trace, ax=None, title: str | None = None):
-    """Heatmap of P_{*, clean state (t, l)}(o): tokens down, layers across, subject tokens starred.
-
-    The colour scale starts at P_*(o), so white means "restoring this state brings nothing back".
-    """
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5, 0.35 * len(result.tokens) + 1.2))
-    a, b = result.span
-    labels = [repr(tok)[1:-1] + (" *" if a <= i < b else "") for i, tok in enumerate(result.tokens)]
-    image = ax.imshow(result.scores.numpy(), cmap=CMAP_OF_KIND[result.kind], aspect="auto",
-                      vmin=min(result.corrupted_prob, float(result.scores.min())))
-    ax.set_yticks(range(len(labels)), labels=labels)
-    L = result.scores.shape[1]
-    ax.set_xticks(range(0, L, max(1, L // 8)))
-    window = f" (window {result.window})" if result.kind != "hidden" else ""
-    ax.set_xlabel(_KIND_LABEL[result.kind] + window)
-    ax.set_title(title or f"restoring {_KIND_NAME[result.kind]}")
-    ax.figure.colorbar(image, ax=ax, label=f"p({result.target.strip()})")
-    return ax
-
-
-def plot_traces(traces: list[Trace], title: str | None = None):
-    """The paper's three heatmaps (hidden, MLP, attention) side by side; returns the figure."""
-    import matplotlib.pyplot as plt
-
-    T = len(traces[0].tokens)
-    fig, axes = plt.subplots(1, len(traces), figsize=(4.6 * len(traces), 0.35 * T + 1.6),
-                             constrained_layout=True)
-    for ax, t in zip(np.atleast_1d(axes), traces):
-        plot_trace(t, ax=ax)
-    fig.suptitle(title or f"{traces[0].prompt!r} -> {traces[0].target!r}: "
-                 f"P = {traces[0].clean_prob:.2f}, P* = {traces[0].corrupted_prob:.2f}")
-    return fig
-
-
-def plot_average_effects(summary: dict, normalised: bool = False):
-    """AIE by token role (rows) and layer (columns) for each kind, as in the paper's figure 2."""
-    import matplotlib.pyplot as plt
-
-    kinds = list(summary["effects"])
-    table = summary["normalised" if normalised else "effects"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.8 * len(kinds), 3.2), constrained_layout=True)
-    for ax, kind in zip(np.atleast_1d(axes), kinds):
-        image = ax.imshow(table[kind], cmap=CMAP_OF_KIND[kind], aspect="auto", vmin=0)
-        ax.set_yticks(range(len(ROLES)), labels=list(summary["roles"]))
-        ax.set_xticks(range(summary["n_layers"]))
-        ax.set_xlabel(_KIND_LABEL[kind] + (f" (window {summary['window']})" if kind != "hidden" else ""))
-        ax.set_title(f"AIE of {_KIND_NAME[kind]}")
-        fig.colorbar(image, ax=ax, label="AIE / ATE" if normalised else "AIE")
-    fig.suptitle(f"{summary['n_facts']} facts, {summary['samples']} noise samples each")
-    return fig
-
-
-def trace_explorer(model, tokenizer, facts, samples: int = 3, noise: float = 3.0, window: int = 1):
-    """Pick a fact (or type a prompt and its subject) and see the three heatmaps.
-
-    facts: (prompt, subject, target) tuples or dicts. Returns the widget (display it, e.g. as a
-    cell's last expression); it draws once when built, so it also works headless.
-    """
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-
-    facts = [_as_fact(f) for f in facts]
-    choice = w.Dropdown(options=[(f"{p} -> {t}", i) for i, (p, _, t) in enumerate(facts)], description="fact")
-    prompt = w.Text(value=facts[0][0], description="prompt", layout=w.Layout(width="60%"))
-    subject = w.Text(value=facts[0][1], description="subject")
-    target = w.Text(value=facts[0][2] or "", description="target", placeholder="empty: top prediction")
-    n_samples = w.IntSlider(value=samples, min=1, max=20, description="samples")
-
-    def pick(change):
-        p, s, t = facts[change["new"]]
-        prompt.value, subject.value, target.value = p, s, t or ""
-    choice.observe(pick, names="value")
-
-    def draw(prompt, subject, target, samples):
-        try:
-            traces = [trace(model, tokenizer, prompt, subject, target or None, kind=kind, samples=samples,
-                            noise=noise, window=window) for kind in KINDS]
-        except (ValueError, KeyError) as err:
-            print(f"cannot trace: {err}")
-            return
-        plot_traces(traces)
-        plt.show()
-
-    out = w.interactive_output(draw, {"prompt": prompt, "subject": subject, "target": target,
-                                      "samples": n_samples})
-    return w.VBox([choice, w.HBox([prompt, subject]), w.HBox([target, n_samples]), out])

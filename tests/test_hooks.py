@@ -227,3 +227,60 @@ def test_hooks_follow_the_model_dtype(make_tiny_model, input_ids):
     with set_neurons(model, 0, [1], scale=3.0), patch(model, "mlp_out", 1, lambda t: t.float()):
         acts = record(model, [("key", 0), ("mlp_out", 1), ("hidden", 1)], input_ids=input_ids)
     assert all(a.dtype == torch.float64 for a in acts.values())
+
+
+# --------------------------------------------------------------------------------------
+# The vocabulary: every hook point (and alias) resolves to a tensor of its stated shape
+# --------------------------------------------------------------------------------------
+
+def _widths(config) -> dict[str, int]:
+    """d_model and d_ff read from the config alone (independent of kn_tutorial.models)."""
+    d_model = getattr(config, "n_embd", None) or config.hidden_size
+    inner = getattr(config, "n_inner", None) if config.model_type == "gpt2" else config.intermediate_size
+    return {"d_model": d_model, "d_ff": inner or 4 * d_model}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
+def test_every_hook_point_and_alias_has_its_stated_shape(family):
+    from kn_tutorial.hooks import HOOK_POINTS, SITE_ALIASES, canonical_site
+    from tests.tiny import tiny_model
+
+    model = tiny_model(family)
+    widths = _widths(model.config)
+    L = model.config.num_hidden_layers
+    ids = torch.randint(1, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    names = [*HOOK_POINTS, *SITE_ALIASES]
+    acts = record(model, [(name, layer) for name in names for layer in range(L)], input_ids=ids)
+    assert set(acts) == {(name, layer) for name in names for layer in range(L)}  # keys as given
+    for (name, layer), act in acts.items():
+        width = widths[HOOK_POINTS[canonical_site(name)].width]
+        assert act.shape == (3, 7, width), (family, name, layer)
+        assert torch.equal(act, acts[(canonical_site(name), layer)])  # an alias is the same place
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(acts[("resid_pre", 0)], states[0])
+    for layer in range(L - 1):  # block output of l is the next block's input
+        torch.testing.assert_close(acts[("hidden", layer)], states[layer + 1])
+        torch.testing.assert_close(acts[("resid_post", layer)], acts[("resid_pre", layer + 1)])
+    for layer in range(L):  # all three families add both outputs to the residual: h = x + a + m
+        torch.testing.assert_close(acts[("mlp", layer)],
+                                   acts[("hidden", layer)] - acts[("resid_pre", layer)] - acts[("attn", layer)],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_the_vocabulary_table_is_the_one_in_the_docstring_and_in_tracing():
+    import kn_tutorial.hooks as hooks
+    from kn_tutorial import tracing
+
+    table = hooks.__doc__.split("also called", 1)[1]
+    for name, point in hooks.HOOK_POINTS.items():
+        width = {"d_model": "[batch, pos, d_model]", "d_ff": "[batch, pos, d_ff]"}[point.width]
+        row = next(line for line in table.splitlines() if line.split()[:1] == [name])
+        assert width in row, name
+    for alias, name in hooks.SITE_ALIASES.items():
+        assert f'"{alias}"' in hooks.__doc__ and hooks.canonical_site(alias) == name
+    for kind in tracing.KINDS:  # the row that names a tracing kind is where tracing restores it
+        row = hooks.HOOK_POINTS[tracing.SITE_OF_KIND[kind]]
+        assert f'tracing kind "{kind}"' in row.also_called, kind
+    with pytest.raises(ValueError, match="unknown site 'resid_mid'.*alias"):
+        hooks.canonical_site("resid_mid")

@@ -1,0 +1,227 @@
+"""How causal tracing runs fast (the definition: `tracing`; Meng et al., 2022, section 2).
+
+The engine restores hook sites (hooks.HOOK_POINTS: "hidden", "mlp_out", "attn_out"); `tracing`
+maps its kinds onto them and checks the input. None of this changes the numbers;
+`tracing.trace_naive` is the definition run literally, and the tests hold the engine to it.
+
+1. Rows. All restorations of a prompt, for every (token, layer, noise sample), are rows of
+   one batch; hooks write the clean states into the chosen (row, position) pairs with index
+   tensors, and rows are chunked by `batch_size` to bound memory. Prompts of the same token
+   length share batches (no padding), and only the last position's logits are computed.
+2. Tokens. Attention is causal, so a restoration at token t cannot change tokens before t:
+   a row restoring token t starts at t, reading the keys and values of tokens 0..t-1 from
+   the corrupted run (a KV cache).
+3. Layers. Nor can it change anything below its layer: a row restoring layer l runs only
+   blocks from l (from l + 1 for a hidden state, which is the input of block l + 1, and for
+   an MLP output, which block l adds last to its output), starting from the corrupted run's
+   input of that block; the rows of a token join one pass, each at its own block
+   (suffix.run_rows_from_blocks).
+4. Nothing to run. Restoring a state before the subject changes nothing at all (the noise
+   has not reached it), nor does restoring a last-layer state of any token but the last (no
+   later layer reads it): `tracing.trace_batch` fills those cells with the corrupted
+   probability without a pass.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .hooks import Recorder, patch
+from .kv_cache import output_cache
+from .models import embedding_matrix, get_device, n_layers
+from .suffix import run_rows_from_blocks
+from .validate import NonFiniteEditError, nonfinite_cause
+
+
+# --------------------------------------------------------------------------------------
+# Many restored runs of a group of same-length prompts, batched
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class _Group:
+    """Clean and corrupted runs of n prompts of T tokens (everything the restored rows need)."""
+    input_ids: Tensor            # [n, T]
+    targets: Tensor              # [n] token id of o
+    noise: Tensor                # [n, S, T, d_model] on the model's device and dtype
+    clean_prob: Tensor           # [n]
+    corrupted_prob: Tensor       # [n, S]
+    clean_states: list[Tensor]   # L x [n, T, d_model], the restored site
+    frozen_states: list[Tensor] | None  # L x [n, S, T, d_model] corrupted sever site, or None
+    corrupted_kv: list[tuple[Tensor, Tensor]]  # per layer (keys, values) of the corrupted runs, rows (i, j)
+    corrupted_inputs: list[Tensor]  # L+1 x [n*S, T, d_model]: input of block l (l = L: of the final norm)
+    corrupted_states: list[Tensor] | None  # site "mlp_out": L x [n*S, T, d_model] corrupted MLP outputs, else None
+
+    @property
+    def samples(self) -> int:
+        return self.noise.shape[1]
+
+
+def _writer(rows: Tensor, pos: Tensor, values: Tensor):
+    """A patch function setting activation[rows[i], pos[i]] = values[i] (values: [N, d])."""
+    def write(act: Tensor) -> Tensor:  # act: [R, T, d]
+        out = act.clone()
+        out[rows, pos] = values.to(act.dtype)
+        return out
+    return write
+
+
+def _INPUT_SITES(L: int) -> list[tuple[str, int]]:
+    """The input of every block (the noise included at block 0), then the last block's output."""
+    return [("resid_pre", layer) for layer in range(L)] + [("hidden", L - 1)]
+
+
+def _chunks(total: int, batch_size: int):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return [slice(i, min(i + batch_size, total)) for i in range(0, total, batch_size)]
+
+
+@torch.no_grad()
+def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_site: str | None,
+                 corrupt: Callable[[Tensor], Tensor], batch_size: int) -> _Group:
+    """Clean run (records the restored `site`), then the corrupted runs (record `sever_site` and
+    the attention keys and values, from which restored runs start at their restored token).
+
+    targets: [n] token ids; -1 means "the model's own top prediction in the clean run".
+    corrupt(input_ids [n, T]) -> ε [n, S, T, d_model]: the noise added to the input of block 0,
+    drawn after the clean run (tracing: subject_noise).
+    """
+    device, dtype = get_device(model), embedding_matrix(model).dtype
+    L, (n, T) = n_layers(model), input_ids.shape
+    input_ids = input_ids.to(device)
+    clean_probs, states, top = [], [[] for _ in range(L)], []
+    for sl in _chunks(n, batch_size):
+        with Recorder(model, [(site, layer) for layer in range(L)]) as rec:
+            logits = model(input_ids=input_ids[sl], use_cache=False, logits_to_keep=1).logits[:, -1]
+        probs = torch.softmax(logits.float(), dim=-1)  # [chunk, vocab]
+        chosen = targets[sl].to(device)
+        chosen = torch.where(chosen < 0, probs.argmax(-1), chosen)
+        top.append(chosen)
+        clean_probs.append(probs.gather(1, chosen[:, None])[:, 0])
+        for layer in range(L):
+            states[layer].append(rec[(site, layer)])
+    targets = torch.cat(top)
+    if not bool(torch.isfinite(torch.cat(clean_probs)).all()):
+        raise NonFiniteEditError(f"the clean run's probabilities are not finite ({nonfinite_cause(model)}); "
+                                 "nothing can be traced")
+    clean_states = [torch.cat(s) for s in states]  # L x [n, T, d]
+
+    eps = corrupt(input_ids).to(device=device, dtype=dtype)  # [n, S, T, d]
+    samples = eps.shape[1]
+
+    row_prompt = torch.arange(n, device=device).repeat_interleave(samples)  # rows (i, j), j fastest
+    row_sample = torch.arange(samples, device=device).repeat(n)
+    corrupted, frozen, kv, inputs = [], [[] for _ in range(L)], [], []
+    mlp_sites = [("mlp_out", layer) for layer in range(L)] if site == "mlp_out" else []
+    for sl in _chunks(n * samples, batch_size):
+        p, j = row_prompt[sl], row_sample[sl]
+        with ExitStack() as stack:
+            stack.enter_context(patch(model, "resid_pre", 0, lambda x, e=eps[p, j]: x + e))
+            inputs_rec = stack.enter_context(Recorder(model, _INPUT_SITES(L) + mlp_sites))
+            if sever_site is not None:
+                rec = stack.enter_context(Recorder(model, [(sever_site, layer) for layer in range(L)]))
+            out = model(input_ids=input_ids[p], use_cache=True, logits_to_keep=1)
+        corrupted.append(torch.softmax(out.logits[:, -1].float(), -1).gather(1, targets[p][:, None])[:, 0])
+        kv.append([(keys, values) for keys, values, *_ in output_cache(out)])
+        inputs.append([inputs_rec[site] for site in _INPUT_SITES(L) + mlp_sites])
+        if sever_site is not None:
+            for layer in range(L):
+                frozen[layer].append(rec[(sever_site, layer)])
+    frozen_states = None if sever_site is None else [torch.cat(f).view(n, samples, T, -1) for f in frozen]
+    corrupted_kv = [(torch.cat([c[i][0] for c in kv]), torch.cat([c[i][1] for c in kv])) for i in range(len(kv[0]))]
+    recorded = [torch.cat([c[i] for c in inputs]) for i in range(len(inputs[0]))]
+    corrupted_inputs, corrupted_states = recorded[:L + 1], (recorded[L + 1:] if site == "mlp_out" else None)
+    return _Group(input_ids, targets, eps, torch.cat(clean_probs), torch.cat(corrupted).view(n, samples),
+                  clean_states, frozen_states, corrupted_kv, corrupted_inputs, corrupted_states)
+
+
+def _first_blocks(restore: Tensor, site: str, frozen: Tensor | None) -> Tensor:
+    """[R] the first block each row has to run: the lowest layer it restores or freezes, L when it
+    changes nothing; one higher for a hidden state or an MLP output of layer l, which changes only
+    the output of block l at its token (the MLP output is added last), i.e. the input of block l + 1."""
+    R, L, _ = restore.shape
+    first = lambda mask: torch.where(mask.any(1), mask.int().argmax(1), L)  # noqa: E731  [R]
+    start = first(restore.any(-1)) + (1 if site in ("hidden", "mlp_out") else 0)
+    if frozen is not None:
+        start = torch.minimum(start, first(frozen.any(-1)))
+    return start.clamp(max=L)
+
+
+@torch.no_grad()
+def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor, restore: Tensor,
+                   site: str, sever_site: str | None = None, frozen: Tensor | None = None,
+                   batch_size: int = 512, bar=None, start: int = 0) -> Tensor:
+    """P(o) of restored corrupted runs, one per row: [R].
+
+    Row r is prompt row_prompt[r] with noise sample row_sample[r]; restore [R, L, T] marks the
+    (layer, position) states of `site` set to their clean values; frozen [R, L, T] marks the
+    `sever_site` outputs held at their corrupted values (same prompt and noise sample).
+
+    Only what a restoration can change is run (suffix.run_from_block). Tokens before `start`,
+    the first position any row restores or freezes, see nothing restored (attention is
+    causal): their keys and values come from the corrupted runs and only tokens start..T-1
+    run. Blocks below a row's first restored (or frozen) layer see nothing restored either:
+    a row joins the pass at that block s (suffix.run_rows_from_blocks), with the corrupted
+    run's input of block s (a restored hidden state of layer s - 1 written into it, or a
+    restored MLP output's difference to the corrupted one added, see _first_blocks). Batches
+    hold about the same number of (token, block) steps as batch_size full rows.
+    """
+    device, L = group.input_ids.device, n_layers(model)
+    T = group.input_ids.shape[1]
+    if restore[:, :, :start].any() or (frozen is not None and frozen[:, :, :start].any()):
+        raise ValueError(f"rows restore states before start={start}")
+    row_prompt, row_sample = row_prompt.to(device), row_sample.to(device)
+    restore = restore[:, :, start:].to(device)
+    frozen = None if frozen is None else frozen[:, :, start:].to(device)
+    first_block = _first_blocks(restore, site, frozen)
+    order = torch.argsort(first_block, stable=True)  # rows join the pass at their first block
+    steps = (T - start) * (L - first_block[order]).clamp(min=1)  # (token, block) steps of each row
+    budget = batch_size * T * L  # as many steps as batch_size full rows
+    out = torch.zeros(len(row_prompt), device=device)
+    begin = 0
+    while begin < len(order):
+        end = begin + max(1, int((steps[begin:].cumsum(0) <= budget).sum()))
+        chunk = order[begin:end]
+        begin = end
+        starts = first_block[chunk]
+        p, j = row_prompt[chunk], row_sample[chunk]
+        cached = p * group.samples + j
+        hidden = torch.empty(len(chunk), T - start, group.corrupted_inputs[0].shape[-1],
+                             dtype=group.corrupted_inputs[0].dtype, device=device)
+        for s in starts.unique().tolist():
+            at_s = (starts == s).nonzero()[:, 0]
+            hidden[at_s] = group.corrupted_inputs[s][cached[at_s], start:]
+            if site == "hidden" and s > 0:  # restored hidden states of layer s - 1 are the input of block s
+                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
+                hidden[at_s[rows], pos] = group.clean_states[s - 1][p[at_s[rows]], start + pos].to(hidden.dtype)
+            if site == "mlp_out" and s > 0:  # a restored MLP output of layer s - 1 moves block s's input by clean - corrupted
+                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
+                shift = (group.clean_states[s - 1][p[at_s[rows]], start + pos]
+                         - group.corrupted_states[s - 1][cached[at_s[rows]], start + pos])
+                hidden[at_s[rows], pos] += shift.to(hidden.dtype)
+        past = None
+        if start > 0:  # the corrupted runs' keys and values of tokens 0..start-1
+            first = int(starts[0])
+            past = [None if layer < first else (keys[cached, :, :start], values[cached, :, :start])
+                    for layer, (keys, values) in enumerate(group.corrupted_kv)]
+        with ExitStack() as stack:
+            for layer in range(int(starts[0]), L):
+                present = starts <= layer  # the rows in the pass at this block (a prefix of the chunk)
+                rows, pos = (restore[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
+                if len(rows):
+                    values = group.clean_states[layer][p[rows], start + pos]  # [N, d]
+                    stack.enter_context(patch(model, site, layer, _writer(rows, pos, values)))
+                if frozen is not None:
+                    rows, pos = (frozen[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
+                    if len(rows):
+                        values = group.frozen_states[layer][p[rows], j[rows], start + pos]
+                        stack.enter_context(patch(model, sever_site, layer, _writer(rows, pos, values)))
+            logits = run_rows_from_blocks(model, starts, hidden, past, start, last_only=True)
+        out[chunk] = torch.softmax(logits.float(), -1).gather(1, group.targets[p][:, None])[:, 0]
+        if bar is not None:
+            bar.update(len(chunk))
+    return out
