@@ -4,7 +4,7 @@ import json
 import pytest
 
 from kn_tutorial.atlas.contexts import fillers, leadins
-from kn_tutorial.atlas.probe import RECALL_GROUPS, format_probe, model_world, probe, recall_probe, recall_rows
+from kn_tutorial.atlas_build.probe import RECALL_GROUPS, format_probe, model_world, probe, recall_probe, recall_rows
 from kn_tutorial.atlas.templates import TEMPLATES, fill
 from kn_tutorial.atlas.world import load_world
 
@@ -34,7 +34,7 @@ def test_shipped_model_recalls_its_training_templates():
 
 
 def test_probe_runs_on_a_tiny_trained_variant(tmp_path):
-    from kn_tutorial.atlas.train import TrainConfig, save, train
+    from kn_tutorial.atlas_build.train import TrainConfig, save, train
 
     cfg = TrainConfig(n_layer=2, n_embd=32, n_head=2, n_inner=64, steps=3, batch_size=4, warmup=1,
                       context=0.5, compose=0.5, multi=0.3, lists=0.2, preceding=0.3)
@@ -58,7 +58,7 @@ def test_model_world_follows_the_training_config(tmp_path):
 
 
 def test_every_sweep_variant_is_a_valid_config_at_the_shared_budget():
-    from kn_tutorial.atlas.train import TrainConfig, make_sampler
+    from kn_tutorial.atlas_build.train import TrainConfig, make_sampler
     from tests.tiny import load_script
 
     sweep = load_script("atlas_sweep")
