@@ -54,14 +54,13 @@ RULES: list[tuple[str, int]] = [
     ("kn_tutorial.suffix", PLUMBING),
     ("kn_tutorial.hyperparams", PLUMBING),
     ("kn_tutorial.memnet.model", PLUMBING),
-    ("kn_tutorial.*_display", BOOK),             # figures, HTML and explorers of a method
-    ("kn_tutorial.*_engine", METHODS),           # the fast engine of a method
-    ("kn_tutorial.memories", METHODS),
-    ("kn_tutorial.attribution", METHODS),
-    ("kn_tutorial.neurons", METHODS),
-    ("kn_tutorial.tracing", METHODS),
-    ("kn_tutorial.rome", METHODS),
-    ("kn_tutorial.memit", METHODS),
+    ("kn_tutorial.*_display", BOOK),             # figures, HTML and explorers of a method (above it)
+    ("kn_tutorial.memories*", METHODS),          # a method and its own modules (memories_engine, ...)
+    ("kn_tutorial.attribution*", METHODS),
+    ("kn_tutorial.neurons*", METHODS),
+    ("kn_tutorial.tracing*", METHODS),
+    ("kn_tutorial.rome*", METHODS),
+    ("kn_tutorial.memit*", METHODS),
     ("kn_tutorial.finetune", METHODS),
     ("kn_tutorial.stats", METHODS),
     ("kn_tutorial.evaluation", METHODS),
