@@ -40,7 +40,7 @@ def _sync(device) -> None:
 
 
 def run_part(args) -> dict:
-    from kn_tutorial.atlas.rome_check import sample_cases
+    from kn_tutorial.atlas_build.rome_check import sample_cases
     from kn_tutorial.models import get_device, load_model, mlp_out_weight
     from kn_tutorial.rome import (RomeHparams, apply_rank_one, compute_k_star, compute_v_star, prepare_request,
                                   sample_prefixes, solve_c_inverse_k)

@@ -110,7 +110,7 @@ def bench_tracing(model, tokenizer, args, device) -> dict:
 
 def bench_rome(model, tokenizer, args, device) -> dict:
     from kn_tutorial import rome
-    from kn_tutorial.atlas.rome_check import sample_cases
+    from kn_tutorial.atlas_build.rome_check import sample_cases
     from kn_tutorial.stats import second_moment
 
     hp = rome.RomeHparams.for_model(args.model)

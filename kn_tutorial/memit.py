@@ -38,7 +38,7 @@ Requests that share their key (same text up to the subject's last token; in Atla
 prompt starts with the subject, so: same subject) are one *key group*: one key can hold one
 value, so MEMIT optimises one δ for the whole group, over all of the group's prompts.
 Two requests that give one (subject, relation) different objects contradict each other and
-are rejected (`find_conflicts`).
+are rejected (`find_conflicts`); a request's relation is its `relation_id`, else its prompt.
 
 Memory: the solve is [d_ff, d_ff] whatever n is; keys and targets are [n, d_ff] and
 [n, d_model]; forward passes run in batches of `batch_size` groups.
@@ -103,22 +103,15 @@ class Request:
         return self.prompt.split("{}")[0] + self.subject
 
 
-def infer_relation(prompt: str) -> str:
-    """The Atlas relation whose templates include `prompt`, else the template itself."""
-    from .atlas.templates import TEMPLATES
-
-    for name, t in TEMPLATES.items():
-        isa = t.isa.replace("{kind}", "country"), t.isa.replace("{kind}", "city")
-        if prompt in (*t.train, *t.heldout, *t.novel, *isa):
-            return name
-    return prompt
-
-
 def as_request(item: dict) -> Request:
-    """A CounterFact case or its `requested_rewrite` (or any ROME-style request) as a Request."""
+    """A CounterFact case or its `requested_rewrite` (or any ROME-style request) as a Request.
+
+    The request carries its relation: `relation_id` when it has one (every CounterFact and
+    Atlas-CounterFact case does), else its prompt template, so that two wordings of one
+    relation without a `relation_id` count as two relations in `find_conflicts`."""
     rewrite = item.get("requested_rewrite", item)
     prompt, subject, target = prepare_request(rewrite)
-    relation = rewrite.get("relation_id") or infer_relation(prompt)
+    relation = rewrite.get("relation_id") or prompt
     return Request(prompt, subject, target, str(relation))
 
 

@@ -2,7 +2,7 @@
 of causal tracing (Meng et al., 2022) above the first layer?
 
 Every variant is trained with the SAME short budget (`BUDGET`: steps, batch, warm-up, learning
-rate, and half the shipped width; seed 0, one CPU thread), then scored by `kn_tutorial.atlas.probe.probe` with the same settings
+rate, and half the shipped width; seed 0, one CPU thread), then scored by `kn_tutorial.atlas_build.probe.probe` with the same settings
 (`PROBE`). The v2 recipe at that budget is the control. Results are appended variant by
 variant to kn_tutorial/book_data/atlas_sweep.json (config, probe measures, seconds), so a run can be
 stopped and resumed; scripts/atlas_sweep.md is the table made from that file.
@@ -81,14 +81,14 @@ def load_results() -> dict:
 def run_variant(name: str, models_dir: Path | None) -> dict:
     import torch
 
-    from kn_tutorial.atlas.probe import format_probe, probe
-    from kn_tutorial.atlas.train import TrainConfig, config_world, save, train
+    from kn_tutorial.atlas_build.probe import format_probe, probe
+    from kn_tutorial.atlas_build.train import TrainConfig, config_world, save, train
 
     what, overrides = VARIANTS[name]
     torch.set_num_threads(1)
     if overrides is None:  # the shipped model, as it is
-        from kn_tutorial.atlas.probe import model_world
-        from kn_tutorial.atlas.train import MODEL_DIR
+        from kn_tutorial.atlas_build.probe import model_world
+        from kn_tutorial.atlas_build.train import MODEL_DIR
         from kn_tutorial.models import load_model
 
         model, tokenizer = load_model(str(MODEL_DIR), device="cpu")
@@ -123,7 +123,7 @@ def table(results: dict) -> str:
         f"{b['world_countries']} of the world's countries and their cities (753 facts) unless it says otherwise, "
         f"{b['steps']} steps of {b['batch_size']} rows x 64 tokens, lr {b['lr']}, warm-up {b['warmup']}, "
         f"seed {b['seed']}, one CPU thread (the shipped v2: 8 x 256, 2,000 steps of 48 rows, lr 0.0015). "
-        f"Probe (`kn_tutorial.atlas.probe`): recall on {p['n_recall']} facts (first token); causal tracing on "
+        f"Probe (`kn_tutorial.atlas_build.probe`): recall on {p['n_recall']} facts (first token); causal tracing on "
         f"{p['n_trace']} known facts, {p['samples']} noise samples; MLP AIE at the last subject token with window 1 "
         f"and window {p['window']} (best window leaving layer 0 out); Geva on 1,000 corpus sentences; knowledge "
         f"neurons of {p['kn_per_relation']} fact per relation. Written by `scripts/atlas_sweep.py` from "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kn_tutorial import book_data
-from kn_tutorial.atlas.rome_check import sample_cases
+from kn_tutorial.atlas_build.rome_check import sample_cases
 from kn_tutorial.evaluation import evaluate_cases, summarize
 from kn_tutorial.models import load_model, n_layers
 from kn_tutorial.progress import progress

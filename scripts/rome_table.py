@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from kn_tutorial import book_data
-from kn_tutorial.atlas.rome_check import sample_cases
+from kn_tutorial.atlas_build.rome_check import sample_cases
 from kn_tutorial.evaluation import comparison_table, evaluate_editor, standard_editors, summarize
 from kn_tutorial.models import load_model
 from kn_tutorial.rome import RomeHparams

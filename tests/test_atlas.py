@@ -131,7 +131,7 @@ def test_training_recipe_is_deterministic():
     """The same TrainConfig gives bit-identical tokenizer and weights (a tiny model, 3 steps)."""
     import torch
 
-    from kn_tutorial.atlas.train import TrainConfig, train
+    from kn_tutorial.atlas_build.train import TrainConfig, train
 
     cfg = TrainConfig(n_layer=1, n_embd=32, n_head=2, n_inner=64, steps=3, batch_size=4, warmup=1)
     (model_a, tok_a, _), (model_b, tok_b, _) = train(cfg), train(cfg)

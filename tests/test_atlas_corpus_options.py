@@ -31,7 +31,7 @@ def test_default_sampler_draws_exactly_the_v2_sequences():
 
 
 def test_train_config_defaults_are_the_v2_recipe():
-    from kn_tutorial.atlas.train import TrainConfig, make_sampler
+    from kn_tutorial.atlas_build.train import TrainConfig, make_sampler
 
     cfg = TrainConfig()
     sampler = make_sampler(cfg, load_world())

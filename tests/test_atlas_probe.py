@@ -1,12 +1,15 @@
 """The probe of issue 16 (`python -m kn_tutorial.atlas probe`): prompts, and a run on a tiny model."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from kn_tutorial.atlas.contexts import fillers, leadins
-from kn_tutorial.atlas.probe import RECALL_GROUPS, format_probe, model_world, probe, recall_probe, recall_rows
 from kn_tutorial.atlas.templates import TEMPLATES, fill
 from kn_tutorial.atlas.world import load_world
+from kn_tutorial.atlas_build.probe import RECALL_GROUPS, format_probe, model_world, probe, recall_probe, recall_rows
 
 
 def test_recall_rows_ask_each_fact_in_every_group():
@@ -34,7 +37,7 @@ def test_shipped_model_recalls_its_training_templates():
 
 
 def test_probe_runs_on_a_tiny_trained_variant(tmp_path):
-    from kn_tutorial.atlas.train import TrainConfig, save, train
+    from kn_tutorial.atlas_build.train import TrainConfig, save, train
 
     cfg = TrainConfig(n_layer=2, n_embd=32, n_head=2, n_inner=64, steps=3, batch_size=4, warmup=1,
                       context=0.5, compose=0.5, multi=0.3, lists=0.2, preceding=0.3)
@@ -49,6 +52,12 @@ def test_probe_runs_on_a_tiny_trained_variant(tmp_path):
     assert len(result["geva"]["remove_last"]) == len(result["geva"]["semantic_relation"]) == 2
     assert result["knowledge_neurons"]["n_facts"] == len(world.relations)
     assert "recall (first token)" in format_probe(result)
+    # the command line (kn_tutorial/atlas/__main__.py forwards to atlas_build.cli) on the saved model
+    out = tmp_path / "probe.json"
+    subprocess.run([sys.executable, "-m", "kn_tutorial.atlas", "probe", "--model", str(tmp_path), "--n-trace", "3",
+                    "--n-recall", "3", "--samples", "1", "--no-geva", "--kn-per-relation", "0", "--json", str(out)],
+                   check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert json.loads(out.read_text())["recall"] == result["recall"]
 
 
 def test_model_world_follows_the_training_config(tmp_path):
@@ -58,7 +67,7 @@ def test_model_world_follows_the_training_config(tmp_path):
 
 
 def test_every_sweep_variant_is_a_valid_config_at_the_shared_budget():
-    from kn_tutorial.atlas.train import TrainConfig, make_sampler
+    from kn_tutorial.atlas_build.train import TrainConfig, make_sampler
     from tests.tiny import load_script
 
     sweep = load_script("atlas_sweep")

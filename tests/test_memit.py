@@ -240,15 +240,24 @@ def test_two_passes_equal_a_second_edit_of_the_edited_model():
 def test_conflicting_requests_are_rejected_with_the_pairs_named():
     model, tokenizer = _tiny(n_layer=2)
     before = [p.detach().clone() for p in model.parameters()]
-    other = {**KUWAIT, "prompt": "{}'s continent is", "target_new": {"str": "Africa"}}  # same relation, inferred
+    other = {**KUWAIT, "prompt": "{}'s continent is", "target_new": {"str": "Africa"}}
+    # the requests carry their relation: two wordings with one relation_id are one fact
     with pytest.raises(ValueError, match=r"'Kuwait' / 'continent' -> \['Europe', 'Africa'\]"):
-        memit.edit(model, tokenizer, [KUWAIT, OSAKA, other], _hparams((0,)))
+        memit.edit(model, tokenizer, [{**KUWAIT, "relation_id": "continent"}, OSAKA,
+                                      {**other, "relation_id": "continent"}], _hparams((0,)))
+    # without relation_id, a request's relation is its prompt: the same prompt twice is one fact
+    with pytest.raises(ValueError, match=r"'Kuwait' / '\{\} lies on the continent of' -> \['Europe', 'Africa'\]"):
+        memit.edit(model, tokenizer, [KUWAIT, {**KUWAIT, "target_new": {"str": "Africa"}}], _hparams((0,)))
     case = {"requested_rewrite": {**OSAKA, "relation_id": "r1", "target_new": {"str": "Asia"}}}
     with pytest.raises(ValueError, match="Osaka"):
         memit.edit(model, tokenizer, [{**OSAKA, "relation_id": "r1"}, case], _hparams((0,)))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    # the same fact asked twice, or one subject with two relations, is no conflict
+    # the same fact asked twice, or one subject with two relations, is no conflict; nor are two
+    # wordings without relation_id (no guessing of the relation from the wording)
     assert not memit.find_conflicts([memit.as_request(r) for r in (KUWAIT, KUWAIT, KUWAIT_CAPITAL)])
+    assert not memit.find_conflicts([memit.as_request(r) for r in (KUWAIT, other)])
+    assert [memit.as_request(r).relation for r in (KUWAIT, {**KUWAIT, "relation_id": "P30"})] == [
+        "{} lies on the continent of", "P30"]
 
 
 def test_hparams_of_the_paper():

@@ -272,7 +272,7 @@ def test_no_hooks_left_and_summary_table(lm):
     with pytest.raises(ValueError):
         tracing.trace(model, tokenizer, PROMPT, "Peru", samples=1)
     assert count_hooks(model) == 0
-    from kn_tutorial.atlas.trace_check import format_trace_summary
+    from kn_tutorial.atlas_build.trace_check import format_trace_summary
     summary = tracing.average_effects(model, tokenizer, [(PROMPT, SUBJECT, "Asia")], samples=1)
     table = format_trace_summary(summary)
     assert table.count("last subject token") == 3 and "AIE of restoring mlp" in table

@@ -23,10 +23,10 @@ import time
 
 import numpy as np
 
+from ..atlas.templates import TEMPLATES, fill
+from ..atlas.world import load_world
 from ..scoring import score
 from ..tracing import KINDS, ROLES, average_effects
-from .templates import TEMPLATES, fill
-from .world import load_world
 
 SAMPLES, NOISE, WINDOW = 5, 3.0, 1
 

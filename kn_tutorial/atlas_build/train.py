@@ -1,7 +1,7 @@
 """Training the Atlas model: a small GPT-2 (the real `GPT2LMHeadModel`) that knows the world.
 
 `python -m kn_tutorial.atlas train` rebuilds the shipped weights: it trains the tokenizer,
-then the model on sequences drawn from `corpus.SequenceSampler`, and writes
+then the model on sequences drawn from `atlas.corpus.SequenceSampler`, and writes
 `kn_tutorial/atlas/model/` (config, safetensors weights, tokenizer, training report).
 Everything is seeded and the number of CPU threads is fixed, so the same command on the
 same machine gives the same weights.
@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from ..atlas.corpus import SequenceSampler, all_training_sentences
+from ..atlas.tokenizer import train_tokenizer
+from ..atlas.world import World, load_world, make_world, place_names, sub_world
+from ..models import atlas_model_dir
 from ..progress import progress_bar
-from .corpus import SequenceSampler, all_training_sentences
-from .tokenizer import train_tokenizer
-from .world import World, load_world, make_world, place_names, sub_world
 
-MODEL_DIR = Path(__file__).parent / "model"
+MODEL_DIR = atlas_model_dir()  # kn_tutorial/atlas/model/: the data package holds the shipped model
 
 
 @dataclass

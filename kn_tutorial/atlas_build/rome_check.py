@@ -11,11 +11,11 @@ import random
 import time
 from dataclasses import replace
 
+from ..atlas.counterfact import load_counterfact
 from ..evaluation import evaluate_cases, summarize
 from ..progress import progress
 from ..rome import RomeHparams, edit
 from ..stats import second_moment
-from .counterfact import load_counterfact
 
 
 def sample_cases(n_cases: int, seed: int = 0) -> list[dict]:

@@ -30,12 +30,12 @@ import time
 
 import numpy as np
 
+from ..atlas.contexts import fillers, sample_context
+from ..atlas.templates import TEMPLATES, fill
+from ..atlas.world import World
 from ..scoring import score
 from ..tracing import ROLES, average_effects, severed_effects, window_layers
-from .contexts import fillers, sample_context
-from .templates import TEMPLATES, fill
 from .trace_check import known_facts
-from .world import World
 
 RECALL_GROUPS = ("train", "heldout_frames", "heldout_contexts", "novel")
 

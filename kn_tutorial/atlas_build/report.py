@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from ..atlas.templates import TEMPLATES, fill
+from ..atlas.world import World, load_world
 from ..scoring import score
-from .templates import TEMPLATES, fill
-from .world import World, load_world
 
 GROUPS = ("train", "isa", "heldout", "novel")
 
