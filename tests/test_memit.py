@@ -369,3 +369,15 @@ def test_target_groups_stop_on_the_total_loss_by_default():
     by_nll = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, dataclasses.replace(hp, stop_on="nll"))
     assert by_nll.steps.tolist() == [1] and by_loss.steps.item() > 1
     torch.testing.assert_close(by_nll.z, one.z)
+
+
+def test_a_group_whose_loss_is_already_below_the_threshold_keeps_delta_zero():
+    """At step 0 (δ = 0) the total loss is the NLL; below the threshold a group takes no step and z = h
+    exactly (its fact already holds: not an error, as in the paper's code)."""
+    model, tokenizer = _tiny(n_layer=3)
+    hp = _hparams((1,), v_steps=4, stop_threshold=1e6)
+    reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, [KUWAIT, OSAKA], hp)
+    t = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, hp)
+    assert t.steps.tolist() == [0, 0] and torch.equal(t.z, t.h)
+    torch.testing.assert_close(t.final_loss, t.final_nll)
+    assert torch.count_nonzero(t.final_decay) == 0
