@@ -20,6 +20,9 @@ The objective of δ follows the papers' reference code by default (kmeng01/rome
   before the step) or "nll" (stop on the prediction loss alone, the form both methods here used
   before); `stop_threshold`: 5e-2 as in the papers' code.
 
+The KL is read after the whole KL prompt ("{} is a"); the papers' code reads it at the subject's
+last token of that prompt, a difference these options do not cover.
+
 `v_steps` counts Adam updates: the loss is evaluated up to v_steps + 1 times and the last
 evaluation takes no step. The reference's `v_num_grad_steps` = N evaluates N times and updates at
 most N − 1 times, so it corresponds to v_steps = N − 1 (the shipped files keep the papers' N).

@@ -359,7 +359,9 @@ def compute_targets(model, tokenizer, requests: list[Request], groups: list[list
     ROME's). The hparams name the other forms as options (`EditHparams`): kl_direction=
     "before||after", decay_power=2 (‖δ‖²/‖h‖², this package's earlier form), stop_on="nll".
     At most v_steps Adam steps per group (v_steps + 1 evaluations, the last takes no step). A
-    group whose loss is below the threshold at step 0 keeps δ = 0: its fact already holds.
+    group whose loss is below the threshold at step 0 keeps δ = 0: its fact already holds. One
+    difference from the paper's code remains: it reads the KL prompt's distribution at the
+    subject's last token, this package after the whole KL prompt (as `rome.compute_v_star`).
 
     `batch_size` groups per batch, each step running only what depends on δ (naive=True: a full
     forward pass per step, see `compute_targets_naive`)."""

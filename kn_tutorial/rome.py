@@ -231,6 +231,10 @@ def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, lay
     When the loss is below the threshold at step 0 (the model already says the target) δ stays 0
     and `rome.edit` writes ΔW = 0, as the paper's code does: not an error.
 
+    One difference from the paper's code remains, in where the KL is read: here the next-token
+    distribution after the whole KL prompt ("Kuwait is a" → ?); the paper's code reads it at the
+    subject's last token of the KL prompt (its lookup index, "Kuwait" → ?).
+
     `losses` records per evaluation: nll, kl (unweighted, in the chosen direction), decay
     (weighted), loss (the total), delta_norm and p_target.
 
