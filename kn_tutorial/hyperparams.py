@@ -7,6 +7,26 @@ random prefixes) and both need the second moment C = E[k kᵀ] of the keys. `Edi
 those fields once; `rome.RomeHparams` and `memit.MemitHparams` add what is their own (the layer
 or layers, ROME's ridge, MEMIT's λ and batching). The shared fields are keyword-only.
 
+The objective of δ follows the papers' reference code by default (kmeng01/rome
+`rome/compute_v.py`, kmeng01/memit `memit/compute_z.py`); the other forms are labelled options:
+
+    loss(δ) = NLL(o*) + kl_factor · KL + v_weight_decay · ‖δ‖^decay_power / ‖h‖²
+
+- `kl_direction`: "after||before" (the papers' code: KL(P_after ‖ P_before)) or "before||after"
+  (the form this book used before, KL(P_before ‖ P_after));
+- `decay_power`: 1 (the papers' code, ‖δ‖ not squared, in ROME and in MEMIT) or 2 (‖δ‖², the form
+  MEMIT here used before; h is ROME's MLP output m or MEMIT's residual h at the subject);
+- `stop_on`: "loss" (the papers' code: stop once the total loss is below `stop_threshold`, checked
+  before the step) or "nll" (stop on the prediction loss alone, the form both methods here used
+  before); `stop_threshold`: 5e-2 as in the papers' code.
+
+The KL is read after the whole KL prompt ("{} is a"); the papers' code reads it at the subject's
+last token of that prompt, a difference these options do not cover.
+
+`v_steps` counts Adam updates: the loss is evaluated up to v_steps + 1 times and the last
+evaluation takes no step. The reference's `v_num_grad_steps` = N evaluates N times and updates at
+most N − 1 times, so it corresponds to v_steps = N − 1 (the shipped files keep the papers' N).
+
 `for_model(name)` reads `kn_tutorial/hparams/<method>/<model name>.json` (the papers' values for
 GPT-2 and GPT-J, and the Atlas model's, each file saying where its numbers came from).
 """
@@ -60,9 +80,18 @@ class EditHparams:
     mom2_corpus: str = "atlas"
     mom2_n_samples: int = 4000
     seed: int = 0
+    # The objective of δ (module docstring): the papers' code by default, the other forms as options.
+    kl_direction: str = "after||before"  # papers' code: KL(P_after ‖ P_before); or "before||after"
+    decay_power: int = 1  # v_weight_decay · ‖δ‖^p / ‖h‖²: 1 the papers' code, 2 the squared variant
+    stop_on: str = "loss"  # stop once this is < stop_threshold: "loss" (total, papers' code) or "nll"
+    stop_threshold: float = 5e-2  # the papers' code: 5e-2
 
     METHOD: ClassVar[str] = ""  # "ROME", "MEMIT": names the folder hparams/<method>/ and the errors
     EXAMPLE: ClassVar[str] = ""  # how to construct one by hand, for the error when no file exists
+
+    KL_DIRECTIONS: ClassVar[tuple[str, ...]] = ("after||before", "before||after")  # the papers' code first
+    DECAY_POWERS: ClassVar[tuple[int, ...]] = (1, 2)
+    STOP_ON: ClassVar[tuple[str, ...]] = ("loss", "nll")
 
     @classmethod
     def directory(cls) -> Path:

@@ -6,8 +6,9 @@ with W k + b = value, keys k taken at the subject's last token):
 
 1. **Targets.** For every request i, z_i = h_i + δ_i is the residual stream (block output,
    `hooks` site "hidden") of the last layer l_L at the subject's last token that makes the
-   model say the new object: δ_i is optimised like ROME's v* (`compute_targets`), but on the
-   residual stream instead of the MLP output, all requests in one batch.
+   model say the new object: δ_i is optimised like ROME's v* (`compute_targets`, the objective
+   of the paper's code by default), but on the residual stream instead of the MLP output, all
+   requests in one batch.
 2. **Spread.** For each layer l in R, from the first: recompute the keys K_l = [k_1 ... k_n]
    ([d_ff, n]; averaged over the prompt and random prefixes as in the paper, or read from the
    prompt alone when `hparams.prefixes` is empty, as for Atlas, whose prompts all start with
@@ -47,6 +48,7 @@ Memory: the solve is [d_ff, d_ff] whatever n is; keys and targets are [n, d_ff] 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
@@ -57,13 +59,13 @@ from .hyperparams import HPARAMS_ROOT, EditHparams
 from .kv_cache import output_cache
 from .models import check_layer, get_device, mlp_out_weight, module_name
 from .progress import progress
-from .rome import check_lengths, check_v_settings, prepare_request, sample_prefixes
+from .rome import check_lengths, check_v_settings, decay_term, kl_per_row, prepare_request, sample_prefixes
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
 from .suffix import left_pad_past, run_from_block
 from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_finite_update, check_model_finite, nonfinite_cause,
-                       require_later_layer, require_positive, require_positive_int, require_nonnegative)
+                       require_later_layer, require_positive, require_positive_int)
 from .weights import Restorable, WeightSnapshot, frozen
 
 HPARAMS_DIR = HPARAMS_ROOT / "memit"
@@ -75,7 +77,9 @@ class MemitHparams(EditHparams):
     number of passes, besides the shared z and C settings (`EditHparams`)."""
     layers: tuple[int, ...]
     mom2_update_weight: float = 20000.0  # λ
-    stop_nll: float = 5e-2  # a key group stops optimising once its mean NLL is below this
+    # Deprecated: stop_nll=x is read as stop_on="nll", stop_threshold=x (the form used before the
+    # papers' rule, stop on the total loss, became the default); None: use stop_on / stop_threshold.
+    stop_nll: float | None = None
     batch_size: int = 32  # key groups per forward pass
     passes: int = 1  # 1: the paper's MEMIT; 2+: edit the same requests again on the edited model
     # MEMIT's own defaults of two shared fields: ‖δ‖ ≤ factor · ‖h‖ (h: the residual at the subject), one
@@ -85,6 +89,13 @@ class MemitHparams(EditHparams):
 
     METHOD = "MEMIT"
     EXAMPLE = "MemitHparams(layers=(...))"
+
+    def __post_init__(self):
+        if self.stop_nll is not None:  # the deprecated field: map it once, then forget it
+            warnings.warn("MemitHparams.stop_nll is deprecated: it is read as stop_on='nll', stop_threshold=stop_nll. "
+                          "The default now follows the MEMIT code, stop_on='loss' (the total loss) with "
+                          "stop_threshold=5e-2.", DeprecationWarning, stacklevel=3)
+            self.stop_on, self.stop_threshold, self.stop_nll = "nll", self.stop_nll, None
 
 
 # --------------------------------------------------------------------------------------
@@ -196,6 +207,9 @@ class MemitTargets:
     h: torch.Tensor  # [n_groups, d_model] the residual before editing
     final_nll: torch.Tensor  # [n_groups] mean NLL of the new objects with δ added
     steps: torch.Tensor  # [n_groups] optimisation steps taken
+    final_loss: torch.Tensor | None = None  # [n_groups] the total loss of the returned δ (what stop_on="loss" reads)
+    final_kl: torch.Tensor | None = None  # [n_groups] its KL (unweighted, in hparams.kl_direction)
+    final_decay: torch.Tensor | None = None  # [n_groups] its weighted decay term
 
 
 def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams, naive: bool = False):
@@ -266,7 +280,7 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
     max_norm = hparams.clamp_norm_factor * h.norm(dim=1, keepdim=True)  # [G, 1]
     active = torch.ones(n_groups, dtype=torch.bool, device=device)
     steps = torch.zeros(n_groups, dtype=torch.long, device=device)
-    final_nll = torch.zeros(n_groups, device=device)
+    final = {name: torch.zeros(n_groups, device=device) for name in ("nll", "loss", "kl", "decay")}
     with frozen(model):
         for step in range(hparams.v_steps + 1):
             # only the rows of groups still optimising run (converged groups leave the batch)
@@ -299,38 +313,51 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
             nll = torch.zeros(n_groups, device=device).index_add(0, answer_group[a], token_nll * answer_weight[a])
             kl_on = on[kl_rows]
             kl_after = torch.log_softmax(logits[local[kl_rows[kl_on]], kl_last[kl_on] - offset[kl_rows[kl_on]]].float(), -1)
-            kl_rowwise = (kl_before[kl_on].exp() * (kl_before[kl_on] - kl_after)).sum(-1)  # KL(before ‖ after)
+            kl_rowwise = kl_per_row(kl_after, kl_before[kl_on], hparams.kl_direction)  # default KL(after ‖ before)
             kl = torch.zeros(n_groups, device=device).index_add(0, kl_group[kl_on], kl_rowwise) / n_kl
-            decay = hparams.v_weight_decay * delta.norm(dim=1) ** 2 / h.norm(dim=1) ** 2
-            if not bool(torch.isfinite(nll).all()):  # a NaN loss would count as converged: δ = 0, no edit
+            decay = decay_term(hparams, delta.norm(dim=1), h.norm(dim=1))  # default ‖δ‖ / ‖h‖², as the paper's code
+            loss = nll + hparams.kl_factor * kl + decay  # [G]
+            if not bool(torch.isfinite(loss[active]).all()):  # a NaN loss would count as converged: δ = 0, no edit
                 raise NonFiniteEditError(f"the loss of MEMIT's target optimisation at layer {layer} is not finite "
                                          f"({nonfinite_cause(model) or 'the logits overflowed'}); nothing was written")
-            final_nll = torch.where(active, nll.detach(), final_nll)
-            active &= nll.detach() >= hparams.stop_nll  # converged groups stop where they are
+            for name, value in (("nll", nll), ("loss", loss), ("kl", kl), ("decay", decay)):
+                final[name] = torch.where(active, value.detach(), final[name])
+            stop_value = loss if hparams.stop_on == "loss" else nll
+            active &= stop_value.detach() >= hparams.stop_threshold  # converged groups stop where they are
             if step == hparams.v_steps or not active.any():
-                break
+                break  # checked before the step; the last evaluation takes no step
             steps += active.long()
-            loss = ((nll + hparams.kl_factor * kl + decay) * active).sum()
             optimizer.zero_grad()
-            loss.backward()
+            (loss * active).sum().backward()
             before = delta.detach().clone()
             optimizer.step()
             with torch.no_grad():
                 delta.copy_(torch.where(active[:, None], delta, before))  # Adam's momentum must not move them
                 norms = delta.norm(dim=1, keepdim=True)
                 delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
-    return h, h + delta.detach(), final_nll, steps
+    return h, h + delta.detach(), final["nll"], steps, final["loss"], final["kl"], final["decay"]
 
 
 def compute_targets(model, tokenizer, requests: list[Request], groups: list[list[int]], layer: int,
                     prefixes: list[str], hparams: MemitHparams, naive: bool = False) -> MemitTargets:
     """z = h + δ for every key group: δ added to the residual after block `layer` at the subject's
-    last token, in every prefixed prompt of the group, minimising
+    last token, in every prefixed prompt of the group (Meng et al., 2023, MEMIT, eq. 16), minimising
 
-        mean NLL of the new objects + kl_factor · KL(P(·|"{s} is a") before ‖ after) + wd · ‖δ‖²/‖h‖²
+        mean NLL of the new objects + kl_factor · KL(P_after ‖ P_before) + v_weight_decay · ‖δ‖ / ‖h‖²
 
-    with ‖δ‖ ≤ clamp_norm_factor · ‖h‖; `batch_size` groups per batch, each step running only
-    what depends on δ (naive=True: a full forward pass per step, see `compute_targets_naive`)."""
+    (the KL on the next token after "{s} is a", averaged over the KL prompts; h the residual at the
+    subject without prefix) with ‖δ‖ ≤ clamp_norm_factor · ‖h‖ after each Adam step, each group
+    stopping (before a step) once its total loss is below stop_threshold = 5e-2. These defaults
+    are the paper's code (kmeng01/memit, memit/compute_z.py: ‖δ‖ not squared, the same term as
+    ROME's). The hparams name the other forms as options (`EditHparams`): kl_direction=
+    "before||after", decay_power=2 (‖δ‖²/‖h‖², this package's earlier form), stop_on="nll".
+    At most v_steps Adam steps per group (v_steps + 1 evaluations, the last takes no step). A
+    group whose loss is below the threshold at step 0 keeps δ = 0: its fact already holds. One
+    difference from the paper's code remains: it reads the KL prompt's distribution at the
+    subject's last token, this package after the whole KL prompt (as `rome.compute_v_star`).
+
+    `batch_size` groups per batch, each step running only what depends on δ (naive=True: a full
+    forward pass per step, see `compute_targets_naive`)."""
     if not prefixes or prefixes[0] != "":
         raise ValueError("prefixes must start with '' (the prompt without prefix), as sample_prefixes returns")
     parts = []
@@ -338,8 +365,8 @@ def compute_targets(model, tokenizer, requests: list[Request], groups: list[list
     for start in progress(chunks, desc=f"MEMIT targets z at layer {layer}", disable=len(chunks) < 4):
         parts.append(_optimise_chunk(model, tokenizer, requests, groups[start:start + hparams.batch_size],
                                      layer, prefixes, hparams, naive))
-    h, z, nll, steps = (torch.cat(x) for x in zip(*parts))
-    return MemitTargets(layer, z, h, nll, steps)
+    h, z, nll, steps, loss, kl, decay = (torch.cat(x) for x in zip(*parts))
+    return MemitTargets(layer, z, h, nll, steps, loss, kl, decay)
 
 
 def compute_targets_naive(model, tokenizer, requests: list[Request], groups: list[list[int]], layer: int,
@@ -419,7 +446,6 @@ def prepare(model, tokenizer, requests: list[dict], hparams: MemitHparams | None
     check_v_settings(hparams, "MEMIT")
     require_positive("MEMIT mom2_update_weight λ", hparams.mom2_update_weight,
                      "λ weighs keeping the other keys' outputs; the paper uses 15,000-20,000.")
-    require_nonnegative("MEMIT stop_nll", hparams.stop_nll)
     require_positive_int("MEMIT batch_size", hparams.batch_size)
     require_later_layer(model, layers[-1], "MEMIT", "z is the residual stream after its last layer")
     check_model_finite(model, "MEMIT")

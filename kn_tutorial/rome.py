@@ -7,7 +7,7 @@ that the later layers read as o. To write a new object o*, ROME
 1. computes k*: the key of the subject, averaged over random prefixes (`compute_k_star`);
 2. finds v* = W k* + b + δ, where δ is added to the MLP output at the subject and optimised
    so the model says o*, with a KL term keeping "{} is a" unchanged and δ's norm clamped
-   (`compute_v_star`);
+   (`compute_v_star`; the objective of the paper's code by default, other forms as options);
 3. inserts the pair with the rank-one update that changes W least on all other keys
    (`rank_one_update`):
 
@@ -87,11 +87,44 @@ def check_v_settings(hparams, method: str) -> None:
     require_nonnegative(f"{method} kl_factor", hparams.kl_factor)
     require_templates(f"{method} kl_prompts", hparams.kl_prompts)
     require_positive_int(f"{method} mom2_n_samples", hparams.mom2_n_samples)
+    check_objective(hparams, method)
     for entry in hparams.prefixes:
         if len(tuple(entry)) != 2:
             raise ValueError(f"{method} prefixes are (length, how many) pairs of positive ints, got {entry!r}")
         for x in entry:
             require_positive_int(f"{method} prefixes (length, how many)", x)
+
+
+def check_objective(hparams, method: str) -> None:
+    """Refuse an unknown form of the v*/z objective (`EditHparams`: kl_direction, decay_power,
+    stop_on, stop_threshold), naming the choices and which one is the papers' code."""
+    if hparams.kl_direction not in hparams.KL_DIRECTIONS:
+        raise ValueError(f"{method} kl_direction must be one of {hparams.KL_DIRECTIONS}, got {hparams.kl_direction!r}: "
+                         "'after||before' is KL(P_after ‖ P_before), the papers' code; 'before||after' the reverse")
+    if isinstance(hparams.decay_power, bool) or hparams.decay_power not in hparams.DECAY_POWERS:
+        raise ValueError(f"{method} decay_power must be 1 or 2, got {hparams.decay_power!r}: the decay term is "
+                         "v_weight_decay · ‖δ‖^decay_power / ‖h‖²; 1 is the papers' code, 2 the squared variant")
+    if hparams.stop_on not in hparams.STOP_ON:
+        raise ValueError(f"{method} stop_on must be one of {hparams.STOP_ON}, got {hparams.stop_on!r}: 'loss' stops "
+                         "on the total loss (the papers' code), 'nll' on the prediction loss alone")
+    require_nonnegative(f"{method} stop_threshold", hparams.stop_threshold,
+                        "The optimisation stops once the chosen loss is below it; the papers' code uses 5e-2.")
+
+
+def kl_per_row(after: torch.Tensor, before: torch.Tensor, direction: str) -> torch.Tensor:
+    """KL between next-token distributions given as log-probabilities [rows, vocab]; one value per row.
+
+    direction "after||before" (the papers' code) is KL(P_after ‖ P_before) = Σ P_after (log P_after −
+    log P_before); "before||after" the reverse. torch.nn.functional.kl_div(input, target) sums
+    P_target (log P_target − input), so the papers' `kl_div(kl_distr_init, kl_log_probs)` (input: the
+    log-probabilities before δ, target: after) is KL(after ‖ before)."""
+    first, second = (after, before) if direction == "after||before" else (before, after)
+    return torch.nn.functional.kl_div(second, first, log_target=True, reduction="none").sum(-1)
+
+
+def decay_term(hparams, delta_norm: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
+    """v_weight_decay · ‖δ‖^decay_power / ‖h‖² (decay_power 1: the papers' code, ‖δ‖ not squared)."""
+    return hparams.v_weight_decay * delta_norm ** hparams.decay_power / base_norm ** 2
 
 
 def check_lengths(model, tokenizer, prompt: str, subject: str, target: str, prefixes: list[str],
@@ -181,10 +214,29 @@ class VStarResult:
 def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, layer: int,
                    prefixes: list[str], hparams: RomeHparams) -> VStarResult:
     """Optimise δ so that adding it to the MLP output of `layer` at the subject makes the model
-    say `target` after every prefixed prompt, while KL(P(· | "{s} is a") before ‖ after) stays small.
+    say `target` after every prefixed prompt, while the next-token distribution after the KL
+    prompts ("{s} is a") stays close to the unedited one (Meng et al., 2022, ROME, section 3.1).
 
-    loss(δ) = mean_prompts −(1/|o*|) Σ_j log P(o*_j | ...)  +  kl_factor · KL  +  v_weight_decay · ‖δ‖ / ‖m‖²
-    with ‖δ‖ clamped to clamp_norm_factor · ‖m‖, m the MLP output at the subject (no prefix).
+    In the book's notation, with m the MLP output at the subject (the prompt without prefix):
+
+        loss(δ) = mean_prompts −(1/|o*|) Σ_j log P(o*_j | ...)  +  kl_factor · KL  +  v_weight_decay · ‖δ‖ / ‖m‖²
+        KL = mean over the KL prompts of KL(P_after ‖ P_before)
+
+    with ‖δ‖ clamped to clamp_norm_factor · ‖m‖ after each Adam step, and the optimisation
+    stopping (before a step) once the total loss is below stop_threshold = 5e-2. These defaults are
+    the paper's code (kmeng01/rome, rome/compute_v.py). The hparams name the other forms as options:
+    kl_direction="before||after" (KL(P_before ‖ P_after)), decay_power=2 (‖δ‖²/‖m‖²),
+    stop_on="nll" (stop on the NLL alone). At most v_steps Adam steps: the loss is evaluated up to
+    v_steps + 1 times and the last evaluation takes no step, so `losses[-1]` is the returned δ's.
+    When the loss is below the threshold at step 0 (the model already says the target) δ stays 0
+    and `rome.edit` writes ΔW = 0, as the paper's code does: not an error.
+
+    One difference from the paper's code remains, in where the KL is read: here the next-token
+    distribution after the whole KL prompt ("Kuwait is a" → ?); the paper's code reads it at the
+    subject's last token of the KL prompt (its lookup index, "Kuwait" → ?).
+
+    `losses` records per evaluation: nll, kl (unweighted, in the chosen direction), decay
+    (weighted), loss (the total), delta_norm and p_target.
 
     All prompts run in one batch per step, and each step runs only what depends on δ: the
     blocks after `layer`, from the subject's last token on (suffix.run_from_block); the rest
@@ -262,19 +314,19 @@ def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams,
     losses = []
 
     with frozen(model):
-        for _ in range(hparams.v_steps):
+        for step in range(hparams.v_steps + 1):
             answer_logits, kl_logits = run()
             logprobs = torch.log_softmax(answer_logits, -1)
             token_logprobs = logprobs.gather(1, answer_tokens[:, None]).squeeze(1).view(n_rewrite, -1)
             nll = -token_logprobs.mean(1).mean()
             kl_after = torch.log_softmax(kl_logits, -1)
-            kl = torch.nn.functional.kl_div(kl_after, kl_before, log_target=True, reduction="batchmean")
-            decay = hparams.v_weight_decay * delta.norm() / base_out.norm() ** 2  # ‖δ‖, not ‖δ‖² (as in ROME)
+            kl = kl_per_row(kl_after, kl_before, hparams.kl_direction).mean()  # mean over the KL prompts
+            decay = decay_term(hparams, delta.norm(), base_out.norm())
             loss = nll + hparams.kl_factor * kl + decay
-            losses.append({"nll": nll.item(), "kl": kl.item(), "decay": decay.item(), "delta_norm": delta.norm().item(),
-                           "p_target": token_logprobs.sum(1).exp().mean().item()})
-            if nll.item() < 5e-2:
-                break
+            losses.append({"nll": nll.item(), "kl": kl.item(), "decay": decay.item(), "loss": loss.item(),
+                           "delta_norm": delta.norm().item(), "p_target": token_logprobs.sum(1).exp().mean().item()})
+            if losses[-1][hparams.stop_on] < hparams.stop_threshold or step == hparams.v_steps:
+                break  # checked before the step; the last evaluation takes no step
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

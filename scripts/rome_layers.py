@@ -59,9 +59,10 @@ def main(argv=None) -> dict:
                 with edit(model, tokenizer, case["requested_rewrite"], hp, mom2=mom2, prefixes=prefixes) as e:
                     results.extend(evaluate_cases(model, tokenizer, [case]))
                     nll.append(e.v_losses[-1]["nll"])
-                    # the clamp is ‖δ‖ ≤ clamp_norm_factor · ‖m‖ with decay = w · ‖δ‖ / ‖m‖²
+                    # the clamp is ‖δ‖ ≤ clamp_norm_factor · ‖m‖ with decay = w · ‖δ‖^decay_power / ‖m‖²
                     last = e.v_losses[-1]
-                    m_norm = (hp.v_weight_decay * last["delta_norm"] / last["decay"]) ** 0.5 if last["decay"] > 0 else 0
+                    m_norm = ((hp.v_weight_decay * last["delta_norm"] ** hp.decay_power / last["decay"]) ** 0.5
+                              if last["decay"] > 0 else 0)
                     clamped += last["delta_norm"] >= 0.999 * hp.clamp_norm_factor * m_norm > 0
             s = summarize(results)
             row = {"layer": layer, "config": name, "overrides": overrides, "cond_C": (eig[-1] / eig[0]).item(),

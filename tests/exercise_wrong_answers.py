@@ -531,9 +531,10 @@ def k_star_from_package(model, tokenizer, prompt, subject, layer, prefixes):
 
 
 def _loss(t, a, b, d, n, kf, wd, kl_reverse=False, squared=False, summed=False):
+    # a: log P_after, b: log P_before. Right: KL(after ‖ before) = kl_div(b, a); reversed: KL(before ‖ after)
     nll = -(t.sum(1) if summed else t.mean(1)).mean()
-    kl = F.kl_div(b, a, log_target=True, reduction="batchmean") if kl_reverse else \
-        F.kl_div(a, b, log_target=True, reduction="batchmean")
+    kl = F.kl_div(a, b, log_target=True, reduction="batchmean") if kl_reverse else \
+        F.kl_div(b, a, log_target=True, reduction="batchmean")
     return nll + kf * kl + wd * (d.norm() ** 2 if squared else d.norm()) / n ** 2
 
 

@@ -124,6 +124,14 @@ ROME = [
     ("subject not in the prompt", None,
      lambda m, t, c: rome.edit(m, t, {**REQUEST, "prompt": "Osaka lies in"}, _rome_hp(), mom2=c),
      ValueError, "not in the prompt"),
+    ("unknown KL direction", None, lambda m, t, c: rome.edit(m, t, REQUEST, _rome_hp(kl_direction="after"), mom2=c),
+     ValueError, "kl_direction must be one of"),
+    ("decay power 3", None, lambda m, t, c: rome.edit(m, t, REQUEST, _rome_hp(decay_power=3), mom2=c),
+     ValueError, "decay_power must be 1 or 2"),
+    ("unknown stopping rule", None, lambda m, t, c: rome.edit(m, t, REQUEST, _rome_hp(stop_on="kl"), mom2=c),
+     ValueError, "stop_on must be one of"),
+    ("nan stopping threshold", None, lambda m, t, c: rome.edit(m, t, REQUEST, _rome_hp(stop_threshold=math.nan), mom2=c),
+     ValueError, "stop_threshold must be a finite number"),
 ]
 
 
@@ -163,6 +171,14 @@ MEMIT = [
     ("no requests", None, lambda m, t, c: memit.edit(m, t, [], _memit_hp(), mom2={0: c}), ValueError, "no requests"),
     ("prompt longer than the context", None, lambda m, t, c: memit.edit(m, t, [LONG], _memit_hp(), mom2={0: c}),
      ContextLengthError, "context of 64 positions"),
+    ("unknown KL direction", None, lambda m, t, c: memit.edit(m, t, [REQUEST], _memit_hp(kl_direction="before"),
+                                                               mom2={0: c}), ValueError, "kl_direction must be one of"),
+    ("decay power 0", None, lambda m, t, c: memit.edit(m, t, [REQUEST], _memit_hp(decay_power=0), mom2={0: c}),
+     ValueError, "decay_power must be 1 or 2"),
+    ("negative stopping threshold", None, lambda m, t, c: memit.edit(m, t, [REQUEST], _memit_hp(stop_threshold=-1.0),
+                                                                      mom2={0: c}), ValueError, "stop_threshold must be >= 0"),
+    ("negative stop_nll (deprecated)", None, lambda m, t, c: memit.edit(m, t, [REQUEST], _memit_hp(stop_nll=-1.0),
+                                                                         mom2={0: c}), ValueError, "stop_threshold must be >= 0"),
 ]
 
 

@@ -19,9 +19,15 @@ LOADED_BEFORE = json.loads((Path(__file__).parent / "data" / "hparams_loaded.jso
 def test_every_shipped_hparams_file_loads_the_values_it_loaded_before_the_shared_base(cls, directory, method):
     shipped = sorted(p.stem for p in directory.glob("*.json"))
     assert shipped == sorted(LOADED_BEFORE[method])  # a new file needs its row in tests/data/hparams_loaded.json
+    # fields added since: the form of the v*/z objective, the papers' code by default (issue 17); MEMIT's
+    # stop_nll (was 0.05, the NLL rule) is now a deprecated alias, None unless given
+    objective = {"kl_direction": "'after||before'", "decay_power": "1", "stop_on": "'loss'", "stop_threshold": "0.05"}
     for name in shipped:
         hp = cls.for_model(name)
-        assert {f.name: repr(getattr(hp, f.name)) for f in dataclasses.fields(cls)} == LOADED_BEFORE[method][name], name
+        expected = {**LOADED_BEFORE[method][name], **objective}
+        if method == "memit":
+            expected["stop_nll"] = "None"
+        assert {f.name: repr(getattr(hp, f.name)) for f in dataclasses.fields(cls)} == expected, name
 
 
 def test_hub_names_and_defaults_are_unchanged():
@@ -67,3 +73,15 @@ def test_cache_helpers_follow_the_transformers_naming():
     assert output_cache(Out(past_key_values="old")) == "old"
     assert output_cache(Out(cache="new", past_key_values=None)) == "new"
     assert output_cache(Out(cache=None, past_key_values="old")) == "old"
+
+
+def test_objective_options_default_to_the_papers_code_and_stop_nll_still_works():
+    for hp in (rome.RomeHparams(layer=1), memit.MemitHparams(layers=(1,))):
+        assert (hp.kl_direction, hp.decay_power, hp.stop_on, hp.stop_threshold) == ("after||before", 1, "loss", 5e-2)
+    with pytest.warns(DeprecationWarning, match="stop_nll is deprecated"):
+        old = memit.MemitHparams(layers=(1,), stop_nll=0.02)
+    assert (old.stop_on, old.stop_threshold, old.stop_nll) == ("nll", 0.02, None)
+    with pytest.warns(DeprecationWarning):
+        again = dataclasses.replace(memit.MemitHparams(layers=(1,)), stop_nll=0.3)
+    assert (again.stop_on, again.stop_threshold) == ("nll", 0.3)
+    assert dataclasses.replace(old, stop_threshold=0.1).stop_threshold == 0.1  # mapped once, not again

@@ -130,14 +130,16 @@ def test_one_request_one_layer_edit_is_rank_one_and_meets_its_constraint():
     assert s[1] < 1e-5 * s[0]
 
 
-@pytest.mark.parametrize("stop_nll", [0.0, None])
-def test_batched_targets_equal_one_group_at_a_time(stop_nll):
+@pytest.mark.parametrize("stop_on", ["loss", "nll"])
+@pytest.mark.parametrize("threshold", [0.0, None])
+def test_batched_targets_equal_one_group_at_a_time(stop_on, threshold):
     model, tokenizer = _tiny(n_layer=3)
-    hp = _hparams((0, 1), prefixes=((3, 2),), v_steps=8, v_lr=1.0)
+    hp = _hparams((0, 1), prefixes=((3, 2),), v_steps=8, v_lr=1.0, stop_on=stop_on, stop_threshold=0.0)
     reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, [KUWAIT, KUWAIT_CAPITAL, OSAKA], hp)
     together = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, hp)
-    if stop_nll is None:  # a threshold between the groups' final NLLs: one group stops early
-        hp = dataclasses.replace(hp, stop_nll=together.final_nll.mean().item())
+    if threshold is None:  # a threshold between the groups' final losses: one group stops early
+        final = together.final_loss if stop_on == "loss" else together.final_nll
+        hp = dataclasses.replace(hp, stop_threshold=final.mean().item())
         together = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, hp)
         assert together.steps.min() < together.steps.max()
     for g, group in enumerate(groups):
@@ -279,14 +281,15 @@ def test_targets_equal_the_naive_full_forward_per_step(family, layer):
     hp = _hparams((layer,), prefixes=((3, 2), (5, 1)), v_steps=8, v_lr=1.0)
     reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, [KUWAIT, KUWAIT_CAPITAL, OSAKA], hp)
     naive = memit.compute_targets_naive(model, tokenizer, reqs, groups, layer, prefixes, hp)
-    hp = dataclasses.replace(hp, stop_nll=naive.final_nll.mean().item())  # groups stop at different steps
+    hp = dataclasses.replace(hp, stop_threshold=naive.final_loss.mean().item())  # groups stop at different steps
     naive = memit.compute_targets_naive(model, tokenizer, reqs, groups, layer, prefixes, hp)
     fast = memit.compute_targets(model, tokenizer, reqs, groups, layer, prefixes, hp)
     assert naive.steps.min() < naive.steps.max()
     assert torch.equal(fast.steps, naive.steps)
     torch.testing.assert_close(fast.h, naive.h)
     torch.testing.assert_close(fast.z, naive.z, rtol=1e-5, atol=1e-5 * naive.z.norm().item())
-    torch.testing.assert_close(fast.final_nll, naive.final_nll, rtol=1e-5, atol=1e-6)
+    for name in ("final_nll", "final_loss", "final_kl", "final_decay"):
+        torch.testing.assert_close(getattr(fast, name), getattr(naive, name), rtol=1e-5, atol=1e-6)
 
 
 def test_targets_equal_the_naive_ones_on_atlas():
@@ -300,3 +303,90 @@ def test_targets_equal_the_naive_ones_on_atlas():
     naive = memit.compute_targets_naive(model, tokenizer, reqs, groups, layer, prefixes, hp)
     assert torch.equal(fast.steps, naive.steps)
     torch.testing.assert_close(fast.z, naive.z, rtol=1e-5, atol=1e-5 * naive.z.norm().item())
+
+
+# ---- the objective of z: the paper's code by default, the other forms as options (issue 17) ----------------
+
+def _brute_force_kl_and_nll(model, tokenizer, layer, delta, kl_prompt):
+    """Independent: δ added to block `layer`'s output at the subject's last token by a plain forward hook,
+    one unpadded prompt at a time, float64. Returns (NLL of KUWAIT's target, KL(after ‖ before), KL(before ‖ after))."""
+    from kn_tutorial.scoring import target_ids
+
+    def last_subject_token(text):
+        end = text.rindex("Kuwait") + len("Kuwait")
+        return len(tokenizer(text[:end], add_special_tokens=False)["input_ids"]) - 1
+
+    def logprobs(text, extra, add):
+        at = last_subject_token(text)
+
+        def hook(mod, inp, out):
+            hidden = out[0] if isinstance(out, tuple) else out
+            if add:
+                hidden = hidden + torch.nn.functional.one_hot(torch.tensor(at), hidden.shape[1])[None, :, None] * delta
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+        handle = model.transformer.h[layer].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"] + extra
+                return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1), len(ids) - len(extra)
+        finally:
+            handle.remove()
+
+    target = target_ids(tokenizer, KUWAIT["target_new"]["str"])
+    lp, n = logprobs(KUWAIT["prompt"].format("Kuwait"), target[:-1], True)
+    nll = -sum(lp[n - 1 + j, t] for j, t in enumerate(target)) / len(target)
+    after, n = logprobs(kl_prompt.format("Kuwait"), [], True)
+    before, _ = logprobs(kl_prompt.format("Kuwait"), [], False)
+    a, b = after[n - 1], before[n - 1]
+    return nll.item(), (a.exp() * (a - b)).sum().item(), (b.exp() * (b - a)).sum().item()
+
+
+@pytest.mark.parametrize("kl_direction", ["after||before", "before||after"])
+@pytest.mark.parametrize("decay_power", [1, 2])
+def test_target_loss_terms_match_an_independent_computation(kl_direction, decay_power):
+    """One Adam step (v_steps=1, threshold 0): the recorded terms at the returned z equal a plain evaluation.
+    The decay is v_weight_decay · ‖z − h‖^p / ‖h‖² (p = 1: the paper's code; 2: the squared option)."""
+    model, tokenizer = _tiny(n_layer=3)
+    kl_prompt = "We visit {}"  # ends with the subject: δ moves its next-token distribution, the directions differ
+    hp = _hparams((1,), v_steps=1, v_lr=4.0, clamp_norm_factor=100.0, kl_factor=0.5, kl_prompts=(kl_prompt,),
+                  stop_threshold=0.0, kl_direction=kl_direction, decay_power=decay_power)
+    reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, [KUWAIT], hp)
+    t = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, hp)
+    delta, h = (t.z - t.h)[0].double(), t.h[0].double()
+    assert t.steps.tolist() == [1] and abs(delta.norm().item() - 1) > 0.5  # ‖δ‖ ≠ 1: ‖δ‖ and ‖δ‖² differ
+    nll, kl_ab, kl_ba = _brute_force_kl_and_nll(model, tokenizer, 1, (t.z - t.h)[0], kl_prompt)
+    assert abs(kl_ab - kl_ba) > 0.02 * max(kl_ab, kl_ba)  # 20x the tolerance below
+    want_kl = kl_ab if kl_direction == "after||before" else kl_ba
+    want_decay = hp.v_weight_decay * delta.norm().item() ** decay_power / h.norm().item() ** 2
+    assert t.final_nll.item() == pytest.approx(nll, rel=1e-4)
+    assert t.final_kl.item() == pytest.approx(want_kl, rel=1e-3)
+    assert t.final_decay.item() == pytest.approx(want_decay, rel=1e-4)
+    assert t.final_loss.item() == pytest.approx(nll + hp.kl_factor * want_kl + want_decay, rel=1e-4)
+
+
+def test_target_groups_stop_on_the_total_loss_by_default():
+    """A threshold between a group's NLL and its total loss after one step: stop_on="nll" stops there,
+    the default (the paper's code: the total loss) takes the next step."""
+    model, tokenizer = _tiny(n_layer=3)
+    hp = _hparams((1,), v_steps=1, v_lr=1.0, kl_factor=0.5, stop_threshold=0.0)
+    reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, [KUWAIT], hp)
+    one = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, hp)
+    assert one.final_loss.item() > one.final_nll.item()
+    hp = dataclasses.replace(hp, v_steps=3, stop_threshold=(one.final_loss.item() + one.final_nll.item()) / 2)
+    by_loss = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, hp)
+    by_nll = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, dataclasses.replace(hp, stop_on="nll"))
+    assert by_nll.steps.tolist() == [1] and by_loss.steps.item() > 1
+    torch.testing.assert_close(by_nll.z, one.z)
+
+
+def test_a_group_whose_loss_is_already_below_the_threshold_keeps_delta_zero():
+    """At step 0 (δ = 0) the total loss is the NLL; below the threshold a group takes no step and z = h
+    exactly (its fact already holds: not an error, as in the paper's code)."""
+    model, tokenizer = _tiny(n_layer=3)
+    hp = _hparams((1,), v_steps=4, stop_threshold=1e6)
+    reqs, groups, hp, prefixes = memit.prepare(model, tokenizer, [KUWAIT, OSAKA], hp)
+    t = memit.compute_targets(model, tokenizer, reqs, groups, 1, prefixes, hp)
+    assert t.steps.tolist() == [0, 0] and torch.equal(t.z, t.h)
+    torch.testing.assert_close(t.final_loss, t.final_nll)
+    assert torch.count_nonzero(t.final_decay) == 0

@@ -245,3 +245,125 @@ def test_v_star_equals_the_naive_one_on_atlas():
         fast, naive = rome.compute_v_star(*args), rome.compute_v_star_naive(*args)
         assert len(fast.losses) == len(naive.losses)
         torch.testing.assert_close(fast.delta, naive.delta, rtol=1e-5, atol=1e-5 * naive.delta.norm().item())
+
+
+# ---- the objective of v*: the paper's code by default, the other forms as options (issue 17) ----------------
+
+PROMPT, SUBJECT, TARGET = "{} lies on the continent of", "Kuwait", "Europe"
+KL_PROMPT = "We visit {}"  # ends with the subject, so δ moves its next-token distribution a lot
+
+
+def _brute_force_terms(model, tokenizer, layer, prefixes, delta, kl_prompt="{} is a"):
+    """An independent evaluation of v*'s loss terms at δ on a GPT-2: one unpadded full forward pass per
+    prompt, δ added to the output of block `layer`'s MLP at the subject's last token by a plain forward
+    hook, log-probabilities in float64. Returns (nll, KL(after ‖ before), KL(before ‖ after), ‖m‖)."""
+    from kn_tutorial.scoring import target_ids
+
+    def last_subject_token(text):
+        end = text.rindex(SUBJECT) + len(SUBJECT)
+        return len(tokenizer(text[:end], add_special_tokens=False)["input_ids"]) - 1
+
+    def logprobs(text, extra, add):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + extra
+        at = last_subject_token(text)
+        hook = model.transformer.h[layer].mlp.register_forward_hook(
+            lambda mod, inp, out: out + torch.nn.functional.one_hot(torch.tensor(at), out.shape[1])[None, :, None]
+            * delta.to(out.dtype) if add else out)
+        try:
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids])).logits[0].double()
+        finally:
+            hook.remove()
+        return torch.log_softmax(out, -1), len(ids) - len(extra)
+
+    target = target_ids(tokenizer, TARGET)
+    nlls = []
+    for prefix in prefixes:
+        lp, n = logprobs(prefix + PROMPT.format(SUBJECT), target[:-1], True)
+        nlls.append(-sum(lp[n - 1 + j, t] for j, t in enumerate(target)) / len(target))
+    after, n = logprobs(kl_prompt.format(SUBJECT), [], True)
+    before, _ = logprobs(kl_prompt.format(SUBJECT), [], False)
+    a, b = after[n - 1], before[n - 1]
+    text = PROMPT.format(SUBJECT)
+    with torch.no_grad():
+        m = []
+        hook = model.transformer.h[layer].mlp.register_forward_hook(lambda mod, inp, out: m.append(out))
+        model(input_ids=torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]]))
+        hook.remove()
+    m_norm = m[0][0, last_subject_token(text)].double().norm()
+    return (torch.stack(nlls).mean().item(), (a.exp() * (a - b)).sum().item(), (b.exp() * (b - a)).sum().item(),
+            m_norm.item())
+
+
+@pytest.mark.parametrize("kl_direction", ["after||before", "before||after"])
+@pytest.mark.parametrize("decay_power", [1, 2])
+def test_v_star_loss_terms_match_an_independent_brute_force_computation(kl_direction, decay_power):
+    """After one Adam step (v_steps=1, threshold 0), the recorded terms at the returned δ equal a plain
+    one-prompt-at-a-time evaluation; the KL is the asked direction and the two directions differ there."""
+    model, tokenizer, _, _ = _tiny_edit()
+    hp = rome.RomeHparams(layer=0, v_steps=1, prefixes=((3, 2),), kl_factor=0.5, stop_threshold=0.0, v_lr=4.0,
+                          clamp_norm_factor=100.0, kl_prompts=(KL_PROMPT,),  # δ acts on the KL prompt's last token:
+                          kl_direction=kl_direction, decay_power=decay_power)  # the two KL directions differ there
+    prefixes = rome.sample_prefixes(model, tokenizer, hp.prefixes, seed=0)
+    result = rome.compute_v_star(model, tokenizer, PROMPT, SUBJECT, TARGET, 0, prefixes, hp)
+    assert len(result.losses) == 2 and result.delta.norm() > 0  # evaluated at δ = 0, one step, evaluated again
+    row = result.losses[-1]
+    nll, kl_after_before, kl_before_after, m_norm = _brute_force_terms(model, tokenizer, 0, prefixes, result.delta,
+                                                                       KL_PROMPT)
+    assert abs(kl_after_before - kl_before_after) > 0.02 * max(kl_after_before, kl_before_after)  # 20x the tolerance below
+    want_kl = kl_after_before if kl_direction == "after||before" else kl_before_after
+    want_decay = hp.v_weight_decay * result.delta.double().norm().item() ** decay_power / m_norm ** 2
+    assert row["nll"] == pytest.approx(nll, rel=1e-4)
+    assert row["kl"] == pytest.approx(want_kl, rel=1e-3)
+    assert row["decay"] == pytest.approx(want_decay, rel=1e-4)
+    assert row["loss"] == pytest.approx(nll + hp.kl_factor * want_kl + want_decay, rel=1e-4)
+    assert result.losses[0]["kl"] == pytest.approx(0.0, abs=1e-6) and result.losses[0]["decay"] == 0.0
+
+
+def test_v_star_stops_on_the_total_loss_by_default_and_on_the_nll_when_asked():
+    model, tokenizer, _, _ = _tiny_edit()
+    base = dict(layer=0, v_steps=10, prefixes=((3, 2),), kl_factor=0.5)
+    prefixes = rome.sample_prefixes(model, tokenizer, base["prefixes"], seed=0)
+    args = (model, tokenizer, PROMPT, SUBJECT, TARGET, 0, prefixes)
+    full = rome.compute_v_star(*args, rome.RomeHparams(**base, stop_threshold=0.0)).losses  # never stops early
+    assert len(full) == base["v_steps"] + 1  # v_steps steps, v_steps + 1 evaluations
+
+    def first_below(key, t):
+        return next((i for i, row in enumerate(full) if row[key] < t), base["v_steps"])
+
+    # a threshold between a step's NLL and its total loss, where the two rules stop at different steps
+    t = next(t for t in ((r["nll"] + r["loss"]) / 2 for r in full[1:]) if first_below("nll", t) != first_below("loss", t))
+    by_loss = rome.compute_v_star(*args, rome.RomeHparams(**base, stop_threshold=t)).losses
+    by_nll = rome.compute_v_star(*args, rome.RomeHparams(**base, stop_threshold=t, stop_on="nll")).losses
+    assert len(by_loss) == first_below("loss", t) + 1 and len(by_nll) == first_below("nll", t) + 1
+    assert by_loss[-1]["loss"] == pytest.approx(full[len(by_loss) - 1]["loss"], rel=1e-5)
+
+
+def test_a_request_whose_loss_is_already_below_the_threshold_writes_nothing_and_says_so():
+    """At step 0 (δ = 0) the total loss is the NLL; below the threshold, no step is taken: δ stays 0 and
+    the edit writes ΔW = 0 (the paper's code does the same). Not an error: the model already says the target,
+    and the handle reports that no weight changed."""
+    model, tokenizer, hp, mom2 = _tiny_edit(ridge=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hp = rome.RomeHparams(**{**hp.__dict__, "stop_threshold": 1e6})
+    result = rome.edit(model, tokenizer, REQUEST, hp, mom2=mom2)
+    assert len(result.v_losses) == 1 and result.v_losses[0]["decay"] == 0.0
+    assert torch.count_nonzero(result.delta_w) == 0
+    assert result.snapshot.changed() == []
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("kl_direction", "after|before", "kl_direction must be one of"),
+    ("decay_power", 3, "decay_power must be 1 or 2"),
+    ("decay_power", True, "decay_power must be 1 or 2"),
+    ("stop_on", "kl", "stop_on must be one of"),
+    ("stop_threshold", -0.1, "stop_threshold must be >= 0"),
+    ("stop_threshold", float("nan"), "stop_threshold must be a finite number"),
+])
+def test_bad_objective_options_are_clear_errors_and_leave_the_model_alone(field, value, message):
+    model, tokenizer, hp, mom2 = _tiny_edit(ridge=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        rome.edit(model, tokenizer, REQUEST, rome.RomeHparams(**{**hp.__dict__, field: value}), mom2=mom2)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -92,11 +92,15 @@ def check_k_star(k_star, model, tokenizer, prompt: str = "{} lies on the contine
 # ---- the loss that v* minimises --------------------------------------------------------------------
 
 def reference_v_star_loss(target_logprobs, kl_after, kl_before, delta, mlp_norm, kl_factor, weight_decay):
-    """ROME's loss as `rome.compute_v_star` computes it: mean over prompts of the mean NLL over
-    the target's tokens, + kl_factor · KL(P_before ‖ P_after) averaged over the KL prompts,
-    + weight_decay · ‖δ‖ / ‖m‖²."""
+    """ROME's loss as the paper's code computes it (Meng et al., 2022; kmeng01/rome, rome/compute_v.py),
+    and `rome.compute_v_star` with its default hparams: mean over prompts of the mean NLL over the
+    target's tokens, + kl_factor · KL(P_after ‖ P_before) averaged over the KL prompts,
+    + weight_decay · ‖δ‖ / ‖m‖².
+
+    F.kl_div(input, target) sums P_target (log P_target − input), so KL(after ‖ before) is
+    F.kl_div(kl_before, kl_after), the paper's `kl_div(kl_distr_init, kl_log_probs)`."""
     nll = -target_logprobs.mean(1).mean()
-    kl = F.kl_div(kl_after, kl_before, log_target=True, reduction="batchmean")
+    kl = F.kl_div(kl_before, kl_after, log_target=True, reduction="batchmean")
     return nll + kl_factor * kl + weight_decay * delta.norm() / mlp_norm ** 2
 
 
@@ -128,17 +132,18 @@ def check_v_star_loss(v_star_loss) -> bool:
         want = reference_v_star_loss(target, after, before, delta, norm, factor, decay)
         if not is_close(torch.tensor(value), want.detach()):
             nll = -target.mean(1).mean()
-            kl_b = F.kl_div(after, before, log_target=True, reduction="batchmean")
-            kl_wrong_direction = F.kl_div(before, after, log_target=True, reduction="batchmean")
+            kl_right = F.kl_div(before, after, log_target=True, reduction="batchmean")  # KL(after ‖ before)
+            kl_wrong_direction = F.kl_div(after, before, log_target=True, reduction="batchmean")  # KL(before ‖ after)
             hints = {
-                " The KL is the wrong way round: it is KL(P_before ‖ P_after) = Σ P_before (log P_before − log P_after).":
+                " The KL is the wrong way round: the paper's code uses KL(P_after ‖ P_before) = "
+                "Σ P_after (log P_after − log P_before).":
                     nll + factor * kl_wrong_direction + decay * delta.norm() / norm ** 2,
                 " The decay term is ‖δ‖ / ‖m‖² (a norm, not a squared norm).":
-                    nll + factor * kl_b + decay * delta.norm() ** 2 / norm ** 2,
+                    nll + factor * kl_right + decay * delta.norm() ** 2 / norm ** 2,
                 " Average the log-probabilities over the target's tokens (length-normalised), not sum them.":
-                    -target.sum(1).mean() + factor * kl_b + decay * delta.norm() / norm ** 2,
+                    -target.sum(1).mean() + factor * kl_right + decay * delta.norm() / norm ** 2,
                 " Average the KL over the KL prompts (sum over the vocabulary, mean over prompts).":
-                    nll + factor * (before.exp() * (before - after)).mean() + decay * delta.norm() / norm ** 2,
+                    nll + factor * (after.exp() * (after - before)).mean() + decay * delta.norm() / norm ** 2,
             }
             hint = next((h for h, wrong in hints.items() if is_close(torch.tensor(value), wrong.detach())), "")
             close(torch.tensor(value), want.detach(), f"case {seed} (target of {shape[1]} tokens, {shape[2]} KL prompts)",
@@ -150,7 +155,7 @@ def check_v_star_loss(v_star_loss) -> bool:
         (want_grad,) = torch.autograd.grad(want, delta)
         close(grad, want_grad, f"case {seed}: the gradient with respect to δ", "The value is right but the "
               "gradient is not: keep every term a function of δ.")
-    print("Correct: NLL + kl_factor · KL(before ‖ after) + decay · ‖δ‖/‖m‖², with its gradient, on four cases.")
+    print("Correct: NLL + kl_factor · KL(after ‖ before) + decay · ‖δ‖/‖m‖², with its gradient, on four cases.")
     return True
 
 
