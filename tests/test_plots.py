@@ -7,7 +7,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kn_tutorial.plots import heatmap, plot_by_layer, stacked_by_layer  # noqa: E402
+import pytest  # noqa: E402
+
+from kn_tutorial.plots import (  # noqa: E402
+    heatmap, plot_alpha_paths, plot_attribution_summary, plot_by_layer, plot_delta_optimisation, plot_recall_by_group,
+    plot_scaling, stacked_by_layer, top_attributions,
+)
 
 
 def test_plot_by_layer_with_reference_lines():
@@ -27,4 +32,77 @@ def test_stacked_by_layer_and_heatmap():
     np.testing.assert_allclose(tops[-2:], [1.0, 1.0])
     ax = heatmap(np.eye(2), xlabels=["a", "b"], ylabels=["c", "d"], annotate=True, cbar_label="m")
     assert [t.get_text() for t in ax.texts] == ["1.00", "0.00", "0.00", "1.00"]
+    plt.close("all")
+
+
+def test_attribution_summary_shows_layer_sums_and_the_top_neurons():
+    attr = np.zeros((3, 50))
+    attr[0, 7], attr[2, 3], attr[2, 4], attr[1, 0] = 0.5, 0.2, -0.1, 0.05
+    assert top_attributions(attr, 2) == [(0, 7, 0.5), (2, 3, 0.2)]
+    left, right = plot_attribution_summary(attr, k=3)
+    heights = [p.get_height() for p in left.patches]
+    np.testing.assert_allclose(heights, [0.5, 0.05, 0.2, 0.0, 0.0, -0.1])  # positive sums, then negative sums
+    assert [t.get_text() for t in right.get_yticklabels()] == ["L0.7", "L2.3", "L1.0"]
+    np.testing.assert_allclose([p.get_width() for p in right.patches], [0.5, 0.2, 0.05])
+    with pytest.raises(ValueError, match="k must be"):
+        top_attributions(attr, 0)
+    with pytest.raises(ValueError, match=r"\[layers, d_ff\]"):
+        plot_attribution_summary(np.zeros((2, 3, 4)))
+    plt.close("all")
+
+
+def test_alpha_paths_group_quiet_layers_and_mark_the_riemann_points():
+    alphas = np.linspace(0, 1, 81)
+    paths = np.vstack([np.clip((alphas - 0.15) * 10, 0, 1), np.full(81, 0.99), np.full(81, 0.98) + 0.005 * alphas])
+    left, right = plot_alpha_paths(alphas, paths, steps=20, rule="right")
+    labels = [t.get_text() for t in left.get_legend().get_texts()]
+    assert labels == ["layers 1, 2 (|gap| ≤ 0.01)", "layer 0 (gap +1.000)"]
+    points = right.lines[1]
+    np.testing.assert_allclose(points.get_xdata(), np.arange(1, 21) / 20)
+    np.testing.assert_allclose(points.get_ydata(), np.clip((np.arange(1, 21) / 20 - 0.15) * 10, 0, 1), atol=1e-12)
+    with pytest.raises(ValueError, match="not all on the grid"):
+        plot_alpha_paths(np.linspace(0, 1, 7), paths[:, :7], steps=20)
+    plt.close("all")
+
+
+def test_delta_optimisation_draws_every_term_on_linear_axes_with_a_marker_per_step():
+    losses = [{"nll": 14.7, "kl": 0.0, "decay": 0.0, "p_target": 0.0},
+              {"nll": 3.0, "kl": 1e-4, "decay": 0.02, "p_target": 0.1},
+              {"nll": 0.004, "kl": 5e-4, "decay": 0.01, "p_target": 0.99}]
+    axes = plot_delta_optimisation(losses, target=" Europe")
+    assert [ax.get_title() for ax in axes] == ["NLL of the new object", "KL term", "weight-decay term",
+                                               "P(Europe), mean over prompts"]
+    for ax, key in zip(axes, ("nll", "kl", "decay", "p_target")):
+        assert ax.get_yscale() == "linear" and ax.lines[0].get_marker() == "o"
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), [row[key] for row in losses])
+    with pytest.raises(ValueError, match="have no"):
+        plot_delta_optimisation([{"nll": 1.0}])
+    plt.close("all")
+
+
+def test_scaling_curve_has_intervals_and_one_legend_below_the_panels():
+    data = {"results": {
+        "MEMIT": [{"n_edits": 1, "ES": 100, "PS": 90, "n": 1}, {"n_edits": 10, "ES": 80, "ES_ci": 5.0, "PS": 70, "n": 10}],
+        "unedited": [{"n_edits": 1, "ES": 0, "PS": 0, "n": 1}]}}
+    axes = plot_scaling(data, metrics=("ES", "PS"))
+    bars = axes[0].containers[0]  # MEMIT's errorbar container on the ES panel
+    segments = bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([s[:, 1] for s in segments], [[100, 100], [75, 85]])
+    assert axes[0].get_legend() is None and len(axes[0].figure.legends) == 1
+    assert [t.get_text() for t in axes[0].figure.legends[0].get_texts()] == ["MEMIT", "unedited"]
+    plt.close("all")
+
+
+def test_recall_dot_plot_has_one_row_per_relation_and_group_and_shows_zeros():
+    rows = [{"relation": "capital", "group": "train", "first_token": 1.0},
+            {"relation": "capital", "group": "novel", "first_token": 0.0},
+            {"relation": "capital", "group": "novel", "first_token": 0.9},
+            {"relation": "currency", "group": "train", "first_token": 1.0}]
+    ax = plot_recall_by_group(rows)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "capital · trained template (1)", "capital · novel paraphrase (2)", "currency · trained template (1)"]
+    np.testing.assert_allclose(ax.collections[1].get_offsets()[:, 0], [0.0, 90.0])  # the zero is a dot at 0
+    np.testing.assert_allclose(ax.lines[1].get_xdata(), [45.0, 45.0])              # the row's mean
+    with pytest.raises(ValueError, match="unknown template groups"):
+        plot_recall_by_group([{"relation": "x", "group": "other", "first_token": 1.0}])
     plt.close("all")
