@@ -45,8 +45,9 @@ def plot_by_layer(series: Mapping[str, Sequence[float]], layers: Sequence[int], 
 
 
 def stacked_by_layer(parts: Mapping[str, Sequence[float]], layers: Sequence[int], ax=None,
-                     ylabel: str = "share", title: str = "", percent: bool = False):
-    """Stacked bars per layer; the parts of one layer should add up to 1 (or 100%)."""
+                     ylabel: str = "share", title: str = "", percent: bool = False, legend_below: bool = False):
+    """Stacked bars per layer; the parts of one layer should add up to 1 (or 100%). The legend sits to
+    the right of the axes, or below them with legend_below (for panels side by side)."""
     ax = _axes(ax)
     scale = 100.0 if percent else 1.0
     bottom = np.zeros(len(layers))
@@ -58,7 +59,10 @@ def stacked_by_layer(parts: Mapping[str, Sequence[float]], layers: Sequence[int]
     ax.set_xticks(list(layers))
     ax.set_ylabel(ylabel + (" (%)" if percent else ""))
     ax.set_title(title)
-    ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if legend_below:
+        ax.legend(fontsize="small", frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    else:
+        ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return ax
 
 
@@ -172,8 +176,9 @@ def plot_alpha_paths(alphas, paths, steps: int = 20, rule: str = "right", min_ga
         left.plot(alphas, paths[j], color="grey", lw=1, alpha=0.7,
                   label=(f"layers {', '.join(str(rows[q]) for q in quiet)} (|gap| ≤ {min_gap:g})"
                          if j == quiet[0] else None))
+    loud = ["C0", "C1", "C4", "C5", "C6", "C7", "C8", "C9"]  # the colour cycle without its two greys
     for n, j in enumerate(j for j in range(len(paths)) if abs(gaps[j]) > min_gap):
-        left.plot(alphas, paths[j], color=f"C{n % 10}", lw=2, label=f"layer {rows[j]} (gap {gaps[j]:+.3f})")
+        left.plot(alphas, paths[j], color=loud[n % len(loud)], lw=2, label=f"layer {rows[j]} (gap {gaps[j]:+.3f})")
     left.set_xlabel("α (the layer's activations scaled to α w̄)")
     left.set_ylabel(ylabel)
     left.set_title("every layer", fontsize="medium")
@@ -181,12 +186,73 @@ def plot_alpha_paths(alphas, paths, steps: int = 20, rule: str = "right", min_ga
     steepest = int(np.argmax(np.abs(gaps)))
     values = paths[steepest, on_grid.argmax(1)]
     right.plot(alphas, paths[steepest], color="C0", lw=1.5, label=f"layer {rows[steepest]}: P(α w̄)")
-    right.plot(points, values, "o", color="C3", ms=4, label=f"the {steps} {rule}-rule points α_k")
+    right.plot(points, values, "o", color="C1", ms=4, label=f"the {steps} {rule}-rule points α_k")
     right.set_xlabel("α")
     right.set_ylabel(ylabel)
     right.set_title(f"layer {rows[steepest]} and the points of the Riemann sum", fontsize="medium")
     right.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.22))
     return axes
+
+
+def plot_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], x: Sequence[float], xlabel: str = "",
+                ylabel: str = "", logx: bool = False, logy: bool = False, axes=None,
+                styles: Mapping[str, Mapping] | None = None, hlines: Mapping[str, float] | None = None,
+                vlines: Mapping[str, float] | None = None, ylim: tuple[float, float] | None = None,
+                floor: float | None = None, panel_size: tuple[float, float] = (5.2, 3.4)):
+    """Side-by-side line plots sharing the y axis: `panels` is {panel title: {series label: y over x}},
+    each series a line with markers (extra matplotlib keywords per label in `styles`, e.g. a dashed
+    control). `hlines`/`vlines` are labelled grey reference lines drawn in every panel; `floor` lifts
+    values below it to it (zeros on a log axis). One legend, to the right of the last panel, so no
+    line is covered. Returns the Axes."""
+    if not panels:
+        raise ValueError("panels is empty: give {panel title: {series label: values}}")
+    if axes is None:
+        _, axes = plt.subplots(1, len(panels), figsize=(panel_size[0] * len(panels), panel_size[1]),
+                               sharey=True, squeeze=False)
+        axes = axes[0]
+    styles = styles or {}
+    for ax, (title, series) in zip(axes, panels.items()):
+        for label, values in series.items():
+            values = _numpy(values)
+            if len(values) != len(x):
+                raise ValueError(f"series {label!r} of panel {title!r} has {len(values)} values for {len(x)} x")
+            if floor is not None:
+                values = np.maximum(values, floor)
+            ax.plot(x, values, marker="o", label=label, **dict(styles.get(label, {})))
+        for label, y in (hlines or {}).items():
+            ax.axhline(y, color="grey", ls="--", lw=0.8, label=label)
+        for label, at in (vlines or {}).items():
+            ax.axvline(at, color="grey", ls=":", lw=0.8, label=label)
+        ax.set_xscale("log" if logx else "linear")
+        ax.set_yscale("log" if logy else "linear")
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize="medium")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return axes
+
+
+def grouped_bars(series: Mapping[str, Sequence[float]], categories: Sequence, ax=None, xlabel: str = "",
+                 ylabel: str = "", title: str = "", percent: bool = False):
+    """Bars of several named series side by side for each category (e.g. the share of top neurons
+    per layer for two sets of facts), with one legend. Returns the Axes."""
+    ax = _axes(ax, figsize=(6.5, 3.5))
+    scale = 100.0 if percent else 1.0
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(categories))
+    for j, (name, values) in enumerate(series.items()):
+        values = _numpy(values)
+        if len(values) != len(categories):
+            raise ValueError(f"series {name!r} has {len(values)} values for {len(categories)} categories")
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, values * scale, width=width, label=name)
+    ax.set_xticks(x, [str(c) for c in categories])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel + (" (%)" if percent and ylabel else ""))
+    ax.set_title(title)
+    ax.legend(fontsize="small", frameon=False)
+    return ax
 
 
 # --------------------------------------------------------------------------------------
@@ -223,23 +289,52 @@ def plot_delta_optimisation(losses: Sequence[Mapping[str, float]], target: str =
 # Chapter 7: the scaling curve (MEMIT, Meng et al., 2023, figure 5)
 # --------------------------------------------------------------------------------------
 
-def plot_scaling(data: dict, metrics=("ES", "PS", "NS", "S", "fluency"), methods=None, axes=None):
-    """The scaling curve from `scripts/memit_scaling.py`'s JSON: one panel per metric, number of
-    edits on a log axis, one line per method. ES, PS and NS carry the stored 95% intervals
-    (`<metric>_ci`: 1.96 standard errors over the scored cases, as the paper's ±) as error bars;
-    points with no stored interval (a single case) have none. One legend, below the panels."""
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (Wilson, 1927) of a success rate in [0, 1] observed over n cases, as
+    (low, high). Unlike rate ± z·se it does not shrink to a point at 0 or 1. For a mean of per-case
+    shares in [0, 1] (PS, NS) it is conservative: their variance is at most rate·(1 − rate)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive number of cases, got {n!r}")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must lie in [0, 1], got {rate!r}")
+    denominator = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denominator
+    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def plot_scaling(data: dict, metrics=("ES", "PS", "NS", "S", "fluency"), methods=None, axes=None,
+                 interval: str = "wilson"):
+    """The scaling curve (Meng et al., 2023, figure 5) from `scripts/memit_scaling.py`'s JSON: one panel
+    per metric, number of edits on a log axis, one line per method, one legend below the panels.
+    ES, PS and NS carry 95% intervals as error bars: `interval="wilson"` (default) the Wilson interval
+    of the rate over the row's n scored cases (`wilson_interval`), `"stored"` the file's
+    `<metric>_ci` (1.96 standard errors over the cases, the paper's ±, which is 0 wide when every case
+    agrees), `None` none. S and fluency have no interval."""
+    if interval not in ("wilson", "stored", None):
+        raise ValueError(f"interval must be 'wilson', 'stored' or None, got {interval!r}")
     results = data["results"]
     methods = methods or [m for m in ("MEMIT", "ROME", "FT-L", "unedited") if m in results]
     if axes is None:
-        _, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 3.2), sharex=True)
+        _, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 3.2), sharex=True, squeeze=False)
+        axes = axes[0]
     markers = {"MEMIT": "o", "ROME": "s", "FT-L": "^", "unedited": ""}
+
+    def errors(rows, metric):
+        if interval is None or metric not in ("ES", "PS", "NS"):
+            return None
+        if interval == "stored":
+            return [r.get(metric + "_ci", 0.0) for r in rows]
+        bounds = [wilson_interval(min(max(r[metric] / 100, 0.0), 1.0), int(r["n"])) for r in rows]
+        return [[max(0.0, r[metric] - 100 * lo) for r, (lo, _) in zip(rows, bounds)],   # rounding: never below 0
+                [max(0.0, 100 * hi - r[metric]) for r, (_, hi) in zip(rows, bounds)]]
+
     for ax, metric in zip(axes, metrics):
         for method in methods:
             rows = [r for r in results[method] if metric in r]
             style = {"linestyle": ":", "color": "grey"} if method == "unedited" else {}
-            ax.errorbar([r["n_edits"] for r in rows], [r[metric] for r in rows],
-                        yerr=[r.get(metric + "_ci", 0.0) for r in rows], capsize=2, ms=4,
-                        marker=markers.get(method, "o"),
+            ax.errorbar([r["n_edits"] for r in rows], [r[metric] for r in rows], yerr=errors(rows, metric),
+                        capsize=2, ms=4, elinewidth=0.8, marker=markers.get(method, "o"),
                         label="ROME (sequential)" if method == "ROME" else method, **style)
         ax.set_xscale("log")
         ax.set_title(metric if metric != "fluency" else "fluency (n-gram entropy)", fontsize="medium")
