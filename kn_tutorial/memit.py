@@ -588,30 +588,7 @@ def prediction_rows(model, tokenizer, cases: list[dict], n_neighbours: int = 2) 
     return rows
 
 
-def plot_scaling(data: dict, metrics=("ES", "PS", "NS", "S", "fluency"), methods=None, axes=None):
-    """The scaling curve (Meng et al., 2023, figure 5) from `scripts/memit_scaling.py`'s JSON:
-    one panel per metric, number of edits on a log axis, one line per method."""
-    import matplotlib.pyplot as plt
-
-    results = data["results"]
-    methods = methods or [m for m in ("MEMIT", "ROME", "FT-L", "unedited") if m in results]
-    if axes is None:
-        _, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 3.2), sharex=True)
-    markers = {"MEMIT": "o", "ROME": "s", "FT-L": "^", "unedited": ""}
-    for ax, metric in zip(axes, metrics):
-        for method in methods:
-            rows = [r for r in results[method] if metric in r]
-            style = {"linestyle": ":", "color": "grey"} if method == "unedited" else {}
-            ax.plot([r["n_edits"] for r in rows], [r[metric] for r in rows], marker=markers.get(method, "o"),
-                    label="ROME (sequential)" if method == "ROME" else method, **style)
-        ax.set_xscale("log")
-        ax.set_title(metric if metric != "fluency" else "fluency (n-gram entropy)", fontsize="medium")
-        ax.set_xlabel("edits")
-        if metric != "fluency":
-            ax.set_ylim(-3, 103)
-    axes[0].set_ylabel("score (%)")
-    axes[-1].legend(fontsize="small", frameon=False, loc="lower left")
-    return axes
+from .plots import plot_scaling  # noqa: E402,F401  (the scaling figure lives in plots.py; re-exported here)
 
 
 def memit_explorer(model, tokenizer, cases: list[dict], hparams: MemitHparams | None = None,

@@ -45,8 +45,9 @@ def plot_by_layer(series: Mapping[str, Sequence[float]], layers: Sequence[int], 
 
 
 def stacked_by_layer(parts: Mapping[str, Sequence[float]], layers: Sequence[int], ax=None,
-                     ylabel: str = "share", title: str = "", percent: bool = False):
-    """Stacked bars per layer; the parts of one layer should add up to 1 (or 100%)."""
+                     ylabel: str = "share", title: str = "", percent: bool = False, legend_below: bool = False):
+    """Stacked bars per layer; the parts of one layer should add up to 1 (or 100%). The legend sits to
+    the right of the axes, or below them with legend_below (for panels side by side)."""
     ax = _axes(ax)
     scale = 100.0 if percent else 1.0
     bottom = np.zeros(len(layers))
@@ -58,7 +59,10 @@ def stacked_by_layer(parts: Mapping[str, Sequence[float]], layers: Sequence[int]
     ax.set_xticks(list(layers))
     ax.set_ylabel(ylabel + (" (%)" if percent else ""))
     ax.set_title(title)
-    ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if legend_below:
+        ax.legend(fontsize="small", frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    else:
+        ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return ax
 
 
@@ -80,4 +84,304 @@ def heatmap(matrix, ax=None, xlabels: Sequence[str] | None = None, ylabels: Sequ
                     color="black" if v > mid else "white")
     ax.figure.colorbar(image, ax=ax, label=cbar_label)
     ax.set_title(title)
+    return ax
+
+
+def _numpy(values) -> np.ndarray:
+    """A tensor (any device, with or without grad) or array-like as a float numpy array."""
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=float)
+
+
+# --------------------------------------------------------------------------------------
+# Chapter 3: integrated-gradients attributions (Dai et al., 2022)
+# --------------------------------------------------------------------------------------
+
+def top_attributions(attributions, k: int = 10) -> list[tuple[int, int, float]]:
+    """The k largest entries of an [L, d_ff] score map as (layer, neuron, score), largest first."""
+    values = _numpy(attributions)
+    if values.ndim != 2:
+        raise ValueError(f"attributions must be one fact's [layers, d_ff] map, got shape {values.shape}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= values.size:
+        raise ValueError(f"k must be an int from 1 to {values.size} (the number of neurons), got {k!r}")
+    order = np.argsort(-values, axis=None, kind="stable")[:k]
+    return [(int(i // values.shape[1]), int(i % values.shape[1]), float(values.flat[i])) for i in order]
+
+
+def plot_attribution_summary(attributions, k: int = 10, axes=None, title: str = "",
+                             layers: Sequence[int] | None = None):
+    """What an [L, d_ff] attribution map says, readable at book width (a heatmap of 8 x 1024 thin
+    columns is white at that size). Left: each layer's summed positive and summed negative
+    attribution as bars up and down (by completeness their difference approaches the layer's
+    P(w̄) - P(0)). Right: the k neurons with the largest attribution as horizontal bars labelled
+    "L<layer>.<neuron>", coloured by layer. Returns the two Axes."""
+    values = _numpy(attributions)
+    top = top_attributions(values, k)
+    rows = list(range(values.shape[0])) if layers is None else list(layers)
+    if len(rows) != values.shape[0]:
+        raise ValueError(f"layers names {len(rows)} layers but the map has {values.shape[0]} rows")
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [1.2, 1]})
+    left, right = axes
+    positive, negative = np.clip(values, 0, None).sum(1), np.clip(values, None, 0).sum(1)
+    x = np.arange(len(rows))
+    left.bar(x, positive, color="C1", label="sum of positive Attr")
+    left.bar(x, negative, color="C0", label="sum of negative Attr")
+    left.axhline(0, color="grey", lw=0.8)
+    left.set_xticks(x, [str(r) for r in rows])
+    left.set_xlabel("layer")
+    left.set_ylabel("summed Attr")
+    left.legend(fontsize="small", frameon=False)
+    left.set_title("per layer", fontsize="medium")
+    colours = {layer: f"C{j % 10}" for j, layer in enumerate(sorted({row for row, _, _ in top}))}
+    y = np.arange(len(top))
+    right.barh(y, [score for _, _, score in top], color=[colours[row] for row, _, _ in top])
+    right.set_yticks(y, [f"L{rows[row]}.{neuron}" for row, neuron, _ in top], fontsize="small")
+    right.invert_yaxis()
+    right.axvline(0, color="grey", lw=0.8)
+    right.set_xlabel("Attr")
+    right.set_title(f"top {len(top)} neurons (layer.neuron)", fontsize="medium")
+    if title:
+        left.figure.suptitle(title, fontsize="medium")
+    return axes
+
+
+def plot_alpha_paths(alphas, paths, steps: int = 20, rule: str = "right", min_gap: float = 0.01,
+                     axes=None, ylabel: str = "P(target)", layers: Sequence[int] | None = None):
+    """The integrated-gradients path P(α w̄), α from 0 to 1, layer by layer ([L, n] `paths` on the
+    grid `alphas`), drawn so that it can be read. Left: only layers whose gap |P(w̄) - P(0)|
+    exceeds `min_gap` get their own coloured line; the others share one thin grey style and one
+    legend entry. Right: for the layer with the largest gap, the exact path and the m points of
+    the Riemann rule (`steps`, `rule`; they must lie on the grid) on it, which shows how many
+    points fall on its climb. Returns the two Axes."""
+    alphas, paths = _numpy(alphas), _numpy(paths)
+    if paths.ndim != 2 or paths.shape[1] != len(alphas):
+        raise ValueError(f"paths must be [layers, {len(alphas)}] on the grid alphas, got {paths.shape}")
+    if rule not in ("right", "left", "midpoint"):
+        raise ValueError(f"unknown Riemann rule {rule!r}; choose right, left or midpoint")
+    k = np.arange(1, steps + 1)
+    points = (k - {"right": 0.0, "left": 1.0, "midpoint": 0.5}[rule]) / steps
+    on_grid = np.isclose(points[:, None], alphas[None, :], atol=1e-9)
+    if not on_grid.any(1).all():
+        raise ValueError(f"the {rule} rule's points for m = {steps} are not all on the grid alphas; "
+                         f"use a grid that contains them, e.g. torch.linspace(0, 1, {4 * steps + 1})")
+    rows = list(range(len(paths))) if layers is None else list(layers)
+    gaps = paths[:, -1] - paths[:, 0]
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    left, right = axes
+    quiet = [j for j in range(len(paths)) if abs(gaps[j]) <= min_gap]
+    for j in quiet:
+        left.plot(alphas, paths[j], color="grey", lw=1, alpha=0.7,
+                  label=(f"layers {', '.join(str(rows[q]) for q in quiet)} (|gap| ≤ {min_gap:g})"
+                         if j == quiet[0] else None))
+    loud = ["C0", "C1", "C4", "C5", "C6", "C7", "C8", "C9"]  # the colour cycle without its two greys
+    for n, j in enumerate(j for j in range(len(paths)) if abs(gaps[j]) > min_gap):
+        left.plot(alphas, paths[j], color=loud[n % len(loud)], lw=2, label=f"layer {rows[j]} (gap {gaps[j]:+.3f})")
+    left.set_xlabel("α (the layer's activations scaled to α w̄)")
+    left.set_ylabel(ylabel)
+    left.set_title("every layer", fontsize="medium")
+    left.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.22), ncol=2)
+    steepest = int(np.argmax(np.abs(gaps)))
+    values = paths[steepest, on_grid.argmax(1)]
+    right.plot(alphas, paths[steepest], color="C0", lw=1.5, label=f"layer {rows[steepest]}: P(α w̄)")
+    right.plot(points, values, "o", color="C1", ms=4, label=f"the {steps} {rule}-rule points α_k")
+    right.set_xlabel("α")
+    right.set_ylabel(ylabel)
+    right.set_title(f"layer {rows[steepest]} and the points of the Riemann sum", fontsize="medium")
+    right.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.22))
+    return axes
+
+
+def plot_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], x: Sequence[float], xlabel: str = "",
+                ylabel: str = "", logx: bool = False, logy: bool = False, axes=None,
+                styles: Mapping[str, Mapping] | None = None, hlines: Mapping[str, float] | None = None,
+                vlines: Mapping[str, float] | None = None, ylim: tuple[float, float] | None = None,
+                floor: float | None = None, panel_size: tuple[float, float] = (5.2, 3.4)):
+    """Side-by-side line plots sharing the y axis: `panels` is {panel title: {series label: y over x}},
+    each series a line with markers (extra matplotlib keywords per label in `styles`, e.g. a dashed
+    control). `hlines`/`vlines` are labelled grey reference lines drawn in every panel; `floor` lifts
+    values below it to it (zeros on a log axis). One legend, to the right of the last panel, so no
+    line is covered. Returns the Axes."""
+    if not panels:
+        raise ValueError("panels is empty: give {panel title: {series label: values}}")
+    if axes is None:
+        _, axes = plt.subplots(1, len(panels), figsize=(panel_size[0] * len(panels), panel_size[1]),
+                               sharey=True, squeeze=False)
+        axes = axes[0]
+    styles = styles or {}
+    for ax, (title, series) in zip(axes, panels.items()):
+        for label, values in series.items():
+            values = _numpy(values)
+            if len(values) != len(x):
+                raise ValueError(f"series {label!r} of panel {title!r} has {len(values)} values for {len(x)} x")
+            if floor is not None:
+                values = np.maximum(values, floor)
+            ax.plot(x, values, marker="o", label=label, **dict(styles.get(label, {})))
+        for label, y in (hlines or {}).items():
+            ax.axhline(y, color="grey", ls="--", lw=0.8, label=label)
+        for label, at in (vlines or {}).items():
+            ax.axvline(at, color="grey", ls=":", lw=0.8, label=label)
+        ax.set_xscale("log" if logx else "linear")
+        ax.set_yscale("log" if logy else "linear")
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize="medium")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return axes
+
+
+def grouped_bars(series: Mapping[str, Sequence[float]], categories: Sequence, ax=None, xlabel: str = "",
+                 ylabel: str = "", title: str = "", percent: bool = False):
+    """Bars of several named series side by side for each category (e.g. the share of top neurons
+    per layer for two sets of facts), with one legend. Returns the Axes."""
+    ax = _axes(ax, figsize=(6.5, 3.5))
+    scale = 100.0 if percent else 1.0
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(categories))
+    for j, (name, values) in enumerate(series.items()):
+        values = _numpy(values)
+        if len(values) != len(categories):
+            raise ValueError(f"series {name!r} has {len(values)} values for {len(categories)} categories")
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, values * scale, width=width, label=name)
+    ax.set_xticks(x, [str(c) for c in categories])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel + (" (%)" if percent and ylabel else ""))
+    ax.set_title(title)
+    ax.legend(fontsize="small", frameon=False)
+    return ax
+
+
+# --------------------------------------------------------------------------------------
+# Chapter 6: the optimisation of δ (ROME, Meng et al., 2022)
+# --------------------------------------------------------------------------------------
+
+def plot_delta_optimisation(losses: Sequence[Mapping[str, float]], target: str = "target", axes=None,
+                            terms: Mapping[str, str] | None = None):
+    """The loss terms and P(target) at every Adam step of ROME's v* optimisation (`rome.compute_v_star`'s
+    `losses`), one linear panel each with a marker per step, so that no term is hidden by another's
+    scale or by a log axis at zero. Returns the Axes."""
+    terms = dict(terms or {"nll": "NLL of the new object", "kl": "KL term", "decay": "weight-decay term",
+                           "p_target": f"P({target.strip()}), mean over prompts"})
+    if not losses:
+        raise ValueError("losses is empty: compute_v_star logs one row per Adam step")
+    missing = [key for key in terms if key not in losses[0]]
+    if missing:
+        raise ValueError(f"the loss rows have no {missing}; they have {sorted(losses[0])}")
+    if axes is None:
+        _, axes = plt.subplots(1, len(terms), figsize=(2.9 * len(terms), 2.8))
+    steps = np.arange(len(losses))
+    for n, (ax, (key, label)) in enumerate(zip(axes, terms.items())):
+        ax.plot(steps, [row[key] for row in losses], marker="o", color=f"C{n}")
+        ax.set_title(label, fontsize="medium")
+        ax.set_xlabel("Adam step")
+        ax.set_xticks(steps if len(steps) <= 12 else np.linspace(0, steps[-1], 6).round().astype(int))
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        if key == "p_target":
+            ax.set_ylim(-0.02, 1.02)
+    return axes
+
+
+# --------------------------------------------------------------------------------------
+# Chapter 7: the scaling curve (MEMIT, Meng et al., 2023, figure 5)
+# --------------------------------------------------------------------------------------
+
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (Wilson, 1927) of a success rate in [0, 1] observed over n cases, as
+    (low, high). Unlike rate ± z·se it does not shrink to a point at 0 or 1. For a mean of per-case
+    shares in [0, 1] (PS, NS) it is conservative: their variance is at most rate·(1 − rate)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive number of cases, got {n!r}")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must lie in [0, 1], got {rate!r}")
+    denominator = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denominator
+    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def plot_scaling(data: dict, metrics=("ES", "PS", "NS", "S", "fluency"), methods=None, axes=None,
+                 interval: str = "wilson"):
+    """The scaling curve (Meng et al., 2023, figure 5) from `scripts/memit_scaling.py`'s JSON: one panel
+    per metric, number of edits on a log axis, one line per method, one legend below the panels.
+    ES, PS and NS carry 95% intervals as error bars: `interval="wilson"` (default) the Wilson interval
+    of the rate over the row's n scored cases (`wilson_interval`), `"stored"` the file's
+    `<metric>_ci` (1.96 standard errors over the cases, the paper's ±, which is 0 wide when every case
+    agrees), `None` none. S and fluency have no interval."""
+    if interval not in ("wilson", "stored", None):
+        raise ValueError(f"interval must be 'wilson', 'stored' or None, got {interval!r}")
+    results = data["results"]
+    methods = methods or [m for m in ("MEMIT", "ROME", "FT-L", "unedited") if m in results]
+    if axes is None:
+        _, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 3.2), sharex=True, squeeze=False)
+        axes = axes[0]
+    markers = {"MEMIT": "o", "ROME": "s", "FT-L": "^", "unedited": ""}
+
+    def errors(rows, metric):
+        if interval is None or metric not in ("ES", "PS", "NS"):
+            return None
+        if interval == "stored":
+            return [r.get(metric + "_ci", 0.0) for r in rows]
+        bounds = [wilson_interval(min(max(r[metric] / 100, 0.0), 1.0), int(r["n"])) for r in rows]
+        return [[max(0.0, r[metric] - 100 * lo) for r, (lo, _) in zip(rows, bounds)],   # rounding: never below 0
+                [max(0.0, 100 * hi - r[metric]) for r, (_, hi) in zip(rows, bounds)]]
+
+    for ax, metric in zip(axes, metrics):
+        for method in methods:
+            rows = [r for r in results[method] if metric in r]
+            style = {"linestyle": ":", "color": "grey"} if method == "unedited" else {}
+            ax.errorbar([r["n_edits"] for r in rows], [r[metric] for r in rows], yerr=errors(rows, metric),
+                        capsize=2, ms=4, elinewidth=0.8, marker=markers.get(method, "o"),
+                        label="ROME (sequential)" if method == "ROME" else method, **style)
+        ax.set_xscale("log")
+        ax.set_title(metric if metric != "fluency" else "fluency (n-gram entropy)", fontsize="medium")
+        ax.set_xlabel("edits")
+        if metric != "fluency":
+            ax.set_ylim(-3, 103)
+    axes[0].set_ylabel("score (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[0].figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels),
+                          frameon=False, fontsize="small")
+    return axes
+
+
+# --------------------------------------------------------------------------------------
+# Chapter 0: recall per template, aggregated
+# --------------------------------------------------------------------------------------
+
+TEMPLATE_GROUPS = {"train": "trained template", "isa": "is-a sentence", "heldout": "held-out frame",
+                   "novel": "novel paraphrase"}
+
+
+def plot_recall_by_group(rows: Sequence[Mapping], ax=None, value: str = "first_token",
+                         groups: Mapping[str, str] = TEMPLATE_GROUPS):
+    """A dot plot of recall per template, one row per relation x template group (instead of one
+    bar per template): every template is a dot (a recall of 0 is a dot at 0, not an empty row),
+    the row's mean a vertical tick. `rows` are records with "relation", "group" and `value` (a
+    share in [0, 1]), e.g. `per_template.to_dict("records")`. Returns the Axes."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("no templates to plot")
+    unknown = sorted({r["group"] for r in rows} - set(groups))
+    if unknown:
+        raise ValueError(f"unknown template groups {unknown}; name them in groups={{...}}")
+    relations = list(dict.fromkeys(r["relation"] for r in rows))
+    lines = [(rel, g) for rel in relations for g in groups if any(r["relation"] == rel and r["group"] == g for r in rows)]
+    ax = _axes(ax, figsize=(7, 0.25 * len(lines) + 1.2))
+    rng = np.random.default_rng(0)
+    colours = {g: f"C{n}" for n, g in enumerate(groups)}
+    for y, (rel, g) in enumerate(lines):
+        recall = np.array([100 * r[value] for r in rows if r["relation"] == rel and r["group"] == g])
+        ax.scatter(recall, y + rng.uniform(-0.18, 0.18, len(recall)), s=18, color=colours[g], alpha=0.8,
+                   edgecolor="black", linewidth=0.3, zorder=3)
+        ax.plot([recall.mean()] * 2, [y - 0.35, y + 0.35], color="black", lw=1.2, zorder=4)
+    ax.set_yticks(range(len(lines)), [f"{rel} · {groups[g]} ({sum(r['relation'] == rel and r['group'] == g for r in rows)})"
+                                      for rel, g in lines], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlim(-4, 104)
+    ax.set_xlabel("recall per template (%); black tick: mean of the row")
+    ax.grid(axis="x", alpha=0.3)
     return ax
