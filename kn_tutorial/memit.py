@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -57,7 +58,7 @@ import torch
 from .hooks import Recorder, patch
 from .hyperparams import HPARAMS_ROOT, EditHparams
 from .kv_cache import output_cache
-from .models import check_layer, get_device, mlp_out_weight, module_name
+from .models import check_layer, fused_activations, get_device, mlp_out_weight, module_name
 from .progress import progress
 from .rome import check_lengths, check_v_settings, decay_term, kl_per_row, prepare_request, sample_prefixes
 from .scoring import pad_rows, target_ids
@@ -357,14 +358,16 @@ def compute_targets(model, tokenizer, requests: list[Request], groups: list[list
     subject's last token, this package after the whole KL prompt (as `rome.compute_v_star`).
 
     `batch_size` groups per batch, each step running only what depends on δ (naive=True: a full
-    forward pass per step, see `compute_targets_naive`)."""
+    forward pass per step, see `compute_targets_naive`; the fast path runs GPT-2's GELU as one
+    kernel, models.fused_activations, the same numbers to float rounding)."""
     if not prefixes or prefixes[0] != "":
         raise ValueError("prefixes must start with '' (the prompt without prefix), as sample_prefixes returns")
     parts = []
     chunks = range(0, len(groups), hparams.batch_size)
-    for start in progress(chunks, desc=f"MEMIT targets z at layer {layer}", disable=len(chunks) < 4):
-        parts.append(_optimise_chunk(model, tokenizer, requests, groups[start:start + hparams.batch_size],
-                                     layer, prefixes, hparams, naive))
+    with nullcontext() if naive else fused_activations(model):
+        for start in progress(chunks, desc=f"MEMIT targets z at layer {layer}", disable=len(chunks) < 4):
+            parts.append(_optimise_chunk(model, tokenizer, requests, groups[start:start + hparams.batch_size],
+                                         layer, prefixes, hparams, naive))
     h, z, nll, steps, loss, kl, decay = (torch.cat(x) for x in zip(*parts))
     return MemitTargets(layer, z, h, nll, steps, loss, kl, decay)
 
