@@ -29,7 +29,7 @@ import torch
 from .hooks import Recorder, patch
 from .hyperparams import HPARAMS_ROOT, EditHparams, read_hparams  # noqa: F401  (read_hparams: kept importable here)
 from .kv_cache import output_cache
-from .models import check_layer, fused_activations, get_device, mlp_out_weight, module_name, value_bias
+from .models import check_layer, get_device, mlp_out_weight, module_name, value_bias
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
 from .suffix import left_pad_past, run_from_block
@@ -241,11 +241,9 @@ def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, lay
     All prompts run in one batch per step, and each step runs only what depends on δ: the
     blocks after `layer`, from the subject's last token on (suffix.run_from_block); the rest
     (tokens before it, blocks up to `layer`) is one forward pass before the first step. Equal
-    to `compute_v_star_naive`, one full forward pass per step, up to float rounding (GPT-2's GELU
-    runs as one kernel here, models.fused_activations).
+    to `compute_v_star_naive`, one full forward pass per step, up to float rounding.
     """
-    with fused_activations(model):
-        return _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams, naive=False)
+    return _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams, naive=False)
 
 
 def compute_v_star_naive(model, tokenizer, prompt: str, subject: str, target: str, layer: int,
