@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .hooks import Recorder, patch
 from .kv_cache import cache_keyword, output_cache
-from .models import d_ff, d_model, final_norm, get_block, get_device, mlp_out_weight, n_layers
+from .models import d_ff, d_model, final_norm, fused_activations, get_block, get_device, mlp_out_weight, n_layers
 from .validate import require_positive_int
 
 
@@ -265,8 +265,15 @@ def _grow_or_flat(model, *args, **kwargs):
 def _path_gradients(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None,
                     engine: str) -> tuple[Tensor, Tensor]:
     """w̄ [L, d_ff] and Σ over the given α of ∂P_x(α w̄^(l))/∂w^(l), accumulated per distinct α:
-    returns (w_bar, grads [L, len(alphas), d_ff]), both float32 on the model's device."""
+    returns (w_bar, grads [L, len(alphas), d_ff]), both float32 on the model's device. GPT-2's
+    GELU runs as one kernel (models.fused_activations: the same numbers to float rounding)."""
     _check_batch_size(batch_size)
+    with fused_activations(model):
+        return _path_gradients_fused(model, query, layers, alphas, batch_size, engine)
+
+
+def _path_gradients_fused(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None,
+                          engine: str) -> tuple[Tensor, Tensor]:
     w_bar, p_clean, cache = _clean_pass(model, query, layers)
     # Gradients of P / P(clean), rescaled after: in float16 the gradients of a small P would
     # underflow (the loss-scaling trick of mixed-precision training); exact in float32.

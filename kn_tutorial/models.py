@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -199,6 +200,37 @@ def final_norm(model: nn.Module) -> nn.Module:
 def mlp_activation(model: nn.Module, layer: int) -> nn.Module:
     """The FFN nonlinearity f of block `layer` (GELU for GPT-2/J/NeoX, SiLU for Llama)."""
     return get_module(model, layer, "mlp_act")
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+@contextmanager
+def fused_activations(model: nn.Module):
+    """Within the block, GPT-2's "gelu_new" MLP activation (transformers' NewGELUActivation,
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) written as five tensor operations) runs as
+    torch's fused kernel of the same formula, F.gelu(x, approximate="tanh"): the same function,
+    equal to float rounding (about 1e-7 relative in float32), about three times faster on CPU.
+
+    Only the module's forward is replaced (an instance attribute, removed on exit), so hooks on
+    the activation module (Recorder, patch, IG's scaling) still run. Other activations, and a
+    module whose forward is already replaced (nested use), are left alone. Speed only: the
+    engines use it, the literal `*_naive` implementations do not.
+    """
+    from transformers.activations import NewGELUActivation
+
+    swapped = []
+    try:
+        for layer in range(n_layers(model)):
+            act = mlp_activation(model, layer)
+            if type(act) is NewGELUActivation and "forward" not in act.__dict__:
+                act.forward = _gelu_tanh
+                swapped.append(act)
+        yield model
+    finally:
+        for act in swapped:
+            del act.forward
 
 
 # --------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .hooks import Recorder, canonical_site, patch
 from .lazy import lazy_exports
-from .models import embedding_matrix, get_device, n_layers
+from .models import embedding_matrix, fused_activations, get_device, n_layers
 from .progress import progress_bar
 from .scoring import target_ids
 from .tokens import subject_span
@@ -275,32 +275,33 @@ def trace_batch(model, input_ids: Tensor, spans: list[tuple[int, int]], targets:
         [-1 if t is None else int(t) for t in targets], dtype=torch.long)
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
-    group = _prepare(model, input_ids, spans, targets, kind, sever, samples, noise, seed, batch_size)
+    with fused_activations(model):  # GPT-2's GELU as one kernel: same numbers to float rounding
+        group = _prepare(model, input_ids, spans, targets, kind, sever, samples, noise, seed, batch_size)
 
-    row_prompt, row_pos, row_layer, row_sample = _grid_rows(spans, positions, T, L, samples)
-    onehot = torch.nn.functional.one_hot(row_pos, T).bool()[:, None, :]        # [R, 1, T]
-    if kind == "hidden":
-        windows = torch.eye(L, dtype=torch.bool)
-    else:
-        windows = torch.zeros(L, L, dtype=torch.bool)                          # [l, layers restored]
-        for layer in range(L):
-            windows[layer, list(window_layers(layer, window, L))] = True
-    restore = windows[row_layer][:, :, None] & onehot                          # [R, L, T]
-    frozen = None
-    if sever is not None:
-        later = torch.arange(L)[None, :] > row_layer[:, None]                  # [R, L]
-        frozen = later[:, :, None] & onehot
+        row_prompt, row_pos, row_layer, row_sample = _grid_rows(spans, positions, T, L, samples)
+        onehot = torch.nn.functional.one_hot(row_pos, T).bool()[:, None, :]        # [R, 1, T]
+        if kind == "hidden":
+            windows = torch.eye(L, dtype=torch.bool)
+        else:
+            windows = torch.zeros(L, L, dtype=torch.bool)                          # [l, layers restored]
+            for layer in range(L):
+                windows[layer, list(window_layers(layer, window, L))] = True
+        restore = windows[row_layer][:, :, None] & onehot                          # [R, L, T]
+        frozen = None
+        if sever is not None:
+            later = torch.arange(L)[None, :] > row_layer[:, None]                  # [R, L]
+            frozen = later[:, :, None] & onehot
 
-    # A state of the last layer reaches the answer only at the last token: elsewhere P_* exactly.
-    inert = (row_pos < T - 1) & ~windows[row_layer, :L - 1].any(-1)            # [R]
-    probs = group.corrupted_prob.float().cpu()[row_prompt, row_sample]         # filled where inert
-    with progress_bar(total=int((~inert).sum()), desc=f"tracing {kind}", disable=not show_progress) as bar:
-        for t in row_pos[~inert].unique().tolist():  # rows restoring token t start their run at t
-            rows = ((row_pos == t) & ~inert).nonzero()[:, 0]
-            probs[rows] = _restored_rows(model, group, row_prompt[rows], row_sample[rows], restore[rows],
-                                         SITE_OF_KIND[kind], None if sever is None else SITE_OF_KIND[sever],
-                                         None if frozen is None else frozen[rows], batch_size, bar,
-                                         start=t).float().cpu()
+        # A state of the last layer reaches the answer only at the last token: elsewhere P_* exactly.
+        inert = (row_pos < T - 1) & ~windows[row_layer, :L - 1].any(-1)            # [R]
+        probs = group.corrupted_prob.float().cpu()[row_prompt, row_sample]         # filled where inert
+        with progress_bar(total=int((~inert).sum()), desc=f"tracing {kind}", disable=not show_progress) as bar:
+            for t in row_pos[~inert].unique().tolist():  # rows restoring token t start their run at t
+                rows = ((row_pos == t) & ~inert).nonzero()[:, 0]
+                probs[rows] = _restored_rows(model, group, row_prompt[rows], row_sample[rows], restore[rows],
+                                             SITE_OF_KIND[kind], None if sever is None else SITE_OF_KIND[sever],
+                                             None if frozen is None else frozen[rows], batch_size, bar,
+                                             start=t).float().cpu()
 
     corrupted = group.corrupted_prob.float().cpu()                             # [n, S]
     by_sample = torch.full((n, T, L, samples), float("nan"))

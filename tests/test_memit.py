@@ -9,6 +9,7 @@ import transformers
 
 from kn_tutorial import memit, rome
 from kn_tutorial.hooks import count_hooks, record
+from kn_tutorial.models import get_block
 from kn_tutorial.stats import atlas_corpus, compute_second_moment
 from kn_tutorial.tokens import subject_span
 from tests.tiny import FAMILIES, tiny_config, tiny_tokenizer
@@ -112,6 +113,31 @@ def test_spread_over_layers_adds_up_to_the_target_residual():
     for rec in result.records:  # each layer delivered the share it was asked for
         assert abs(rec.achieved_norm - rec.residual_norm) < 1e-4 * rec.residual_norm
     result.restore()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layer,last", [(0, 1), (1, 1), (0, 2)])  # 2: the final block (stops at the final norm)
+def test_keys_and_residuals_in_one_truncated_pass_equal_the_two_full_reads(family, layer, last):
+    """What `edit` reads before each layer's update: the keys at `layer` (averaged over prefixes, one of
+    which names the subject again) and h after block `last`, from one pass cut at the subject's last
+    token and above block `last`, equal compute_keys and compute_residuals (full prompts, full passes)."""
+    model, tokenizer = _tiny(family, n_layer=3)
+    reqs, groups, _, _ = memit.prepare(model, tokenizer, [KUWAIT, KUWAIT_CAPITAL, OSAKA], _hparams((0,)))
+    prefixes = ["", "Kuwait is a country. ", "The map. "]
+    above = get_block(model, last + 1) if last < 2 else None
+    calls = []
+    handle = above.register_forward_hook(lambda *a: calls.append(1)) if above is not None else None
+    keys, h = memit.compute_keys_and_residuals(model, tokenizer, reqs, groups, layer, last, prefixes)
+    if handle is not None:
+        handle.remove()
+        assert not calls  # nothing above block `last` ran
+    full_keys = memit.compute_keys(model, tokenizer, reqs, groups, layer, prefixes)
+    full_h = memit.compute_residuals(model, tokenizer, reqs, groups, last)
+    # float32 rounding only: 1e-5 relative to the largest entry
+    assert (keys - full_keys).abs().max() <= 1e-5 * full_keys.abs().max()
+    assert (h - full_h).abs().max() <= 1e-5 * full_h.abs().max()
+    with pytest.raises(ValueError, match="prefixes must start"):
+        memit.compute_keys_and_residuals(model, tokenizer, reqs, groups, layer, last, prefixes[1:])
 
 
 def test_one_request_one_layer_edit_is_rank_one_and_meets_its_constraint():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kn_tutorial import models
-from kn_tutorial.hooks import record
+from kn_tutorial.hooks import Recorder, record
 from kn_tutorial.models import (
     ARCHS, check_layer, d_ff, d_model, embedding_matrix, final_norm, gate_matrix, get_arch,
     get_block, get_device, get_module, key_bias, key_matrix, load_model, mlp_activation,
@@ -216,3 +216,27 @@ def test_load_missing_hub_model_fails_fast(hub_unreachable):
 def test_hub_reachable_respects_offline_flag(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert models._hub_reachable() is False
+
+
+# ---- fused GELU (speed only) -------------------------------------------------------------
+
+def test_fused_activations_same_numbers_hooks_kept_and_undone(model, family):
+    from transformers.activations import NewGELUActivation
+    acts = [mlp_activation(model, layer) for layer in range(n_layers(model))]
+    gelu_new = [type(a) is NewGELUActivation for a in acts]
+    assert all(gelu_new) == (family in ("gpt2", "gptj")) and all(gelu_new) == any(gelu_new)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with Recorder(model, [("key", 0)]) as plain_rec:
+            plain = model(input_ids=ids).logits
+        with models.fused_activations(model), Recorder(model, [("key", 0)]) as fused_rec:
+            assert [("forward" in a.__dict__) for a in acts] == gelu_new  # the fused kernel is what runs
+            fused = model(input_ids=ids).logits
+            with models.fused_activations(model):  # nested: left alone, not undone by the inner exit
+                pass
+            assert [("forward" in a.__dict__) for a in acts] == gelu_new
+    assert not any("forward" in a.__dict__ for a in acts)  # undone on exit
+    scale = plain.abs().max()
+    assert (fused - plain).abs().max() <= 1e-5 * scale
+    # the hook on the activation module still fired inside the context, with the same values
+    assert torch.allclose(fused_rec[("key", 0)], plain_rec[("key", 0)], rtol=1e-5, atol=1e-6)
