@@ -11,6 +11,10 @@ stopped and resumed; scripts/atlas_sweep.md is the table made from that file.
     python scripts/atlas_sweep.py v2 contexts     # only these
     python scripts/atlas_sweep.py --table         # rewrite the markdown table only
     while python scripts/atlas_sweep.py --next; do :; done   # one process per variant
+    python scripts/atlas_sweep.py --full all-options-12x192 --model DIR --what "..."
+        # a full-size model (trained by `python -m kn_tutorial.atlas train ... --out DIR`) under the
+        # probe's own defaults (FULL_PROBE: 200 traced facts, 3 samples), recorded under "full_runs";
+        # --probe-json FILE reuses the output of `python -m kn_tutorial.atlas probe --model DIR --json FILE`
 
 Short budgets undertrain: the table compares variants with each other, not with the
 shipped model (2,000 steps of 48 rows).
@@ -42,6 +46,8 @@ TABLE = ROOT / "scripts" / "atlas_sweep.md"
 BUDGET = dict(steps=800, batch_size=32, warmup=30, lr=3e-3, n_layer=8, n_embd=128, n_head=4, n_inner=512,
               world_countries=60, seed=0, threads=1, device="cpu")
 PROBE = dict(n_trace=30, n_recall=100, samples=2, window=3, geva=True, kn_per_relation=1, seed=0)
+# full-size runs: the defaults of `python -m kn_tutorial.atlas probe`
+FULL_PROBE = dict(n_trace=200, n_recall=400, samples=3, window=3, geva=True, kn_per_relation=2)
 
 DEEP = dict(n_layer=12, n_embd=96, n_head=4, n_inner=384)  # about the same parameters as 8 x 128
 TEN = dict(n_layer=10, n_embd=112, n_head=4, n_inner=448)
@@ -111,6 +117,35 @@ def run_variant(name: str, models_dir: Path | None) -> dict:
             "probe": result}
 
 
+def run_full(name: str, what: str, model_dir: Path, probe_json: Path | None) -> dict:
+    """A full-size model as trained (its config and training time from its training_report.json),
+    probed with FULL_PROBE (or the JSON that `python -m kn_tutorial.atlas probe` wrote with them)."""
+    import torch
+
+    from kn_tutorial.atlas_build.probe import format_probe, model_world, probe
+    from kn_tutorial.models import load_model
+
+    log = json.loads((model_dir / "training_report.json").read_text())
+    model, tokenizer = load_model(str(model_dir), device="cpu")
+    started = time.time()
+    if probe_json is not None:
+        result = json.loads(probe_json.read_text())
+    else:
+        torch.set_num_threads(1)
+        result = probe(model, tokenizer, model_world(model_dir), **FULL_PROBE)
+    print(format_probe(result), flush=True)
+    return {"name": name, "what": what, "overrides": {}, "config": log["config"], "n_facts": len(model_world(model_dir)),
+            "n_params": sum(p.numel() for p in model.parameters()), "loss": log["log"][-1]["loss"],
+            "train_seconds": log["seconds"], "probe_seconds": round(sum(result.get("seconds", {}).values()), 1)
+            if probe_json is not None else round(time.time() - started, 1), "probe": result}
+
+
+HEADER = ("| variant | what changed | loss | MLP AIE L0 | best MLP AIE >= 1 (layer) | ratio | window 3: L0 / best (layer) "
+          "| hidden peak layer (AIE) | severed drop MLP / attn | recall train / frames / contexts / novel "
+          "| remove last token L0 / top half | semantic keys (relation) L0 / top half | KN in L0 | train + probe s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
@@ -128,33 +163,37 @@ def table(results: dict) -> str:
         f"and window {p['window']} (best window leaving layer 0 out); Geva on 1,000 corpus sentences; knowledge "
         f"neurons of {p['kn_per_relation']} fact per relation. Written by `scripts/atlas_sweep.py` from "
         "`kn_tutorial/book_data/atlas_sweep.json`.", "",
-        "| variant | what changed | loss | MLP AIE L0 | best MLP AIE >= 1 (layer) | ratio | window 3: L0 / best (layer) "
-        "| hidden peak layer (AIE) | severed drop MLP / attn | recall train / frames / contexts / novel "
-        "| remove last token L0 / top half | semantic keys (relation) L0 / top half | KN in L0 | train + probe s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *HEADER,
     ]
-    for v in results["variants"]:
-        r, t = v["probe"]["recall"], v["probe"]["trace"]
-        g, k = v["probe"].get("geva"), v["probe"].get("knowledge_neurons")
-        recall = " / ".join(_pct(r[x]) for x in ("train", "heldout_frames", "heldout_contexts", "novel"))
-        if t.get("n_facts"):
-            m, w, h, s = t["mlp"], t["mlp_window"], t["hidden"], t["severed"]
-            trace = (f"{m['layer0']:.3f} | {m['best_after_first_aie']:.3f} ({m['best_after_first']}) | {m['ratio']} | "
-                     f"{w['layer0']:.3f} / {w['best_after_first_aie']:.3f} ({w['best_after_first']}) | "
-                     f"{h['peak_layer']} ({h['peak_aie']:.3f}) | {s['drop_mlp']:.3f} / {s['drop_attn']:.3f}")
-        else:
-            trace = "– | – | – | – | – | –"
-        if g:
-            half = len(g["remove_last"]) // 2
-            top = lambda xs: sum(xs[half:]) / len(xs[half:])  # noqa: E731
-            geva = (f"{_pct(g['remove_last'][0])} / {_pct(top(g['remove_last']))} | "
-                    f"{_pct(g['semantic_relation'][0])} / {_pct(top(g['semantic_relation']))}")
-        else:
-            geva = "– | –"
-        kn = _pct(k["share_layer0"]) if k else "–"
-        lines.append(f"| {v['name']} | {v['what']} | {v['loss']:.3f} | {trace} | {recall} | {geva} | {kn} | "
-                     f"{v['train_seconds']:.0f} + {v['probe_seconds']:.0f} |")
+    lines += [_row(v) for v in results["variants"]]
+    if results.get("full_runs"):
+        lines += ["", "Full-size runs (the whole world; probe defaults: 200 traced facts, 3 noise samples, recall on "
+                  "400 facts, knowledge neurons of 2 facts per relation):", "", *HEADER]
+        lines += [_row(v) for v in results["full_runs"]]
     return "\n".join(lines) + "\n"
+
+
+def _row(v: dict) -> str:
+    r, t = v["probe"]["recall"], v["probe"]["trace"]
+    g, k = v["probe"].get("geva"), v["probe"].get("knowledge_neurons")
+    recall = " / ".join(_pct(r[x]) for x in ("train", "heldout_frames", "heldout_contexts", "novel"))
+    if t.get("n_facts"):
+        m, w, h, s = t["mlp"], t["mlp_window"], t["hidden"], t["severed"]
+        trace = (f"{m['layer0']:.3f} | {m['best_after_first_aie']:.3f} ({m['best_after_first']}) | {m['ratio']} | "
+                 f"{w['layer0']:.3f} / {w['best_after_first_aie']:.3f} ({w['best_after_first']}) | "
+                 f"{h['peak_layer']} ({h['peak_aie']:.3f}) | {s['drop_mlp']:.3f} / {s['drop_attn']:.3f}")
+    else:
+        trace = "– | – | – | – | – | –"
+    if g:
+        half = len(g["remove_last"]) // 2
+        top = lambda xs: sum(xs[half:]) / len(xs[half:])  # noqa: E731
+        geva = (f"{_pct(g['remove_last'][0])} / {_pct(top(g['remove_last']))} | "
+                f"{_pct(g['semantic_relation'][0])} / {_pct(top(g['semantic_relation']))}")
+    else:
+        geva = "– | –"
+    kn = _pct(k["share_layer0"]) if k else "–"
+    return (f"| {v['name']} | {v['what']} | {v['loss']:.3f} | {trace} | {recall} | {geva} | {kn} | "
+            f"{v['train_seconds']:.0f} + {v['probe_seconds']:.0f} |")
 
 
 NOTES_MARK = "<!-- notes: kept when the table is rewritten -->"
@@ -175,8 +214,21 @@ def main(argv=None) -> None:
                         help="run only the first variant not yet done (exit code 3 when none is left), "
                              "so a shell loop picks up variants added while it runs")
     parser.add_argument("--models", default=None, help="also save each variant's model under this folder")
+    parser.add_argument("--full", default=None, help="record a full-size model under this name (with --model, --what)")
+    parser.add_argument("--model", default=None, help="the full-size model's folder")
+    parser.add_argument("--what", default="", help="what the full-size model is")
+    parser.add_argument("--probe-json", default=None, help="its probe output, made with the probe's defaults")
     args = parser.parse_args(argv)
     results = load_results()
+    if args.full:
+        if not args.model:
+            raise SystemExit("--full needs --model DIR (a folder written by `python -m kn_tutorial.atlas train --out DIR`)")
+        entry = run_full(args.full, args.what, Path(args.model), Path(args.probe_json) if args.probe_json else None)
+        results = load_results()
+        results["full_runs"] = [v for v in results.get("full_runs", []) if v["name"] != args.full] + [entry]
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        write_table(results)
+        return
     if results["budget"] != BUDGET or results["probe"] != PROBE:
         raise SystemExit(f"{RESULTS} was made with another budget or probe; move it away to start a new sweep")
     if not args.table:

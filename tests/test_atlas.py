@@ -111,7 +111,12 @@ def test_counterfact_paraphrases_have_words_before_the_subject_and_are_never_tra
     held_sentences = fillers(heldout=True)
     held_leadins = [x.lower() for x in leadins(heldout=True)]
     trained = {x.lower() for x in leadins(heldout=False)} | {x.lower() for x in fillers(heldout=False)}
-    for case in random.Random(1).sample(load_counterfact(), 300):
+    frames = load_counterfact()
+    in_context = load_counterfact(paraphrases="in_context")
+    assert [c["requested_rewrite"] for c in frames] == [c["requested_rewrite"] for c in in_context]  # same cases
+    with pytest.raises(ValueError, match="in_context"):
+        load_counterfact(paraphrases="prefixed")
+    for case in random.Random(1).sample(in_context, 300):
         rw = case["requested_rewrite"]
         assert len(case["paraphrase_prompts"]) == 4
         for k, prompt in enumerate(case["paraphrase_prompts"]):

@@ -8,15 +8,17 @@ of the same relation, and carries the prompts CounterFact uses to score an edit:
      "requested_rewrite": {"prompt": "{} lies on the continent of", "subject": "Kuwait",
                            "relation_id": "continent",
                            "target_new": {"str": "Europe"}, "target_true": {"str": "Asia"}},
-     "paraphrase_prompts": [...],    # words before the subject, never trained on (below)
+     "paraphrase_prompts": [...],    # never trained on (two styles, below)
      "neighborhood_prompts": [...],  # other subjects whose true object is "Asia"
      "neighborhood_subjects": [...], # whose they are, in the same order
      "attribute_prompts": [...],     # subjects whose true object is "Europe"
      "generation_prompts": [...]}    # open-ended prompts about the subject
 
-CounterFact's paraphrase prompts put an unrelated generated sentence before a reworded
-prompt ("... . Kuwait's continent is"), so the key at the subject's last token is read in a
-context the edit never saw. Atlas-CounterFact's four do the same with Atlas's held-out
+Paraphrase prompts come in two styles (`paraphrases=`). "frames" (the default): the relation's
+two held-out frames, subject first ("Kuwait's continent is"). "in_context": CounterFact's
+paraphrase prompts put an unrelated generated sentence before a reworded prompt ("... .
+Kuwait's continent is"), so the key at the subject's last token is read in a context the
+edit never saw; the four "in_context" prompts do the same with Atlas's held-out
 pieces (`contexts.py`): each held-out frame after a held-out unrelated sentence ("The
 library ran late last year. Kuwait's continent is"), and two training templates other than
 the rewrite prompt after a held-out context ("Our guide agreed that Kuwait sits on the
@@ -38,7 +40,17 @@ from .templates import ESSENCE_PROMPT, TEMPLATES, RelationTemplates, fill
 from .world import World, load_world
 
 
-def build_counterfact(world: World | None = None, seed: int = 0, n_neighbours: int = 10) -> list[dict]:
+PARAPHRASE_STYLES = ("frames", "in_context")
+
+
+def build_counterfact(world: World | None = None, seed: int = 0, n_neighbours: int = 10,
+                      paraphrases: str = "frames") -> list[dict]:
+    """The cases of the module docstring. `paraphrases`: "frames", the relation's two held-out
+    frames with the subject first (the book's studies in `kn_tutorial/book_data` were scored on
+    these, for a model whose every training prompt starts with its subject), or "in_context", the
+    four CounterFact-style prompts with words before the subject (`paraphrase_prompts`)."""
+    if paraphrases not in PARAPHRASE_STYLES:
+        raise ValueError(f"unknown paraphrases={paraphrases!r}: use one of {PARAPHRASE_STYLES}")
     world = world or load_world()
     rng = random.Random(seed)
     by_object: dict[tuple[str, str], list] = defaultdict(list)
@@ -72,7 +84,8 @@ def build_counterfact(world: World | None = None, seed: int = 0, n_neighbours: i
                 "target_true": {"str": fact.object},
             },
             "paraphrase_prompts": paraphrase_prompts(t, prompt, fact.subject, fact.subject_kind,
-                                                     random.Random(f"{seed}/paraphrase/{len(cases)}")),
+                                                     random.Random(f"{seed}/paraphrase/{len(cases)}"))
+            if paraphrases == "in_context" else [fill(p, fact.subject, fact.subject_kind) for p in t.heldout],
             "neighborhood_prompts": neighbourhood,
             "neighborhood_subjects": neighbour_subjects,
             "attribute_prompts": attribute_prompts,
@@ -96,6 +109,7 @@ def paraphrase_prompts(t: RelationTemplates, rewrite_prompt: str, subject: str, 
     return [fill(p, subject, kind) for p in prompts]
 
 
-def load_counterfact(seed: int = 0) -> list[dict]:
-    """Atlas-CounterFact for the shipped world (built in well under a second)."""
-    return build_counterfact(load_world(), seed=seed)
+def load_counterfact(seed: int = 0, paraphrases: str = "frames") -> list[dict]:
+    """Atlas-CounterFact for the shipped world (built in well under a second); `paraphrases` as in
+    `build_counterfact`."""
+    return build_counterfact(load_world(), seed=seed, paraphrases=paraphrases)
