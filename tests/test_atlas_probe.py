@@ -96,3 +96,19 @@ def test_sweep_table_has_one_row_per_variant_and_keeps_notes(tmp_path, monkeypat
     text = (tmp_path / "t.md").read_text()
     assert "| v2 | control | 1.000 |" in text and "50% / 25% / 10% / 0%" in text and text.endswith("my notes\n")
     assert "old" not in text
+
+
+def test_full_runs_are_recorded_beside_the_sweep_with_their_own_header(tmp_path, monkeypatch):
+    from tests.tiny import load_script
+
+    sweep = load_script("atlas_sweep")
+    probe_result = {"recall": {"train": 1.0, "heldout_frames": 1.0, "heldout_contexts": 0.4, "novel": 0.7},
+                    "trace": {"n_facts": 0}, "seconds": {"recall": 3.0, "trace": 4.0}}
+    row = {"what": "x", "loss": 0.7, "train_seconds": 10, "probe_seconds": 7, "probe": probe_result}
+    results = {"budget": sweep.BUDGET, "probe": sweep.PROBE, "variants": [{"name": "v2", **row}],
+               "full_runs": [{"name": "big", **row}]}
+    text = sweep.table(results)
+    assert text.count(sweep.HEADER[0]) == 2  # one table for the sweep, one for the full-size runs
+    assert text.index("| v2 |") < text.index("Full-size runs") < text.index("| big |")
+    assert "| big | x | 0.700 |" in text and "100% / 100% / 40% / 70%" in text
+    assert sweep.FULL_PROBE["n_trace"] == 200 and sweep.FULL_PROBE["samples"] == 3  # the probe CLI's defaults
