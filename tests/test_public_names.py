@@ -112,7 +112,7 @@ PUBLIC_BEFORE_SPLIT = {
 def test_the_scan_finds_the_chapters_names():
     """The scan itself works: names every chapter is known to use are found."""
     assert {"trace", "plot_traces", "average_effects"} <= USED["tracing"]
-    assert {"integrated_gradients", "plot_attributions"} <= USED["attribution"]
+    assert {"integrated_gradients", "attribution_explorer"} <= USED["attribution"]  # a display name too
     assert {"find_triggers", "memory_explorer"} <= USED["memories"]
     assert {"kn_edit", "plot_effects"} <= USED["neurons"]
 
