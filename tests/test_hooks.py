@@ -284,3 +284,17 @@ def test_the_vocabulary_table_is_the_one_in_the_docstring_and_in_tracing():
         assert f'tracing kind "{kind}"' in row.also_called, kind
     with pytest.raises(ValueError, match="unknown site 'resid_mid'.*alias"):
         hooks.canonical_site("resid_mid")
+
+
+def test_describe_hook_points_fills_in_the_model_sizes(model, input_ids):
+    from kn_tutorial.hooks import HOOK_POINTS, SITE_ALIASES, describe_hook_points
+
+    rows = describe_hook_points(model)
+    assert [row.name for row in rows] == list(HOOK_POINTS)
+    acts = record(model, [(row.name, 0) for row in rows], input_ids=input_ids)
+    for row in rows:  # the stated width is the width the hook point records
+        width = acts[(row.name, 0)].shape[-1]
+        assert row.shape == f"[batch, pos, {HOOK_POINTS[row.name].width}={width}]", row
+        assert row.location == HOOK_POINTS[row.name].location
+        assert set(row.aliases) == {a for a, name in SITE_ALIASES.items() if name == row.name}
+    assert {alias for row in rows for alias in row.aliases} == set(SITE_ALIASES)
