@@ -1,11 +1,12 @@
 """Knowledge attribution by integrated gradients (Dai et al., 2022, "Knowledge Neurons in
 Pretrained Transformers").
 
-A knowledge neuron is entry i of the FFN "key" activation w^(l) of layer l (the input of the
-MLP output projection; hooks.HOOK_POINTS) at the position where the answer is predicted. Its
-attribution is the integrated gradient along the straight path from 0 to the layer's
-activations w̄^(l) (Sundararajan et al., 2017), P_x(ŵ^(l)) being P(object) with the layer's
-activations at that position set to ŵ^(l):
+A knowledge neuron is entry i of the FFN activation w^(l) of layer l, hook point "key" of
+hooks.HOOK_POINTS (the input of the MLP output projection, [batch, pos, d_ff]; the hook point
+read and patched here; the batched engine also widens the batch at "resid_pre" of a block), at
+the position where the answer is predicted. Its attribution is the integrated gradient along
+the straight path from 0 to the layer's activations w̄^(l) (Sundararajan et al., 2017),
+P_x(ŵ^(l)) being P(object) with the layer's activations at that position set to ŵ^(l):
 
     Attr(w_i^(l)) = w̄_i^(l) ∫₀¹ ∂P_x(α w̄^(l)) / ∂w_i^(l) dα
                   ≈ w̄_i^(l) / m · Σ_k ∂P_x(α_k w̄^(l)) / ∂w_i^(l)        (m steps α_k)

@@ -19,7 +19,8 @@ it; input_ids of shape [batch, pos]):
 
 Aliases, accepted wherever a site is (a Recorder keeps the name it was given): "attn" is
 "attn_out" and "mlp" is "mlp_out" (causal tracing's kinds), "resid_post" is "hidden"
-(TransformerLens's word). `canonical_site` resolves them. "key" is the activation m_i (for
+(TransformerLens's word). `canonical_site` resolves them; `describe_hook_points(model)` gives
+the table with the model's sizes. "key" is the activation m_i (for
 Llama act(x G^T) * (x K^T)); knowledge neurons (Dai et al. 2022) are indices into its last
 dimension, and the key *row* k_i is a weight (`models.key_matrix`). Module names are another
 namespace: `models.MODULE_KINDS` "mlp_in" and "mlp_out" are the MLP's two projection
@@ -46,7 +47,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from .models import check_layer, get_block, get_module
+from .models import check_layer, d_ff, d_model, get_block, get_module
 
 
 class HookPoint(NamedTuple):
@@ -83,6 +84,29 @@ def canonical_site(site: str) -> str:
     if name not in HOOK_POINTS:
         raise ValueError(f"unknown site {site!r}; choose one of {SITES} (or an alias: {SITE_ALIASES})")
     return name
+
+
+class HookPointRow(NamedTuple):
+    """One hook point as `describe_hook_points` shows it for a model."""
+
+    name: str                 # the canonical name
+    location: str             # inside block l
+    shape: str                # e.g. "[batch, pos, d_ff=1024]", with the model's size
+    aliases: tuple[str, ...]  # other names accepted for it
+
+
+def describe_hook_points(model: nn.Module) -> list[HookPointRow]:
+    """The vocabulary table (`HOOK_POINTS`) for `model`, one row per hook point, widths filled in.
+
+        for row in describe_hook_points(model):
+            print(row.name, row.shape, row.location)
+    """
+    widths = {"d_model": d_model(model), "d_ff": d_ff(model)}
+    return [
+        HookPointRow(name, point.location, f"[batch, pos, {point.width}={widths[point.width]}]",
+                     tuple(alias for alias, target in SITE_ALIASES.items() if target == name))
+        for name, point in HOOK_POINTS.items()
+    ]
 
 
 Site = tuple[str, int]  # (site name, layer)

@@ -89,7 +89,12 @@ ARCHS: dict[str, ArchSpec] = {
     ),
 }
 
-# The module names `get_module` understands, mapped to the ArchSpec field.
+# The module names `get_module` understands, mapped to the ArchSpec field. These are module
+# kinds (where a weight lives), not hook points (where an activation is read): "mlp_in" and
+# "mlp_out" here are the MLP's input and output projection modules, while the hook points of the
+# same names are the input and output of the whole MLP, and the activation between the two
+# projections is hook point "key" (the input of module "mlp_out"). The hook points, with their
+# shapes, are defined once in hooks.HOOK_POINTS.
 MODULE_KINDS = ("attn", "mlp", "mlp_in", "mlp_gate", "mlp_out", "mlp_act")
 
 

@@ -14,14 +14,19 @@ answer o (its first token, with the leading space: " Asia"). Three runs of the m
     total effect      TE        = P(o) − P_*(o)
     normalised IE               = IE / TE            (1: restoring this state alone brings the fact back)
 
+The three kinds of state are hook points of `hooks.HOOK_POINTS` (`SITE_OF_KIND`): kind "hidden"
+is hook point "hidden" (the block output, TransformerLens's resid_post), kind "mlp" is "mlp_out"
+(the output of the whole MLP module) and kind "attn" is "attn_out" ("mlp" and "attn" are also
+accepted as aliases of those names).
+
 Averaged over noise samples (and over facts) these are the paper's AIE and ATE. For the
 MLP and attention a *window* of w layers centred on l is restored together, layers
 l − ⌊w/2⌋ .. l − ⌊w/2⌋ + w − 1 clipped to the model (the paper: w = 10 of GPT-2 XL's 48 layers).
 *Severing* (the paper's figure on the MLP's role) restores h_t^l while the MLP (or attention)
 outputs at token t of every later layer stay frozen at their corrupted values.
 
-The noise is added to the input of block 0 ("resid_pre"): for GPT-2 that is token + position
-embedding, and adding ε there is adding it to the token embedding. The noise of a prompt
+The noise is added to the input of block 0 (hook point "resid_pre"): for GPT-2 that is token +
+position embedding, and adding ε there is adding it to the token embedding. The noise of a prompt
 depends only on the seed and the prompt's tokens: a prompt gets the same noise alone or in a
 batch. `trace_naive` runs the definition literally; `trace` and `trace_batch` give the same
 numbers batched (how: `tracing_engine`). Figures and the explorer: `tracing_display`. (About

@@ -284,3 +284,34 @@ def test_the_vocabulary_table_is_the_one_in_the_docstring_and_in_tracing():
         assert f'tracing kind "{kind}"' in row.also_called, kind
     with pytest.raises(ValueError, match="unknown site 'resid_mid'.*alias"):
         hooks.canonical_site("resid_mid")
+
+
+def test_describe_hook_points_fills_in_the_model_sizes(model, input_ids):
+    from kn_tutorial.hooks import HOOK_POINTS, SITE_ALIASES, describe_hook_points
+
+    rows = describe_hook_points(model)
+    assert [row.name for row in rows] == list(HOOK_POINTS)
+    acts = record(model, [(row.name, 0) for row in rows], input_ids=input_ids)
+    for row in rows:  # the stated width is the width the hook point records
+        width = acts[(row.name, 0)].shape[-1]
+        assert row.shape == f"[batch, pos, {HOOK_POINTS[row.name].width}={width}]", row
+        assert row.location == HOOK_POINTS[row.name].location
+        assert set(row.aliases) == {a for a, name in SITE_ALIASES.items() if name == row.name}
+    assert {alias for row in rows for alias in row.aliases} == set(SITE_ALIASES)
+
+
+def test_the_notation_page_lists_every_hook_point_as_hooks_defines_it():
+    from pathlib import Path
+
+    from kn_tutorial.hooks import HOOK_POINTS, SITE_ALIASES
+
+    page = (Path(__file__).resolve().parents[1] / "book" / "notation.md").read_text(encoding="utf-8")
+    table = page.split("## Hook points", 1)[1].split("\n## ", 1)[0]
+    rows = {cells[0].strip("` "): cells for line in table.splitlines() if line.startswith("| `")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert list(rows) == list(HOOK_POINTS)
+    for name, (_, location, _symbol, shape, aliases) in rows.items():
+        assert HOOK_POINTS[name].location.startswith(location), name
+        assert shape.endswith(HOOK_POINTS[name].width.replace("d_", r"d_\text{") + "}]$"), name
+        assert set(aliases.replace('"', "").replace("`", "").split()) == {
+            a for a, target in SITE_ALIASES.items() if target == name}, name
