@@ -33,7 +33,7 @@ import torch
 from .hooks import Recorder, patch
 from .kv_cache import output_cache
 from .models import final_norm, fused_activations, get_block, get_device, n_layers
-from .rome import decay_term, kl_per_row
+from .rome_engine import decay_term, kl_per_row
 from .scoring import pad_rows, target_ids
 from .suffix import left_pad_past, run_from_block
 from .tokens import subject_span

@@ -1,9 +1,9 @@
 """Splitting a module must not move a name out from under its users (issue 23).
 
-`tracing`, `memories`, `neurons`, `attribution` and `memit` were each split into the definition (the module
-itself), a fast engine (`*_engine`) and what shows results (`*_display`). Every name the chapters,
-the student notebooks, the scripts, the benchmarks, the tests and the rest of the package take from
-one of these modules must still be there: this test reads those files, collects every
+`tracing`, `memories`, `neurons`, `attribution`, `memit` and `rome` were each split into the
+definition (the module itself), a fast engine (`*_engine`) and what shows results (`*_display`;
+`rome` has none). Every name the chapters, the student notebooks, the scripts, the benchmarks,
+the tests and the rest of the package take from one of these modules must still be there: this test reads those files, collects every
 `from kn_tutorial.tracing import X`, `tracing.X` (after `from kn_tutorial import tracing`) and
 `kn_tutorial.tracing.X`, and imports each X from its old place.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLIT = ("tracing", "memories", "neurons", "attribution", "memit")
+SPLIT = ("tracing", "memories", "neurons", "attribution", "memit", "rome")
 
 
 def _sources():
@@ -111,6 +111,10 @@ PUBLIC_BEFORE_SPLIT = {
         'compute_targets', 'compute_targets_naive', 'edit', 'find_conflicts', 'key_groups',
         'memit_explorer', 'plot_scaling', 'prediction_rows', 'prepare', 'solve_update',
         'success_with_targets'),
+    "rome": ('HPARAMS_DIR', 'RomeEdit', 'RomeHparams', 'VStarResult', 'apply_rank_one', 'check_lengths',
+        'check_objective', 'check_v_settings', 'compute_k_star', 'compute_v_star', 'compute_v_star_naive',
+        'decay_term', 'edit', 'feasible_perturbations', 'kl_per_row', 'lstsq_update', 'prepare_request',
+        'rank_one_delta', 'rank_one_update', 'read_hparams', 'sample_prefixes', 'solve_c_inverse_k'),
 }
 
 
@@ -121,6 +125,7 @@ def test_the_scan_finds_the_chapters_names():
     assert {"find_triggers", "memory_explorer"} <= USED["memories"]
     assert {"kn_edit", "plot_effects"} <= USED["neurons"]
     assert {"edit", "prediction_rows", "plot_scaling", "memit_explorer"} <= USED["memit"]
+    assert {"edit", "compute_v_star", "compute_v_star_naive"} <= USED["rome"]
 
 
 @pytest.mark.parametrize("module", SPLIT)
