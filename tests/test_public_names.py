@@ -121,7 +121,7 @@ PUBLIC_BEFORE_SPLIT = {
 def test_the_scan_finds_the_chapters_names():
     """The scan itself works: names every chapter is known to use are found."""
     assert {"trace", "plot_traces", "average_effects"} <= USED["tracing"]
-    assert {"integrated_gradients", "attribution_explorer"} <= USED["attribution"]
+    assert {"integrated_gradients", "attribution_explorer"} <= USED["attribution"]  # a display name too
     assert {"find_triggers", "memory_explorer"} <= USED["memories"]
     assert {"kn_edit", "plot_effects"} <= USED["neurons"]
     assert {"edit", "prediction_rows", "plot_scaling", "memit_explorer"} <= USED["memit"]
