@@ -44,6 +44,8 @@ are rejected (`find_conflicts`); a request's relation is its `relation_id`, else
 Memory: the solve is [d_ff, d_ff] whatever n is; keys and targets are [n, d_ff] and
 [n, d_model]; forward passes run in batches of `batch_size` groups.
 `edit(model, tokenizer, requests)` returns a handle that restores the weights bit for bit.
+How the targets and keys are computed fast (same numbers): `memit_engine`. Predictions before
+and after an edit, the scaling figure and the explorer: `memit_display`.
 """
 from __future__ import annotations
 
@@ -56,19 +58,24 @@ import torch
 
 from .hooks import Recorder, patch
 from .hyperparams import HPARAMS_ROOT, EditHparams
-from .kv_cache import output_cache
-from .models import check_layer, final_norm, fused_activations, get_block, get_device, mlp_out_weight, module_name, n_layers
+from .lazy import lazy_exports
+from .memit_engine import (  # noqa: F401  (the engine's names stay importable from here)
+    _Enough, _optimise_chunk, _rows_at_subject, _run_through, compute_keys_and_residuals,
+)
+from .models import check_layer, get_device, mlp_out_weight, module_name
 from .progress import progress
-from .rome import check_lengths, check_v_settings, decay_term, kl_per_row, prepare_request, sample_prefixes
+from .rome import check_lengths, check_v_settings, prepare_request, sample_prefixes
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
-from .suffix import left_pad_past, run_from_block
 from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_finite_update, check_model_finite, nonfinite_cause,
                        require_later_layer, require_positive, require_positive_int)
-from .weights import Restorable, WeightSnapshot, frozen
+from .weights import Restorable, WeightSnapshot
 
 HPARAMS_DIR = HPARAMS_ROOT / "memit"
+
+# Predictions before and after, the scaling figure and the explorer live in memit_display (it imports this module).
+__getattr__ = lazy_exports(__package__, "memit_display", ("prediction_rows", "plot_scaling", "memit_explorer"))
 
 
 @dataclass
@@ -156,13 +163,6 @@ def key_groups(requests: list[Request]) -> list[list[int]]:
 # Keys and residuals at the subject's last token, batched
 # --------------------------------------------------------------------------------------
 
-def _rows_at_subject(tokenizer, texts: list[str], subjects: list[str]) -> tuple[list[list[int]], list[int]]:
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    # a prefix may mention the subject too: the request's own occurrence is the last one
-    last = [subject_span(tokenizer, t, s, occurrence=-1)[1] - 1 for t, s in zip(texts, subjects)]
-    return rows, last
-
-
 @torch.no_grad()
 def _read_at_subject(model, tokenizer, texts: list[str], subjects: list[str], site: str, layer: int,
                      batch_size: int = 256) -> torch.Tensor:
@@ -196,56 +196,7 @@ def compute_residuals(model, tokenizer, requests: list[Request], groups: list[li
     return _read_at_subject(model, tokenizer, texts, [r.subject for r in first], "hidden", layer, batch_size)
 
 
-class _Enough(Exception):
-    """Raised by a pre-hook once every block a read needs has run (see _run_through)."""
-
-
-def _run_through(model, layer: int, **forward_kwargs) -> None:
-    """model(**forward_kwargs), stopped before anything above block `layer` runs (the later blocks,
-    the final norm and the unembedding read nothing that is recorded at or below `layer`)."""
-    above = get_block(model, layer + 1) if layer + 1 < n_layers(model) else final_norm(model)
-
-    def stop(module, args):
-        raise _Enough
-
-    handle = above.register_forward_pre_hook(stop)
-    try:
-        model(**forward_kwargs)
-    except _Enough:
-        pass
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def compute_keys_and_residuals(model, tokenizer, requests: list[Request], groups: list[list[int]], layer: int,
-                               last: int, prefixes: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(compute_keys(..., layer, prefixes), compute_residuals(..., last)) from one forward pass, the
-    same numbers to float rounding; what `edit` reads before each layer's update.
-
-    The residual's prompt is the key's prompt without prefix (prefixes[0] is ""), and nothing after
-    the subject's last token nor above block `last` can change either reading (attention is causal),
-    so each row runs only up to that token and through block max(layer, last). GPT-2's GELU runs as
-    one kernel (models.fused_activations)."""
-    if not prefixes or prefixes[0] != "":
-        raise ValueError("prefixes must start with '' (the prompt without prefix), as sample_prefixes returns")
-    first = [requests[g[0]] for g in groups]
-    texts = [p + r.prompt.replace("{}", r.subject) for r in first for p in prefixes]
-    subjects = [r.subject for r in first for _ in prefixes]
-    device = get_device(model)
-    sites = [("key", layer), ("hidden", last)]
-    keys, hidden = [], []
-    with fused_activations(model):
-        for start in range(0, len(texts), batch_size):
-            rows, at = _rows_at_subject(tokenizer, texts[start:start + batch_size], subjects[start:start + batch_size])
-            input_ids, mask = pad_rows([row[:i + 1] for row, i in zip(rows, at)], tokenizer.eos_token_id, device)
-            with Recorder(model, sites) as rec:
-                _run_through(model, max(layer, last), input_ids=input_ids, attention_mask=mask)
-            index = (torch.arange(len(rows), device=device), torch.tensor(at, device=device))
-            keys.append(rec[sites[0]][index].float())
-            hidden.append(rec[sites[1]][index].float())
-    keys = torch.cat(keys).view(len(groups), len(prefixes), -1)
-    return keys.mean(1), torch.cat(hidden).view(len(groups), len(prefixes), -1)[:, 0]
+# Both from one shortened forward pass, what `edit` reads: memit_engine.compute_keys_and_residuals.
 
 
 # --------------------------------------------------------------------------------------
@@ -262,132 +213,6 @@ class MemitTargets:
     final_loss: torch.Tensor | None = None  # [n_groups] the total loss of the returned δ (what stop_on="loss" reads)
     final_kl: torch.Tensor | None = None  # [n_groups] its KL (unweighted, in hparams.kl_direction)
     final_decay: torch.Tensor | None = None  # [n_groups] its weighted decay term
-
-
-def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams, naive: bool = False):
-    """δ for a few key groups at once. Adam treats each coordinate separately and every group's loss
-    depends only on its own δ, so this equals optimising each group alone (also its early stop).
-
-    Each step runs only what depends on δ: the blocks after `layer`, from each row's subject's
-    last token on (suffix.run_from_block); tokens before it and blocks up to `layer` come from
-    one forward pass before the first step. naive=True runs every step as a full forward pass
-    with δ added by a hook (the definition, kept as the oracle the fast path is tested against)."""
-    device = get_device(model)
-    rows, lookup, row_group, answer_rows, answer_cols, answer_tokens, answer_weight = [], [], [], [], [], [], []
-    for g, members in enumerate(groups):
-        n_rows = len(members) * len(prefixes)
-        for i in members:
-            r = requests[i]
-            tokens = target_ids(tokenizer, r.target)
-            for p in prefixes:
-                text = p + r.prompt.replace("{}", r.subject)
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                row = len(rows)
-                rows.append(ids + tokens[:-1])
-                lookup.append(subject_span(tokenizer, text, r.subject, occurrence=-1)[1] - 1)
-                row_group.append(g)
-                for j, t in enumerate(tokens):  # position len(ids)-1+j predicts token j
-                    answer_rows.append(row)
-                    answer_cols.append(len(ids) - 1 + j)
-                    answer_tokens.append(t)
-                    answer_weight.append(1.0 / (len(tokens) * n_rows))  # mean over tokens, then rows
-    n_rewrite = len(rows)
-    kl_group = []
-    for g, members in enumerate(groups):
-        subject = requests[members[0]].subject
-        for k in hparams.kl_prompts:
-            text = k.replace("{}", subject)
-            rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-            lookup.append(subject_span(tokenizer, text, subject, occurrence=-1)[1] - 1)
-            row_group.append(g)
-            kl_group.append(g)
-    input_ids, mask = pad_rows(rows, tokenizer.eos_token_id, device)
-    as_long = lambda x: torch.tensor(x, device=device, dtype=torch.long)  # noqa: E731
-    lookup, row_group, kl_group = as_long(lookup), as_long(row_group), as_long(kl_group)
-    answer_rows, answer_cols, answer_tokens = as_long(answer_rows), as_long(answer_cols), as_long(answer_tokens)
-    answer_weight = torch.tensor(answer_weight, device=device)
-    answer_group = row_group[answer_rows]
-    kl_rows = torch.arange(n_rewrite, len(rows), device=device)
-    kl_last = mask[kl_rows].sum(1) - 1
-    n_groups, n_kl = len(groups), len(hparams.kl_prompts)
-
-    with torch.no_grad(), Recorder(model, [("hidden", layer)]) as rec:
-        out = model(input_ids=input_ids, attention_mask=mask, use_cache=not naive)
-    logits = out.logits
-    hidden = rec[("hidden", layer)]
-    if not naive:  # nothing before a row's subject's last token, nor below block layer + 1, depends on δ
-        all_rows = torch.arange(len(rows), device=device)
-        suffix_len = mask.sum(1) - lookup
-        at = (lookup[:, None] + torch.arange(int(suffix_len.max()), device=device)[None]).clamp(max=mask.shape[1] - 1)
-        block_input = hidden[all_rows[:, None], at]  # [rows, width, d] the input of block layer + 1
-        cache = output_cache(out)
-        kv = [None if i <= layer else (keys, values) for i, (keys, values, *_) in enumerate(cache)]
-    # h of each group: the row without prefix (prefixes[0] is "") of its first request
-    first_rows = as_long([sum(len(m) for m in groups[:g]) * len(prefixes) for g in range(n_groups)])
-    h = hidden[first_rows, lookup[first_rows]].float()  # [G, d_model]
-    kl_before = torch.log_softmax(logits[kl_rows, kl_last].float(), -1)
-
-    delta = torch.zeros_like(h, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    max_norm = hparams.clamp_norm_factor * h.norm(dim=1, keepdim=True)  # [G, 1]
-    active = torch.ones(n_groups, dtype=torch.bool, device=device)
-    steps = torch.zeros(n_groups, dtype=torch.long, device=device)
-    final = {name: torch.zeros(n_groups, device=device) for name in ("nll", "loss", "kl", "decay")}
-    with frozen(model):
-        for step in range(hparams.v_steps + 1):
-            # only the rows of groups still optimising run (converged groups leave the batch)
-            on = active[row_group]  # [rows]
-            run = on.nonzero().squeeze(1)
-            local = torch.full((len(rows),), -1, dtype=torch.long, device=device)
-            local[run] = torch.arange(len(run), device=device)
-            width = int(mask[run].sum(1).max())
-            run_lookup, run_group = lookup[run], row_group[run]
-
-            if naive:
-                def add_delta(out: torch.Tensor) -> torch.Tensor:
-                    out = out.clone()
-                    index = torch.arange(out.shape[0], device=out.device)
-                    out[index, run_lookup] = out[index, run_lookup] + delta[run_group].to(out.dtype)
-                    return out
-
-                with patch(model, "hidden", layer, add_delta):
-                    logits = model(input_ids=input_ids[run, :width], attention_mask=mask[run, :width]).logits
-                offset = torch.zeros_like(lookup)
-            else:
-                past, _ = left_pad_past([None if x is None else (x[0][run], x[1][run]) for x in kv], run_lookup)
-                first = block_input[run, :1] + delta[run_group, None].to(block_input.dtype)
-                logits = run_from_block(model, layer + 1, torch.cat([first, block_input[run, 1:]], 1), past,
-                                        run_lookup, suffix_len[run])
-                offset = lookup  # logits of row r start at its subject's last token
-            a = on[answer_rows]
-            logprobs = torch.log_softmax(logits[local[answer_rows[a]], answer_cols[a] - offset[answer_rows[a]]].float(), -1)
-            token_nll = -logprobs.gather(1, answer_tokens[a, None]).squeeze(1)  # [answers]
-            nll = torch.zeros(n_groups, device=device).index_add(0, answer_group[a], token_nll * answer_weight[a])
-            kl_on = on[kl_rows]
-            kl_after = torch.log_softmax(logits[local[kl_rows[kl_on]], kl_last[kl_on] - offset[kl_rows[kl_on]]].float(), -1)
-            kl_rowwise = kl_per_row(kl_after, kl_before[kl_on], hparams.kl_direction)  # default KL(after ‖ before)
-            kl = torch.zeros(n_groups, device=device).index_add(0, kl_group[kl_on], kl_rowwise) / n_kl
-            decay = decay_term(hparams, delta.norm(dim=1), h.norm(dim=1))  # default ‖δ‖ / ‖h‖², as the paper's code
-            loss = nll + hparams.kl_factor * kl + decay  # [G]
-            if not bool(torch.isfinite(loss[active]).all()):  # a NaN loss would count as converged: δ = 0, no edit
-                raise NonFiniteEditError(f"the loss of MEMIT's target optimisation at layer {layer} is not finite "
-                                         f"({nonfinite_cause(model) or 'the logits overflowed'}); nothing was written")
-            for name, value in (("nll", nll), ("loss", loss), ("kl", kl), ("decay", decay)):
-                final[name] = torch.where(active, value.detach(), final[name])
-            stop_value = loss if hparams.stop_on == "loss" else nll
-            active &= stop_value.detach() >= hparams.stop_threshold  # converged groups stop where they are
-            if step == hparams.v_steps or not active.any():
-                break  # checked before the step; the last evaluation takes no step
-            steps += active.long()
-            optimizer.zero_grad()
-            (loss * active).sum().backward()
-            before = delta.detach().clone()
-            optimizer.step()
-            with torch.no_grad():
-                delta.copy_(torch.where(active[:, None], delta, before))  # Adam's momentum must not move them
-                norms = delta.norm(dim=1, keepdim=True)
-                delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
-    return h, h + delta.detach(), final["nll"], steps, final["loss"], final["kl"], final["decay"]
 
 
 def compute_targets(model, tokenizer, requests: list[Request], groups: list[list[int]], layer: int,
@@ -611,67 +436,3 @@ def success_with_targets(model, tokenizer, cases: list[dict], requests: list[Req
             mean_logprob.append(sum(logprobs[i, col, t].item() for col, t in row_answers) / len(row_answers))
     wins = [mean_logprob[2 * c] > mean_logprob[2 * c + 1] for c in range(len(cases))]
     return 100.0 * sum(wins) / len(wins)
-
-
-# --------------------------------------------------------------------------------------
-# Looking around: predictions before and after, the scaling plot, an explorer
-# --------------------------------------------------------------------------------------
-
-def prediction_rows(model, tokenizer, cases: list[dict], n_neighbours: int = 2) -> list[dict]:
-    """P(new object) and P(true object) (length-normalised, as evaluation scores them) on each case's
-    rewrite prompt, its paraphrases and its first `n_neighbours` neighbourhood prompts."""
-    from .evaluation import case_prompts
-    from .scoring import score
-
-    rows = []
-    for i, case in enumerate(cases):
-        rewrite = case["requested_rewrite"]
-        prompts = case_prompts(case)
-        for kind, texts in (("rewrite", prompts["rewrite"]), ("paraphrase", prompts["paraphrase"]),
-                            ("neighbour", prompts["neighborhood"][:n_neighbours])):
-            for text in texts:
-                rows.append({"case": i, "kind": kind, "prompt": text,
-                             "new": rewrite["target_new"]["str"], "true": rewrite["target_true"]["str"]})
-    if not rows:
-        return rows
-    prompts = [r["prompt"] for r in rows]
-    p_new = score(model, tokenizer, prompts, [r["new"] for r in rows])["mean_logprob"].exp()
-    p_true = score(model, tokenizer, prompts, [r["true"] for r in rows])["mean_logprob"].exp()
-    for r, a, b in zip(rows, p_new.tolist(), p_true.tolist()):
-        r["p_new"], r["p_true"] = a, b
-    return rows
-
-
-from .plots import plot_scaling  # noqa: E402,F401  (the scaling figure lives in plots.py; re-exported here)
-
-
-def memit_explorer(model, tokenizer, cases: list[dict], hparams: MemitHparams | None = None,
-                   mom2: dict[int, torch.Tensor] | None = None):
-    """An ipywidgets explorer (headless-safe, nothing blocks): pick a case, type a new object, and
-    see P(new) and P(true) on its prompts before and after a MEMIT edit (undone right after)."""
-    import ipywidgets as widgets
-    from IPython.display import display
-
-    labels = [(f"{c['requested_rewrite']['prompt'].replace('{}', c['requested_rewrite']['subject'])} "
-               f"-> {c['requested_rewrite']['target_true']['str']}", i) for i, c in enumerate(cases)]
-    case = widgets.Dropdown(options=labels, value=0, description="fact", layout=widgets.Layout(width="60%"))
-    target = widgets.Text(value=cases[0]["requested_rewrite"]["target_new"]["str"], description="new object",
-                          continuous_update=False)
-    case.observe(lambda change: setattr(target, "value", cases[change["new"]]["requested_rewrite"]["target_new"]["str"]),
-                 names="value")
-
-    def show(i, new):
-        if not new.strip():
-            print("type a new object")
-            return
-        chosen = {**cases[i], "requested_rewrite": {**cases[i]["requested_rewrite"], "target_new": {"str": new}}}
-        before = prediction_rows(model, tokenizer, [chosen])
-        with edit(model, tokenizer, [chosen], hparams, mom2=mom2):
-            after = prediction_rows(model, tokenizer, [chosen])
-        print(f"{'prompt':<48} {'P(new) before → after':>24} {'P(true) before → after':>24}")
-        for b, a in zip(before, after):
-            print(f"{b['kind'][:5]:<6}{b['prompt'][:42]:<42} {b['p_new']:>10.3f} → {a['p_new']:<10.3f}  "
-                  f"{b['p_true']:>10.3f} → {a['p_true']:<10.3f}")
-
-    out = widgets.interactive_output(show, {"i": case, "new": target})
-    display(widgets.VBox([case, target, out]))

@@ -17,7 +17,8 @@ that the later layers read as o. To write a new object o*, ROME
 
 `edit(model, tokenizer, request)` runs all three and returns a handle that restores the
 weights bit for bit (`.restore()`, or use it as a context manager). `lstsq_update` and
-`feasible_perturbations` are independent checks of step 3 (chapter 6 uses them).
+`feasible_perturbations` are independent checks of step 3 (chapter 6 uses them). How v* is
+optimised fast (same numbers as the definition, `compute_v_star_naive`): `rome_engine`.
 """
 from __future__ import annotations
 
@@ -26,18 +27,19 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .hooks import Recorder, patch
+from .hooks import Recorder
 from .hyperparams import HPARAMS_ROOT, EditHparams, read_hparams  # noqa: F401  (read_hparams: kept importable here)
-from .kv_cache import output_cache
 from .models import check_layer, get_device, mlp_out_weight, module_name, value_bias
-from .scoring import pad_rows, target_ids
+from .rome_engine import (  # noqa: F401  (the engine's names stay importable from here)
+    _batch, _last_subject_positions, _v_star, decay_term, kl_per_row,
+)
+from .scoring import target_ids
 from .stats import second_moment
-from .suffix import left_pad_past, run_from_block
 from .tokens import subject_span
 from .validate import (NonFiniteEditError, check_context, check_finite_update, check_model_finite, nonfinite_cause,
                        require_later_layer, require_nonempty, require_nonnegative, require_positive,
                        require_positive_int, require_templates, shorten)
-from .weights import Restorable, WeightSnapshot, frozen
+from .weights import Restorable, WeightSnapshot
 
 HPARAMS_DIR = HPARAMS_ROOT / "rome"
 
@@ -111,22 +113,6 @@ def check_objective(hparams, method: str) -> None:
                         "The optimisation stops once the chosen loss is below it; the papers' code uses 5e-2.")
 
 
-def kl_per_row(after: torch.Tensor, before: torch.Tensor, direction: str) -> torch.Tensor:
-    """KL between next-token distributions given as log-probabilities [rows, vocab]; one value per row.
-
-    direction "after||before" (the papers' code) is KL(P_after ‖ P_before) = Σ P_after (log P_after −
-    log P_before); "before||after" the reverse. torch.nn.functional.kl_div(input, target) sums
-    P_target (log P_target − input), so the papers' `kl_div(kl_distr_init, kl_log_probs)` (input: the
-    log-probabilities before δ, target: after) is KL(after ‖ before)."""
-    first, second = (after, before) if direction == "after||before" else (before, after)
-    return torch.nn.functional.kl_div(second, first, log_target=True, reduction="none").sum(-1)
-
-
-def decay_term(hparams, delta_norm: torch.Tensor, base_norm: torch.Tensor) -> torch.Tensor:
-    """v_weight_decay · ‖δ‖^decay_power / ‖h‖² (decay_power 1: the papers' code, ‖δ‖ not squared)."""
-    return hparams.v_weight_decay * delta_norm ** hparams.decay_power / base_norm ** 2
-
-
 def check_lengths(model, tokenizer, prompt: str, subject: str, target: str, prefixes: list[str],
                   kl_prompts, method: str) -> None:
     """Every row the optimisation runs (prefix + prompt + target, and the KL prompts) must fit the context."""
@@ -183,15 +169,6 @@ def sample_prefixes(model, tokenizer, lengths: tuple[tuple[int, int], ...], seed
     return out
 
 
-def _last_subject_positions(tokenizer, prompts: list[str], subject: str) -> list[int]:
-    # The prefix may mention the subject too: the request's own occurrence is the last one.
-    return [subject_span(tokenizer, p, subject, occurrence=-1)[1] - 1 for p in prompts]
-
-
-def _batch(tokenizer, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_rows(rows, tokenizer.eos_token_id, device)
-
-
 @torch.no_grad()
 def compute_k_star(model, tokenizer, prompt: str, subject: str, layer: int, prefixes: list[str]) -> torch.Tensor:
     """k* = mean over prefixes of the key at the subject's last token: [d_ff]."""
@@ -240,100 +217,18 @@ def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, lay
 
     All prompts run in one batch per step, and each step runs only what depends on δ: the
     blocks after `layer`, from the subject's last token on (suffix.run_from_block); the rest
-    (tokens before it, blocks up to `layer`) is one forward pass before the first step. Equal
-    to `compute_v_star_naive`, one full forward pass per step, up to float rounding.
+    (tokens before it, blocks up to `layer`) is one forward pass before the first step (how:
+    `rome_engine`). Equal to `compute_v_star_naive`, one full forward pass per step, up to float
+    rounding.
     """
-    return _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams, naive=False)
+    return VStarResult(*_v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams, naive=False))
 
 
 def compute_v_star_naive(model, tokenizer, prompt: str, subject: str, target: str, layer: int,
                          prefixes: list[str], hparams: RomeHparams) -> VStarResult:
     """`compute_v_star` as the definition reads: every step a full forward pass of every prompt
     with δ added to the MLP output by a hook (the oracle the fast path is tested against)."""
-    return _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams, naive=True)
-
-
-def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams, naive: bool) -> VStarResult:
-    device = get_device(model)
-    target_tokens = target_ids(tokenizer, target)
-    rewrite_prompts = [p + prompt.replace("{}", subject) for p in prefixes]
-    kl_prompts = [k.replace("{}", subject) for k in hparams.kl_prompts]
-    rows, answer_positions = [], []
-    for text in rewrite_prompts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows.append(ids + target_tokens[:-1])
-        answer_positions.append(list(range(len(ids) - 1, len(ids) - 1 + len(target_tokens))))
-    kl_rows = [tokenizer(k, add_special_tokens=False)["input_ids"] for k in kl_prompts]
-    input_ids, mask = _batch(tokenizer, rows + kl_rows, device)
-    lookup = torch.tensor(_last_subject_positions(tokenizer, rewrite_prompts + kl_prompts, subject), device=device)
-    row_index = torch.arange(len(lookup), device=device)
-    n_rewrite = len(rows)
-    kl_index = n_rewrite + torch.arange(len(kl_rows), device=device)
-    kl_last = torch.tensor([len(r) - 1 for r in kl_rows], device=device)
-    answer_rows = torch.tensor([i for i, pos in enumerate(answer_positions) for _ in pos], device=device)
-    answer_cols = torch.tensor([c for pos in answer_positions for c in pos], device=device)
-    answer_tokens = torch.tensor(target_tokens * n_rewrite, device=device)
-
-    sites = [("mlp_out", layer), ("hidden", layer)]
-    with torch.no_grad(), Recorder(model, sites) as rec:
-        out = model(input_ids=input_ids, attention_mask=mask, use_cache=not naive)
-    logits = out.logits
-    base_out = rec[("mlp_out", layer)][0, lookup[0]].float()
-    kl_before = torch.log_softmax(logits[kl_index, kl_last].float(), -1)
-
-    if naive:
-        def add_delta(out: torch.Tensor) -> torch.Tensor:
-            out = out.clone()
-            out[row_index, lookup] = out[row_index, lookup] + delta.to(out.dtype)
-            return out
-
-        def run() -> tuple[torch.Tensor, torch.Tensor]:  # logits at the answers, at the KL positions
-            with patch(model, "mlp_out", layer, add_delta):
-                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-            return logits[answer_rows, answer_cols], logits[kl_index, kl_last]
-    else:
-        # Nothing before the subject's last token, nor below block layer + 1, depends on δ.
-        lengths = mask.sum(1)
-        suffix_len = lengths - lookup
-        width = int(suffix_len.max())
-        at = (lookup[:, None] + torch.arange(width, device=device)[None]).clamp(max=input_ids.shape[1] - 1)
-        block_input = rec[("hidden", layer)][row_index[:, None], at].detach()  # [B, width, d] input of block layer+1
-        cache = output_cache(out)
-        kv = [None if i <= layer else (keys, values) for i, (keys, values, *_) in enumerate(cache)]
-        past, _ = left_pad_past(kv, lookup)
-
-        def run() -> tuple[torch.Tensor, torch.Tensor]:
-            first = block_input[:, :1] + delta.to(block_input.dtype)  # δ at the subject's last token
-            logits = run_from_block(model, layer + 1, torch.cat([first, block_input[:, 1:]], 1), past, lookup,
-                                    suffix_len).float()
-            return logits[answer_rows, answer_cols - lookup[answer_rows]], logits[kl_index, kl_last - lookup[kl_index]]
-
-    delta = torch.zeros(base_out.shape[0], device=device, dtype=torch.float32, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    max_norm = hparams.clamp_norm_factor * base_out.norm()
-    losses = []
-
-    with frozen(model):
-        for step in range(hparams.v_steps + 1):
-            answer_logits, kl_logits = run()
-            logprobs = torch.log_softmax(answer_logits, -1)
-            token_logprobs = logprobs.gather(1, answer_tokens[:, None]).squeeze(1).view(n_rewrite, -1)
-            nll = -token_logprobs.mean(1).mean()
-            kl_after = torch.log_softmax(kl_logits, -1)
-            kl = kl_per_row(kl_after, kl_before, hparams.kl_direction).mean()  # mean over the KL prompts
-            decay = decay_term(hparams, delta.norm(), base_out.norm())
-            loss = nll + hparams.kl_factor * kl + decay
-            losses.append({"nll": nll.item(), "kl": kl.item(), "decay": decay.item(), "loss": loss.item(),
-                           "delta_norm": delta.norm().item(), "p_target": token_logprobs.sum(1).exp().mean().item()})
-            if losses[-1][hparams.stop_on] < hparams.stop_threshold or step == hparams.v_steps:
-                break  # checked before the step; the last evaluation takes no step
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-    return VStarResult(delta.detach(), losses)
+    return VStarResult(*_v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams, naive=True))
 
 
 def solve_c_inverse_k(mom2: torch.Tensor, k_star: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:

@@ -57,6 +57,7 @@ RULES: list[tuple[str, int]] = [
     ("kn_tutorial.*_display", BOOK),             # figures, HTML and explorers of a method (above it)
     ("kn_tutorial.memories*", METHODS),          # a method and its own modules (memories_engine, ...)
     ("kn_tutorial.attribution*", METHODS),
+    ("kn_tutorial.logit_attribution", METHODS),  # direct logit attribution, beside IG (chapter 3)
     ("kn_tutorial.neurons*", METHODS),
     ("kn_tutorial.tracing*", METHODS),
     ("kn_tutorial.rome*", METHODS),
@@ -74,6 +75,7 @@ RULES: list[tuple[str, int]] = [
     ("kn_tutorial.exercises.*", BOOK),
     ("kn_tutorial.notebook", BOOK),
     ("kn_tutorial.plots", BOOK),
+    ("kn_tutorial.explorers", BOOK),             # ipywidgets explorers of the chapters
     ("kn_tutorial", BOOK),                       # the package's own __init__: load_model, set_progress
 ]
 

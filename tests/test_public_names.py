@@ -1,9 +1,9 @@
 """Splitting a module must not move a name out from under its users (issue 23).
 
-`tracing`, `memories`, `neurons` and `attribution` were each split into the definition (the module
-itself), a fast engine (`*_engine`) and what shows results (`*_display`). Every name the chapters,
-the student notebooks, the scripts, the benchmarks, the tests and the rest of the package take from
-one of these modules must still be there: this test reads those files, collects every
+`tracing`, `memories`, `neurons`, `attribution`, `memit` and `rome` were each split into the
+definition (the module itself), a fast engine (`*_engine`) and what shows results (`*_display`;
+`rome` has none). Every name the chapters, the student notebooks, the scripts, the benchmarks,
+the tests and the rest of the package take from one of these modules must still be there: this test reads those files, collects every
 `from kn_tutorial.tracing import X`, `tracing.X` (after `from kn_tutorial import tracing`) and
 `kn_tutorial.tracing.X`, and imports each X from its old place.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLIT = ("tracing", "memories", "neurons", "attribution")
+SPLIT = ("tracing", "memories", "neurons", "attribution", "memit", "rome")
 
 
 def _sources():
@@ -28,10 +28,10 @@ def _sources():
         for path in sorted(ROOT.glob(pattern)):
             cells = json.loads(path.read_text())["cells"]
             code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
-            for cell in code:  # IPython magics are not Python: read them as `pass`
-                lines = [ln[: len(ln) - len(ln.lstrip())] + "pass" if ln.lstrip().startswith(("%", "!")) else ln
-                         for ln in cell.splitlines()]
-                yield path, "\n".join(lines)
+            # one source per notebook: a module imported in the first cell is used in later ones
+            lines = [ln[: len(ln) - len(ln.lstrip())] + "pass" if ln.lstrip().startswith(("%", "!")) else ln
+                     for cell in code for ln in cell.splitlines()]  # IPython magics are not Python: `pass`
+            yield path, "\n".join(lines)
     for folder in ("scripts", "tests", "benchmarks", "kn_tutorial"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             if path.parent.name == "kn_tutorial" and path.stem.split("_")[0] in SPLIT:
@@ -106,6 +106,15 @@ PUBLIC_BEFORE_SPLIT = {
         'key_activations', 'path_probabilities', 'plot_attributions', 'probability_gap',
         'riemann_alphas', 'suppressed_probabilities', 'suppressed_probability', 'top_neurons',
         'top_neurons_html'),
+    "memit": ('HPARAMS_DIR', 'LayerRecord', 'MemitEdit', 'MemitHparams', 'MemitTargets', 'Request',
+        'as_request', 'check_conflicts', 'compute_keys', 'compute_keys_and_residuals', 'compute_residuals',
+        'compute_targets', 'compute_targets_naive', 'edit', 'find_conflicts', 'key_groups',
+        'memit_explorer', 'plot_scaling', 'prediction_rows', 'prepare', 'solve_update',
+        'success_with_targets'),
+    "rome": ('HPARAMS_DIR', 'RomeEdit', 'RomeHparams', 'VStarResult', 'apply_rank_one', 'check_lengths',
+        'check_objective', 'check_v_settings', 'compute_k_star', 'compute_v_star', 'compute_v_star_naive',
+        'decay_term', 'edit', 'feasible_perturbations', 'kl_per_row', 'lstsq_update', 'prepare_request',
+        'rank_one_delta', 'rank_one_update', 'read_hparams', 'sample_prefixes', 'solve_c_inverse_k'),
 }
 
 
@@ -115,6 +124,8 @@ def test_the_scan_finds_the_chapters_names():
     assert {"integrated_gradients", "attribution_explorer"} <= USED["attribution"]  # a display name too
     assert {"find_triggers", "memory_explorer"} <= USED["memories"]
     assert {"kn_edit", "plot_effects"} <= USED["neurons"]
+    assert {"edit", "prediction_rows", "plot_scaling", "memit_explorer"} <= USED["memit"]
+    assert {"edit", "compute_v_star", "compute_v_star_naive"} <= USED["rome"]
 
 
 @pytest.mark.parametrize("module", SPLIT)
@@ -137,10 +148,12 @@ def test_every_public_name_of_before_the_split_is_still_there(module):
 def test_importing_a_method_does_not_load_its_display():
     """Display names are re-exported lazily (kn_tutorial.lazy): the import drawing stays acyclic."""
     code = ("import sys\n"
-            "from kn_tutorial import attribution, memories, neurons, tracing\n"
+            "from kn_tutorial import attribution, memit, memories, neurons, tracing\n"
             "assert not [m for m in sys.modules if m.endswith('_display')], sys.modules.keys()\n"
             "from kn_tutorial.tracing import plot_traces\n"
-            "assert plot_traces.__module__ == 'kn_tutorial.tracing_display'\n")
+            "assert plot_traces.__module__ == 'kn_tutorial.tracing_display'\n"
+            "from kn_tutorial.memit import memit_explorer\n"
+            "assert memit_explorer.__module__ == 'kn_tutorial.memit_display'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

@@ -1,0 +1,226 @@
+"""How MEMIT runs fast (the definition: `memit`; Meng et al., 2023, "Mass-Editing Memory in a
+Transformer").
+
+None of this changes what MEMIT computes; `memit.compute_targets_naive` is the target
+optimisation run literally (a full forward pass per Adam step, δ added by a hook), and
+`memit.compute_keys` / `memit.compute_residuals` read keys and residuals with whole passes. The
+tests hold the engine to both.
+
+1. Target batches. `_optimise_chunk` optimises δ for `batch_size` key groups in one batch. Adam
+   treats each coordinate separately and each group's loss depends only on its own δ, so this is
+   the same as optimising each group alone, its early stop included: a group that has converged
+   leaves the batch, and Adam's momentum is not allowed to move its δ again.
+2. Only what depends on δ. δ is added to the residual after block `layer` at the subject's last
+   token, so tokens before that position and blocks up to `layer` cannot change between steps:
+   one forward pass before the first step records them (the block input and a KV cache), and
+   each step runs only blocks `layer` + 1 on, from the subject's last token on
+   (suffix.run_from_block).
+3. Keys and residuals in one pass. `compute_keys_and_residuals` reads the key at `layer` and the
+   residual after block `last` from the same rows, each cut after the subject's last token and
+   stopped above block max(layer, last) (`_run_through`): attention is causal and nothing later
+   is read. GPT-2's GELU runs there as one kernel (models.fused_activations); in the target
+   optimisation it stays the unfused module (its 1e-7 rounding, carried through the Adam steps,
+   would move z; see `memit.compute_targets`).
+
+The requests are any objects with `prompt`, `subject` and `target` (memit.Request), and the
+hyper-parameters any object with MEMIT's fields (memit.MemitHparams): the engine sits below the
+definition and does not import it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .hooks import Recorder, patch
+from .kv_cache import output_cache
+from .models import final_norm, fused_activations, get_block, get_device, n_layers
+from .rome_engine import decay_term, kl_per_row
+from .scoring import pad_rows, target_ids
+from .suffix import left_pad_past, run_from_block
+from .tokens import subject_span
+from .validate import NonFiniteEditError, nonfinite_cause
+from .weights import frozen
+
+
+def _rows_at_subject(tokenizer, texts: list[str], subjects: list[str]) -> tuple[list[list[int]], list[int]]:
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # a prefix may mention the subject too: the request's own occurrence is the last one
+    last = [subject_span(tokenizer, t, s, occurrence=-1)[1] - 1 for t, s in zip(texts, subjects)]
+    return rows, last
+
+
+class _Enough(Exception):
+    """Raised by a pre-hook once every block a read needs has run (see _run_through)."""
+
+
+def _run_through(model, layer: int, **forward_kwargs) -> None:
+    """model(**forward_kwargs), stopped before anything above block `layer` runs (the later blocks,
+    the final norm and the unembedding read nothing that is recorded at or below `layer`)."""
+    above = get_block(model, layer + 1) if layer + 1 < n_layers(model) else final_norm(model)
+
+    def stop(module, args):
+        raise _Enough
+
+    handle = above.register_forward_pre_hook(stop)
+    try:
+        model(**forward_kwargs)
+    except _Enough:
+        pass
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def compute_keys_and_residuals(model, tokenizer, requests: list, groups: list[list[int]], layer: int,
+                               last: int, prefixes: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(compute_keys(..., layer, prefixes), compute_residuals(..., last)) from one forward pass, the
+    same numbers to float rounding; what `edit` reads before each layer's update.
+
+    The residual's prompt is the key's prompt without prefix (prefixes[0] is ""), and nothing after
+    the subject's last token nor above block `last` can change either reading (attention is causal),
+    so each row runs only up to that token and through block max(layer, last). GPT-2's GELU runs as
+    one kernel (models.fused_activations)."""
+    if not prefixes or prefixes[0] != "":
+        raise ValueError("prefixes must start with '' (the prompt without prefix), as sample_prefixes returns")
+    first = [requests[g[0]] for g in groups]
+    texts = [p + r.prompt.replace("{}", r.subject) for r in first for p in prefixes]
+    subjects = [r.subject for r in first for _ in prefixes]
+    device = get_device(model)
+    sites = [("key", layer), ("hidden", last)]
+    keys, hidden = [], []
+    with fused_activations(model):
+        for start in range(0, len(texts), batch_size):
+            rows, at = _rows_at_subject(tokenizer, texts[start:start + batch_size], subjects[start:start + batch_size])
+            input_ids, mask = pad_rows([row[:i + 1] for row, i in zip(rows, at)], tokenizer.eos_token_id, device)
+            with Recorder(model, sites) as rec:
+                _run_through(model, max(layer, last), input_ids=input_ids, attention_mask=mask)
+            index = (torch.arange(len(rows), device=device), torch.tensor(at, device=device))
+            keys.append(rec[sites[0]][index].float())
+            hidden.append(rec[sites[1]][index].float())
+    keys = torch.cat(keys).view(len(groups), len(prefixes), -1)
+    return keys.mean(1), torch.cat(hidden).view(len(groups), len(prefixes), -1)[:, 0]
+
+
+def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams, naive: bool = False):
+    """δ for a few key groups at once. Adam treats each coordinate separately and every group's loss
+    depends only on its own δ, so this equals optimising each group alone (also its early stop).
+
+    Each step runs only what depends on δ: the blocks after `layer`, from each row's subject's
+    last token on (suffix.run_from_block); tokens before it and blocks up to `layer` come from
+    one forward pass before the first step. naive=True runs every step as a full forward pass
+    with δ added by a hook (the definition, kept as the oracle the fast path is tested against)."""
+    device = get_device(model)
+    rows, lookup, row_group, answer_rows, answer_cols, answer_tokens, answer_weight = [], [], [], [], [], [], []
+    for g, members in enumerate(groups):
+        n_rows = len(members) * len(prefixes)
+        for i in members:
+            r = requests[i]
+            tokens = target_ids(tokenizer, r.target)
+            for p in prefixes:
+                text = p + r.prompt.replace("{}", r.subject)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                row = len(rows)
+                rows.append(ids + tokens[:-1])
+                lookup.append(subject_span(tokenizer, text, r.subject, occurrence=-1)[1] - 1)
+                row_group.append(g)
+                for j, t in enumerate(tokens):  # position len(ids)-1+j predicts token j
+                    answer_rows.append(row)
+                    answer_cols.append(len(ids) - 1 + j)
+                    answer_tokens.append(t)
+                    answer_weight.append(1.0 / (len(tokens) * n_rows))  # mean over tokens, then rows
+    n_rewrite = len(rows)
+    kl_group = []
+    for g, members in enumerate(groups):
+        subject = requests[members[0]].subject
+        for k in hparams.kl_prompts:
+            text = k.replace("{}", subject)
+            rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            lookup.append(subject_span(tokenizer, text, subject, occurrence=-1)[1] - 1)
+            row_group.append(g)
+            kl_group.append(g)
+    input_ids, mask = pad_rows(rows, tokenizer.eos_token_id, device)
+    as_long = lambda x: torch.tensor(x, device=device, dtype=torch.long)  # noqa: E731
+    lookup, row_group, kl_group = as_long(lookup), as_long(row_group), as_long(kl_group)
+    answer_rows, answer_cols, answer_tokens = as_long(answer_rows), as_long(answer_cols), as_long(answer_tokens)
+    answer_weight = torch.tensor(answer_weight, device=device)
+    answer_group = row_group[answer_rows]
+    kl_rows = torch.arange(n_rewrite, len(rows), device=device)
+    kl_last = mask[kl_rows].sum(1) - 1
+    n_groups, n_kl = len(groups), len(hparams.kl_prompts)
+
+    with torch.no_grad(), Recorder(model, [("hidden", layer)]) as rec:
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=not naive)
+    logits = out.logits
+    hidden = rec[("hidden", layer)]
+    if not naive:  # nothing before a row's subject's last token, nor below block layer + 1, depends on δ
+        all_rows = torch.arange(len(rows), device=device)
+        suffix_len = mask.sum(1) - lookup
+        at = (lookup[:, None] + torch.arange(int(suffix_len.max()), device=device)[None]).clamp(max=mask.shape[1] - 1)
+        block_input = hidden[all_rows[:, None], at]  # [rows, width, d] the input of block layer + 1
+        cache = output_cache(out)
+        kv = [None if i <= layer else (keys, values) for i, (keys, values, *_) in enumerate(cache)]
+    # h of each group: the row without prefix (prefixes[0] is "") of its first request
+    first_rows = as_long([sum(len(m) for m in groups[:g]) * len(prefixes) for g in range(n_groups)])
+    h = hidden[first_rows, lookup[first_rows]].float()  # [G, d_model]
+    kl_before = torch.log_softmax(logits[kl_rows, kl_last].float(), -1)
+
+    delta = torch.zeros_like(h, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    max_norm = hparams.clamp_norm_factor * h.norm(dim=1, keepdim=True)  # [G, 1]
+    active = torch.ones(n_groups, dtype=torch.bool, device=device)
+    steps = torch.zeros(n_groups, dtype=torch.long, device=device)
+    final = {name: torch.zeros(n_groups, device=device) for name in ("nll", "loss", "kl", "decay")}
+    with frozen(model):
+        for step in range(hparams.v_steps + 1):
+            # only the rows of groups still optimising run (converged groups leave the batch)
+            on = active[row_group]  # [rows]
+            run = on.nonzero().squeeze(1)
+            local = torch.full((len(rows),), -1, dtype=torch.long, device=device)
+            local[run] = torch.arange(len(run), device=device)
+            width = int(mask[run].sum(1).max())
+            run_lookup, run_group = lookup[run], row_group[run]
+
+            if naive:
+                def add_delta(out: torch.Tensor) -> torch.Tensor:
+                    out = out.clone()
+                    index = torch.arange(out.shape[0], device=out.device)
+                    out[index, run_lookup] = out[index, run_lookup] + delta[run_group].to(out.dtype)
+                    return out
+
+                with patch(model, "hidden", layer, add_delta):
+                    logits = model(input_ids=input_ids[run, :width], attention_mask=mask[run, :width]).logits
+                offset = torch.zeros_like(lookup)
+            else:
+                past, _ = left_pad_past([None if x is None else (x[0][run], x[1][run]) for x in kv], run_lookup)
+                first = block_input[run, :1] + delta[run_group, None].to(block_input.dtype)
+                logits = run_from_block(model, layer + 1, torch.cat([first, block_input[run, 1:]], 1), past,
+                                        run_lookup, suffix_len[run])
+                offset = lookup  # logits of row r start at its subject's last token
+            a = on[answer_rows]
+            logprobs = torch.log_softmax(logits[local[answer_rows[a]], answer_cols[a] - offset[answer_rows[a]]].float(), -1)
+            token_nll = -logprobs.gather(1, answer_tokens[a, None]).squeeze(1)  # [answers]
+            nll = torch.zeros(n_groups, device=device).index_add(0, answer_group[a], token_nll * answer_weight[a])
+            kl_on = on[kl_rows]
+            kl_after = torch.log_softmax(logits[local[kl_rows[kl_on]], kl_last[kl_on] - offset[kl_rows[kl_on]]].float(), -1)
+            kl_rowwise = kl_per_row(kl_after, kl_before[kl_on], hparams.kl_direction)  # default KL(after ‖ before)
+            kl = torch.zeros(n_groups, device=device).index_add(0, kl_group[kl_on], kl_rowwise) / n_kl
+            decay = decay_term(hparams, delta.norm(dim=1), h.norm(dim=1))  # default ‖δ‖ / ‖h‖², as the paper's code
+            loss = nll + hparams.kl_factor * kl + decay  # [G]
+            if not bool(torch.isfinite(loss[active]).all()):  # a NaN loss would count as converged: δ = 0, no edit
+                raise NonFiniteEditError(f"the loss of MEMIT's target optimisation at layer {layer} is not finite "
+                                         f"({nonfinite_cause(model) or 'the logits overflowed'}); nothing was written")
+            for name, value in (("nll", nll), ("loss", loss), ("kl", kl), ("decay", decay)):
+                final[name] = torch.where(active, value.detach(), final[name])
+            stop_value = loss if hparams.stop_on == "loss" else nll
+            active &= stop_value.detach() >= hparams.stop_threshold  # converged groups stop where they are
+            if step == hparams.v_steps or not active.any():
+                break  # checked before the step; the last evaluation takes no step
+            steps += active.long()
+            optimizer.zero_grad()
+            (loss * active).sum().backward()
+            before = delta.detach().clone()
+            optimizer.step()
+            with torch.no_grad():
+                delta.copy_(torch.where(active[:, None], delta, before))  # Adam's momentum must not move them
+                norms = delta.norm(dim=1, keepdim=True)
+                delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+    return h, h + delta.detach(), final["nll"], steps, final["loss"], final["kl"], final["decay"]
