@@ -41,8 +41,9 @@ def _norm_linear(model, residual: Tensor):
     if "RMSNorm" in type(norm).__name__ and eps is not None:
         rms = torch.sqrt(x.pow(2).mean() + eps)
         return lambda c: weight * c / rms
-    raise NotImplementedError(f"direct logit attribution knows LayerNorm and RMSNorm final norms, "
-                              f"not {type(norm).__name__}")
+    raise ValueError(f"direct logit attribution needs the final norm's linear part; it knows LayerNorm and "
+                     f"RMSNorm, not {type(norm).__name__}. To add one, give its case in "
+                     f"kn_tutorial.logit_attribution._norm_linear.")
 
 
 def answer_direction(model, tokenizer, target: str) -> Tensor:

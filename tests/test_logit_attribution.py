@@ -55,3 +55,12 @@ def test_bad_input_is_named():
         direct_logit_attribution(model, tokenizer, PROMPT, TARGET, layers=[7])
     with pytest.raises(ValueError, match="prompt"):
         direct_logit_attribution(model, tokenizer, "", TARGET)
+
+
+def test_an_unknown_final_norm_is_refused_by_name(monkeypatch):
+    import kn_tutorial.logit_attribution as dla
+
+    model, tokenizer = tiny_lm("gpt2")
+    monkeypatch.setattr(dla, "final_norm", lambda m: torch.nn.GroupNorm(1, 4))  # neither LayerNorm nor RMSNorm
+    with pytest.raises(ValueError, match="GroupNorm.*_norm_linear"):
+        direct_logit_attribution(model, tokenizer, PROMPT, TARGET)
