@@ -127,17 +127,19 @@ def run_full(name: str, what: str, model_dir: Path, probe_json: Path | None) -> 
 
     log = json.loads((model_dir / "training_report.json").read_text())
     model, tokenizer = load_model(str(model_dir), device="cpu")
+    world = model_world(model_dir)
     started = time.time()
     if probe_json is not None:
         result = json.loads(probe_json.read_text())
+        probe_seconds = sum(result.get("seconds", {}).values())
     else:
         torch.set_num_threads(1)
-        result = probe(model, tokenizer, model_world(model_dir), **FULL_PROBE)
+        result = probe(model, tokenizer, world, **FULL_PROBE)
+        probe_seconds = time.time() - started
     print(format_probe(result), flush=True)
-    return {"name": name, "what": what, "overrides": {}, "config": log["config"], "n_facts": len(model_world(model_dir)),
+    return {"name": name, "what": what, "overrides": {}, "config": log["config"], "n_facts": len(world),
             "n_params": sum(p.numel() for p in model.parameters()), "loss": log["log"][-1]["loss"],
-            "train_seconds": log["seconds"], "probe_seconds": round(sum(result.get("seconds", {}).values()), 1)
-            if probe_json is not None else round(time.time() - started, 1), "probe": result}
+            "train_seconds": log["seconds"], "probe_seconds": round(probe_seconds, 1), "probe": result}
 
 
 HEADER = ("| variant | what changed | loss | MLP AIE L0 | best MLP AIE >= 1 (layer) | ratio | window 3: L0 / best (layer) "
