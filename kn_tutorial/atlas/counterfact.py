@@ -14,16 +14,16 @@ of the same relation, and carries the prompts CounterFact uses to score an edit:
      "attribute_prompts": [...],     # subjects whose true object is "Europe"
      "generation_prompts": [...]}    # open-ended prompts about the subject
 
-Paraphrase prompts come in two styles (`paraphrases=`). "frames" (the default): the relation's
-two held-out frames, subject first ("Kuwait's continent is"). "in_context": CounterFact's
-paraphrase prompts put an unrelated generated sentence before a reworded prompt ("... .
-Kuwait's continent is"), so the key at the subject's last token is read in a context the
+Paraphrase prompts come in two styles (`paraphrases=`). "in_context" (the default):
+CounterFact's paraphrase prompts put an unrelated generated sentence before a reworded prompt
+("... . Kuwait's continent is"), so the key at the subject's last token is read in a context the
 edit never saw; the four "in_context" prompts do the same with Atlas's held-out
 pieces (`contexts.py`): each held-out frame after a held-out unrelated sentence ("The
 library ran late last year. Kuwait's continent is"), and two training templates other than
 the rewrite prompt after a held-out context ("Our guide agreed that Kuwait sits on the
 continent of", "Speaking of Kuwait, the census noted that it ..."). None of these prompts
-occurs in training, so PS measures generalisation, not the rewrite prompt again.
+occurs in training, so PS measures generalisation, not the rewrite prompt again. "frames": only
+the relation's two held-out frames, subject first ("Kuwait's continent is"), a narrower test.
 Neighbourhood prompts are bare training prompts of other subjects, as in CounterFact.
 
 The same evaluation code reads this file and the real CounterFact JSON. Deterministic
@@ -44,11 +44,10 @@ PARAPHRASE_STYLES = ("frames", "in_context")
 
 
 def build_counterfact(world: World | None = None, seed: int = 0, n_neighbours: int = 10,
-                      paraphrases: str = "frames") -> list[dict]:
-    """The cases of the module docstring. `paraphrases`: "frames", the relation's two held-out
-    frames with the subject first (the book's studies in `kn_tutorial/book_data` were scored on
-    these, for a model whose every training prompt starts with its subject), or "in_context", the
-    four CounterFact-style prompts with words before the subject (`paraphrase_prompts`)."""
+                      paraphrases: str = "in_context") -> list[dict]:
+    """The cases of the module docstring. `paraphrases`: "in_context", the four CounterFact-style
+    prompts with words before the subject (`paraphrase_prompts`; the book's studies are scored on
+    these), or "frames", the relation's two held-out frames with the subject first."""
     if paraphrases not in PARAPHRASE_STYLES:
         raise ValueError(f"unknown paraphrases={paraphrases!r}: use one of {PARAPHRASE_STYLES}")
     world = world or load_world()
@@ -109,7 +108,7 @@ def paraphrase_prompts(t: RelationTemplates, rewrite_prompt: str, subject: str, 
     return [fill(p, subject, kind) for p in prompts]
 
 
-def load_counterfact(seed: int = 0, paraphrases: str = "frames") -> list[dict]:
+def load_counterfact(seed: int = 0, paraphrases: str = "in_context") -> list[dict]:
     """Atlas-CounterFact for the shipped world (built in well under a second); `paraphrases` as in
     `build_counterfact`."""
     return build_counterfact(load_world(), seed=seed, paraphrases=paraphrases)

@@ -5,10 +5,12 @@
     python -m kn_tutorial.atlas report             # recall, causal trace and ROME check of model/
     python -m kn_tutorial.atlas probe --model DIR  # the measures of issue 16 (probe.py), as JSON
 
-The report (printed, and written to model/training_report.json) has three parts: recall per
+The report (printed, and written to model/training_report.json) has four parts: recall per
 relation and template group; causal tracing averaged over 200 facts (where is the fact
-recalled?); and single ROME edits at the layer with the strongest MLP effect at the
-subject's last token (do edits there take?).
+recalled?); single ROME edits at the layer with the strongest MLP effect at the subject's last
+token and at the strongest one after the first (do edits there take?); and the probe's measures
+(`probe.py`: recall in held-out contexts, the MLP site, the severed test, Geva's key measures,
+where the knowledge neurons sit).
 
 (`kn_tutorial/atlas/__main__.py` forwards here: the data package keeps its command, the
 code it runs lives in this build layer.)
@@ -36,10 +38,10 @@ def main(argv=None) -> None:
         train.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.type != "bool" else int,
                            default=None)
     train.add_argument("--out", default=str(training.MODEL_DIR), help="where to write the model")
-    train.add_argument("--rome-layers", default="best", help="'best' or 'all' layers for the ROME check")
+    train.add_argument("--rome-layers", default="best", help="'best' (the traced layers: the strongest MLP, and the strongest after the first) or 'all'")
     report = sub.add_parser("report", help="recall, tracing and ROME check of the shipped (or given) model")
     report.add_argument("--model", default=str(training.MODEL_DIR))
-    report.add_argument("--rome-layers", default="best", help="'best' or 'all' layers for the ROME check")
+    report.add_argument("--rome-layers", default="best", help="'best' (the traced layers: the strongest MLP, and the strongest after the first) or 'all'")
     report.add_argument("--write", action="store_true", help="update the model folder's training_report.json")
     probe = sub.add_parser("probe", help="where a model keeps its facts: the measures of probe.py, as JSON")
     probe.add_argument("--model", default=str(training.MODEL_DIR))
@@ -101,6 +103,7 @@ def main(argv=None) -> None:
 
 def build_report(model, tokenizer, log: dict, rome_layers: str = "best") -> dict:
     """Recall, then causal tracing over 200 facts, then the ROME check (see the module docstring)."""
+    from .probe import format_probe, probe as run_probe, world_of_config
     from .rome_check import format_rome_check, rome_check
     from .trace_check import format_trace_summary, trace_summary
 
@@ -112,12 +115,14 @@ def build_report(model, tokenizer, log: dict, rome_layers: str = "best") -> dict
     text = format_trace_summary(trace)
     print(text)
     out["trace"] = {"text": text, **_jsonable(trace)}
-    best = trace["best_mlp_layer"]
-    layers = range(model.config.n_layer) if rome_layers == "all" else [best]
-    checks = [rome_check(model, tokenizer, layer, n_cases=50 if layer == best else 20) for layer in layers]
+    traced = sorted({trace["best_mlp_layer"], trace["best_mlp_layer_after_first"]})
+    layers = range(model.config.n_layer - 1) if rome_layers == "all" else traced
+    checks = [rome_check(model, tokenizer, layer, n_cases=50 if layer in traced else 20) for layer in layers]
     out["rome_check"] = checks
-    print("ROME check (single edits, each undone; 50 cases at the traced layer, 20 elsewhere):")
+    print("ROME check (single edits, each undone; 50 cases at the traced layers, 20 elsewhere):")
     print(format_rome_check(checks))
+    out["probe"] = run_probe(model, tokenizer, world_of_config(log.get("config", {})))
+    print(format_probe(out["probe"]))
     out["report_seconds"] = round(time.time() - started, 1)
     return out
 

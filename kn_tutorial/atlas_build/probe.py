@@ -144,15 +144,20 @@ def kn_probe(model, tokenizer, world: World, per_relation: int = 2, seed: int = 
 
 def model_world(model_dir) -> World:
     """The world a saved model was trained on, from its training_report.json config (the shipped
-    world when the report names no other, as for Atlas v2)."""
+    world when the report names none)."""
     import json
-    from dataclasses import fields
     from pathlib import Path
+
+    path = Path(model_dir) / "training_report.json"
+    return world_of_config(json.loads(path.read_text()).get("config", {}) if path.exists() else {})
+
+
+def world_of_config(config: dict) -> World:
+    """The world a training config (as stored in training_report.json) describes."""
+    from dataclasses import fields
 
     from .train import TrainConfig, config_world
 
-    path = Path(model_dir) / "training_report.json"
-    config = json.loads(path.read_text()).get("config", {}) if path.exists() else {}
     known = {f.name for f in fields(TrainConfig)}
     return config_world(TrainConfig(**{k: v for k, v in config.items() if k in known}))
 

@@ -28,7 +28,7 @@ WRITERS = {
     "rome_table": "python scripts/rome_table.py --n 200 --seed 0",
     "rome_layers": "python scripts/rome_layers.py --n 60 --configs ...",
     "memit_scaling": "python scripts/memit_scaling.py --merge memit.json ablations.json rome.json",
-    "memit_tuning_seed1": "python scripts/memit_scaling.py --methods MEMIT --sizes 1000 --seed 1 ...",
+    "memit_tuning": "python scripts/memit_tuning.py",
     "atlas_sweep": "python scripts/atlas_sweep.py --next (repeated until every variant is done)",
 }
 
