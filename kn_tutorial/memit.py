@@ -83,7 +83,11 @@ class MemitHparams(EditHparams):
     """MEMIT's hyper-parameters: the layers it spreads the edit over, λ, the key-group batching and the
     number of passes, besides the shared z and C settings (`EditHparams`)."""
     layers: tuple[int, ...]
-    mom2_update_weight: float = 20000.0  # λ
+    mom2_update_weight: float = 20000.0  # λ, the same for any number of edits (the paper's)
+    # An option beside the paper's constant λ: λ = mom2_update_weight_per_key · n, n the number of key
+    # groups edited at once (`update_weight`), so that the preserved memories (λ C sums λ "virtual"
+    # keys of the text) keep the same weight per edited key from one edit to thousands. None: the paper's.
+    mom2_update_weight_per_key: float | None = None
     # Deprecated: stop_nll=x is read as stop_on="nll", stop_threshold=x (the form used before the
     # papers' rule, stop on the total loss, became the default); None: use stop_on / stop_threshold.
     stop_nll: float | None = None
@@ -96,6 +100,13 @@ class MemitHparams(EditHparams):
 
     METHOD = "MEMIT"
     EXAMPLE = "MemitHparams(layers=(...))"
+
+    def update_weight(self, n_keys: int) -> float:
+        """λ for an edit of `n_keys` key groups: the constant `mom2_update_weight` (the paper's), or
+        `mom2_update_weight_per_key` · n_keys when that rule is set."""
+        if self.mom2_update_weight_per_key is None:
+            return self.mom2_update_weight
+        return self.mom2_update_weight_per_key * n_keys
 
     def __post_init__(self):
         if self.stop_nll is not None:  # the deprecated field: map it once, then forget it
@@ -325,6 +336,9 @@ def prepare(model, tokenizer, requests: list[dict], hparams: MemitHparams | None
     check_v_settings(hparams, "MEMIT")
     require_positive("MEMIT mom2_update_weight λ", hparams.mom2_update_weight,
                      "λ weighs keeping the other keys' outputs; the paper uses 15,000-20,000.")
+    if hparams.mom2_update_weight_per_key is not None:
+        require_positive("MEMIT mom2_update_weight_per_key (λ = this · number of edited keys)",
+                         hparams.mom2_update_weight_per_key, "or None for the paper's constant mom2_update_weight.")
     require_positive_int("MEMIT batch_size", hparams.batch_size)
     require_later_layer(model, layers[-1], "MEMIT", "z is the residual stream after its last layer")
     check_model_finite(model, "MEMIT")
@@ -376,7 +390,7 @@ def edit(model, tokenizer, requests: list[dict], hparams: MemitHparams | None = 
                     cause = nonfinite_cause(model, keys=keys, residuals=residuals)
                     raise NonFiniteEditError(f"MEMIT at layer {layer} (pass {pass_index + 1}): {cause}; "
                                              "nothing was written (the weights are restored)")
-                delta_w = solve_update(mom2[layer], keys, residuals, hparams.mom2_update_weight)
+                delta_w = solve_update(mom2[layer], keys, residuals, hparams.update_weight(len(groups)))
                 weight = mlp_out_weight(model, layer)
                 check_finite_update(f"the MEMIT update ΔW of layer {layer}", delta_w, weight, model,
                                     "Nothing was written (the weights are restored).", C=mom2[layer])

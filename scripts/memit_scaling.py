@@ -320,7 +320,7 @@ def main(argv=None) -> dict:
         edited, scored, flu = subsets(sweep_n)
         extra["lambda_sweep"] = {"n_edits": sweep_n, "rows": []}
         for lam in args.lambdas:
-            with memit.edit(model, tokenizer, edited, replace(mh, mom2_update_weight=lam), mom2=mom2, targets=sweep_targets):
+            with memit.edit(model, tokenizer, edited, replace(mh, mom2_update_weight=lam, mom2_update_weight_per_key=None), mom2=mom2, targets=sweep_targets):
                 extra["lambda_sweep"]["rows"].append({"lambda": lam, **score(model, tokenizer, scored, flu)})
             print(f"λ={lam:g}: {extra['lambda_sweep']['rows'][-1]}", flush=True)
         write()

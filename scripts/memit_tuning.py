@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
                 targets = memit.compute_targets(model, tokenizer, reqs, groups, hp_checked.layers[-1], prefixes, hp_checked)
                 target_seconds = time.time() - t
                 for lam in args.lambdas:
-                    with memit.edit(model, tokenizer, edited, replace(hp, mom2_update_weight=lam), mom2=mom2,
+                    with memit.edit(model, tokenizer, edited, replace(hp, mom2_update_weight=lam, mom2_update_weight_per_key=None), mom2=mom2,
                                     targets=targets):
                         s = summarize(evaluate_cases(model, tokenizer, scored))
                     row = {"layers": list(layers), "prefixes": prefix_name, "n_edits": n, "lambda": lam,

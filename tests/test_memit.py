@@ -416,3 +416,23 @@ def test_a_group_whose_loss_is_already_below_the_threshold_keeps_delta_zero():
     assert t.steps.tolist() == [0, 0] and torch.equal(t.z, t.h)
     torch.testing.assert_close(t.final_loss, t.final_nll)
     assert torch.count_nonzero(t.final_decay) == 0
+
+
+def test_lambda_rule_per_key_equals_the_constant_lambda_it_names():
+    # mom2_update_weight_per_key = c gives λ = c · (number of key groups): the same ΔW, bit for bit,
+    # as the paper's constant λ set to that product by hand; and nothing else changes
+    model, tokenizer = _tiny(n_layer=2)
+    mom2 = _mom2(model, tokenizer, [0])
+    requests = [KUWAIT, KUWAIT_CAPITAL, OSAKA]  # Kuwait's two requests share their key: 2 key groups
+    hp = _hparams((0,), mom2_update_weight_per_key=0.7)
+    assert len(memit.key_groups([memit.as_request(r) for r in requests])) == 2
+    assert hp.update_weight(2) == pytest.approx(1.4) and _hparams((0,)).update_weight(5) == 1e-6
+    with memit.edit(model, tokenizer, requests, hp, mom2=mom2) as ruled:
+        by_rule = ruled.deltas[0].clone()
+    with memit.edit(model, tokenizer, requests, _hparams((0,), mom2_update_weight=0.7 * 2), mom2=mom2) as constant:
+        assert torch.equal(constant.deltas[0], by_rule)
+    with memit.edit(model, tokenizer, requests, _hparams((0,), mom2_update_weight=0.7), mom2=mom2) as other:
+        assert not torch.equal(other.deltas[0], by_rule)  # the rule really multiplies by n
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="mom2_update_weight_per_key"):
+            memit.edit(model, tokenizer, requests, _hparams((0,), mom2_update_weight_per_key=bad), mom2=mom2)
