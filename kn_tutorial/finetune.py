@@ -27,12 +27,15 @@ from .validate import (NonFiniteEditError, check_context, check_model_finite, no
                        require_positive, require_positive_int, shorten)
 from .weights import Restorable, WeightSnapshot, frozen
 
-# The paper's GPT-2 XL settings: 25 Adam steps at lr 5e-4, and for FT+L ε = 5e-4. Atlas keeps the
-# steps and the learning rate; ε = 5e-4 leaves Atlas's larger weights unable to move (efficacy 0), so
-# for Atlas ε is the smallest of 5e-4, 1e-3, 2e-3, 3e-3, 5e-3 whose efficacy reached 99% on a tuning
-# sample of 20 Atlas-CounterFact cases (seed 1; the comparison table uses seed 0): 3e-3.
+# The paper's GPT-2 XL settings: 25 Adam steps at lr 5e-4, and for FT+L ε = 5e-4. At Atlas's ROME
+# layer (3) the paper's learning rate leaves even unconstrained FT short (efficacy 50% on the tuning
+# sample), so for Atlas the learning rate is the smaller of 5e-4 and 5e-3 whose FT efficacy reached 99%,
+# and ε the smallest of 1e-2 and 3e-2 whose FT+L efficacy reached 99% at that rate, on 20
+# Atlas-CounterFact cases of the tuning sample (seed 1; the comparison table uses seed 0;
+# `python scripts/ft_tuning.py --n 20 --lrs 5e-4 5e-3 --epsilons 1e-2 3e-2`): FT ES 50 / 100,
+# FT+L at 5e-3 ES 40 / 100. The 25 steps are the paper's.
 TUNED = {
-    "atlas": {"lr": 5e-4, "steps": 25, "norm_constraint": 3e-3},
+    "atlas": {"lr": 5e-3, "steps": 25, "norm_constraint": 3e-2},
 }
 
 

@@ -18,7 +18,8 @@ Methods (every edit is undone exactly before the next method runs):
   (`passes_ablation`), and there with each pass's target z written in by hand (`diagnosis`);
 - ROME: rome.edit applied n times in a row (RomeHparams.for_model(model)); stops when it has
   used --rome-seconds, and the JSON lists the sizes it reached;
-- FT-L: fine-tuning the MLP output projections of MEMIT's layers on the n rewrite prompts at once
+- FT-L: fine-tuning the MLP output projection of ROME's layer (one layer, as in the ROME paper's FT+L baseline)
+  on the n rewrite prompts at once
   (Adam; each step a seeded minibatch of at most 256 requests; every entry of ΔW clipped to
   [−ε, ε] after each step), with finetune.TUNED's learning rate, steps and ε for Atlas;
 - unedited: the same prompts without any edit (the reference for NS and fluency).
@@ -235,7 +236,7 @@ def main(argv=None) -> dict:
             "rome_reached": state["rome_reached"] if "ROME" in results else None,
             "rome_seconds_limit": args.rome_seconds,
             "hparams": {"MEMIT": asdict(mh), "ROME": asdict(rh),
-                        "FT-L": {**ft, "layers": list(mh.layers), "minibatch": 256}},
+                        "FT-L": {**ft, "layers": [rh.layer], "minibatch": 256}},
             "results": results, **extra, "seed": args.seed, "seconds": time.time() - started, "complete": final,
             "command": "python scripts/memit_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
@@ -265,7 +266,7 @@ def main(argv=None) -> dict:
                 results["MEMIT"].append({"n_edits": n, "edit_seconds": seconds, **score(model, tokenizer, scored, flu)})
         if "FT-L" in results and n not in done["FT-L"]:
             t = time.time()
-            with fine_tune_many(model, tokenizer, edited, mh.layers, ft["lr"], ft["steps"], ft["norm_constraint"]):
+            with fine_tune_many(model, tokenizer, edited, [rh.layer], ft["lr"], ft["steps"], ft["norm_constraint"]):
                 seconds = time.time() - t
                 results["FT-L"].append({"n_edits": n, "edit_seconds": seconds, **score(model, tokenizer, scored, flu)})
         write()

@@ -41,6 +41,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--gen-tokens", type=int, default=20, help="tokens sampled per generation prompt (GE)")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other methods' rows of an existing --out (same cases and model) and rerun only --methods")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model("atlas")
@@ -52,6 +54,13 @@ def main(argv=None) -> dict:
               "case_ids": [c["case_id"] for c in cases], "command": "python scripts/rome_table.py " + " ".join(argv or sys.argv[1:]),
               "device": str(next(model.parameters()).device), "settings": settings, "notes": notes,
               "summary": {}, "seconds_per_case": {}, "cases": {}}
+    if args.update and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        if (old["case_ids"], old["fingerprint"]) != (result["case_ids"], result["fingerprint"]):
+            raise SystemExit(f"--update: {args.out} was made from other cases or another model; rerun every method")
+        for key in ("settings", "summary", "seconds_per_case", "cases"):
+            result[key] = {**{m: v for m, v in old[key].items() if m not in wanted}, **{m: result[key][m] for m in result[key] if m in wanted}}
+        result["command"] = old["command"] + " ; then " + result["command"]
     for method in wanted:
         started = time.time()
         rows = evaluate_editor(model, tokenizer, cases, editors[method], max_new_tokens=args.gen_tokens, desc=method)
