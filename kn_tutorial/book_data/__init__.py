@@ -28,7 +28,7 @@ WRITERS = {
     "rome_table": "python scripts/rome_table.py --n 200 --seed 0",
     "rome_layers": "python scripts/rome_layers.py --n 60 --configs ...",
     "memit_scaling": "python scripts/memit_scaling.py --merge memit.json ablations.json rome.json",
-    "memit_tuning": "python scripts/memit_tuning.py",
+    "memit_tuning": "python scripts/memit_tuning.py (two runs, see its \"runs\")",
     "atlas_sweep": "python scripts/atlas_sweep.py --next (repeated until every variant is done)",
 }
 
