@@ -3,12 +3,12 @@ of causal tracing (Meng et al., 2022) above the first layer?
 
 Every variant is trained with the SAME short budget (`BUDGET`: steps, batch, warm-up, learning
 rate, and half the shipped width; seed 0, one CPU thread), then scored by `kn_tutorial.atlas_build.probe.probe` with the same settings
-(`PROBE`). The v2 recipe at that budget is the control. Results are appended variant by
+(`PROBE`). The subject-first corpus at that budget is the control. Results are appended variant by
 variant to kn_tutorial/book_data/atlas_sweep.json (config, probe measures, seconds), so a run can be
 stopped and resumed; scripts/atlas_sweep.md is the table made from that file.
 
     python scripts/atlas_sweep.py                 # every variant not yet in the JSON, in order
-    python scripts/atlas_sweep.py v2 contexts     # only these
+    python scripts/atlas_sweep.py subject-first contexts     # only these
     python scripts/atlas_sweep.py --table         # rewrite the markdown table only
     while python scripts/atlas_sweep.py --next; do :; done   # one process per variant
     python scripts/atlas_sweep.py --full all-options-12x192 --model DIR --what "..."
@@ -41,10 +41,13 @@ TABLE = ROOT / "scripts" / "atlas_sweep.md"
 # parameter), so that a short run on a shared CPU memorises facts. Tried first and dropped:
 # 8 x 256 on the whole world, 300 steps of 32 rows (10.5 min here): 15% recall, nothing to
 # trace; 8 x 128 on the whole world, 450 steps, lr 3e-3 (6.5 min): 20% recall, nothing to trace;
-# this budget with 450 steps: 74% recall (v2 corpus) but a hidden-state AIE of at most 0.024 at
+# this budget with 450 steps: 74% recall (subject-first corpus) but a hidden-state AIE of at most 0.024 at
 # the last subject token (ATE 0.45): the fact was not yet gathered at the subject.
+# The corpus options start from the subject-first corpus (every fact sentence opens with its subject),
+# whatever TrainConfig's defaults (the shipped recipe) are; each variant switches some on.
+SUBJECT_FIRST = dict(context=0.0, context_style="compositional", preceding=0.0, lists=0.0, multi=0.0, compose=0.0)
 BUDGET = dict(steps=800, batch_size=32, warmup=30, lr=3e-3, n_layer=8, n_embd=128, n_head=4, n_inner=512,
-              world_countries=60, seed=0, threads=1, device="cpu")
+              world_countries=60, seed=0, threads=1, device="cpu", **SUBJECT_FIRST)
 PROBE = dict(n_trace=30, n_recall=100, samples=2, window=3, geva=True, kn_per_relation=1, seed=0)
 # full-size runs: the defaults of `python -m kn_tutorial.atlas probe`
 FULL_PROBE = dict(n_trace=200, n_recall=400, samples=3, window=3, geva=True, kn_per_relation=2)
@@ -57,7 +60,7 @@ SENTENCES = dict(multi=0.3, lists=0.2, preceding=0.3)
 
 # name -> (what changed, TrainConfig overrides); run in this order
 VARIANTS = {
-    "v2": ("the v2 corpus (control)", {}),
+    "subject-first": ("the subject-first corpus (control)", {}),
     "contexts": ("many compositional contexts before the subject (half the fact sentences)", CONTEXTS),
     "contexts-deep": ("contexts, 12 x 96, d_ff 384", {**CONTEXTS, **DEEP}),
     "contexts-compose": ("contexts, half the further facts about the previous object (city -> country -> ...)",
@@ -68,13 +71,13 @@ VARIANTS = {
                        {"context": 0.5, "context_style": "fixed"}),
     "contexts-sentences": ("contexts, several facts per sentence, lists, a preceding unrelated sentence",
                            {**CONTEXTS, **SENTENCES}),
-    "deep": ("12 x 96, d_ff 384, v2 corpus", DEEP),
+    "deep": ("12 x 96, d_ff 384, subject-first corpus", DEEP),
     "contexts-10layers": ("contexts, 10 x 112, d_ff 448", {**CONTEXTS, **TEN}),
-    "morefacts": ("more cities (2.7x the facts), v2 corpus", MORE_FACTS),
+    "morefacts": ("more cities (2.7x the facts), subject-first corpus", MORE_FACTS),
     "all-morefacts-deep": ("contexts, compose, sentences, 2.7x the facts, 12 x 96",
                            {**CONTEXTS, "compose": 0.5, **SENTENCES, **MORE_FACTS, **DEEP}),
-    # not trained: the shipped model (8 x 256, 2,000 steps of 48 rows) under the same probe, for scale
-    "shipped-v2": ("the shipped v2 model, probed only (not trained at the sweep's budget)", None),
+    # not trained: the shipped model under the same probe, for scale
+    "shipped": ("the shipped model, probed only (not trained at the sweep's budget)", None),
 }
 
 
@@ -159,7 +162,7 @@ def table(results: dict) -> str:
         f"Every variant: {b['n_layer']} x {b['n_embd']} (d_ff {b['n_inner']}) unless it says otherwise, on "
         f"{b['world_countries']} of the world's countries and their cities (753 facts) unless it says otherwise, "
         f"{b['steps']} steps of {b['batch_size']} rows x 64 tokens, lr {b['lr']}, warm-up {b['warmup']}, "
-        f"seed {b['seed']}, one CPU thread (the shipped v2: 8 x 256, 2,000 steps of 48 rows, lr 0.0015). "
+        f"seed {b['seed']}, one CPU thread (the full-size subject-first model: 8 x 256, 2,000 steps of 48 rows, lr 0.0015). "
         f"Probe (`kn_tutorial.atlas_build.probe`): recall on {p['n_recall']} facts (first token); causal tracing on "
         f"{p['n_trace']} known facts, {p['samples']} noise samples; MLP AIE at the last subject token with window 1 "
         f"and window {p['window']} (best window leaving layer 0 out); Geva on 1,000 corpus sentences; knowledge "

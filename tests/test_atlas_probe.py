@@ -71,7 +71,8 @@ def test_every_sweep_variant_is_a_valid_config_at_the_shared_budget():
     from tests.tiny import load_script
 
     sweep = load_script("atlas_sweep")
-    assert sweep.VARIANTS["v2"][1] == {}  # the control is the v2 corpus at the sweep's budget
+    assert sweep.VARIANTS["subject-first"][1] == {}  # the control: the subject-first corpus at the sweep's budget
+    assert all(sweep.BUDGET[k] == 0.0 for k in ("context", "preceding", "lists", "multi", "compose"))  # whatever the defaults
     for name, (what, overrides) in sweep.VARIANTS.items():
         if overrides is None:  # probe-only row of the shipped model
             continue
