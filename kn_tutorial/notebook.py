@@ -161,7 +161,7 @@ def setup(seed: int = 0, offer: bool = True) -> str:
 def claim(text: str, condition, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> None:
     """Check a claim the chapter's text makes about particular models (Atlas by default).
 
-    A chapter's prose quotes numbers that hold for Atlas (its 8 layers, its tables in
+    A chapter's prose quotes numbers that hold for Atlas (its 12 layers, its tables in
     ``kn_tutorial.book_data``). On the models in ``models`` the claim is checked: ``condition``
     (a bool, or a callable returning one) must be true, or AssertionError is raised with
     ``text``, so the notebook fails under ``pytest`` when the prose stops being true. On any

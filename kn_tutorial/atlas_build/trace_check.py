@@ -5,10 +5,11 @@
 training template of its relation (subject first: "Kuwait is located in the continent of"),
 and averages the indirect effects of restoring hidden states, MLP outputs and attention
 outputs by token role and layer (`tracing.average_effects`). The MLP's average indirect effect
-at the last subject token, by layer, is what picks ROME's edit layer for Atlas.
+at the last subject token, by layer, is what picks ROME's edit layer for Atlas (the strongest one
+after the first: the first MLP acts as an extended embedding).
 
 Settings: 5 noise samples per fact (the paper: 10) of 3 x the embedding std, window 1 (one of
-Atlas' 8 layers is already an eighth of its depth, six of GPT-2 XL's 48 layers in proportion,
+Atlas' 12 layers is already a twelfth of its depth, four of GPT-2 XL's 48 layers in proportion,
 and ROME edits a single layer). Time: 200 facts x 3 kinds x 3 samples took 61 s on 2 CPU cores (2 pinned cores of an
 idle Xeon), so the default 5 samples take about 100 s; the tracing itself is exact
 (equal to one forward pass per restoration), the samples only set the noise average. Since
