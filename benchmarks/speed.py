@@ -18,6 +18,7 @@ relative to the naive result's largest entry.
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/speed.py                    # all four methods
     python benchmarks/speed.py --methods tracing rome --items 5
+    python benchmarks/speed.py --model path/to/model --hparams atlas   # a local model, Atlas's ROME/MEMIT settings
 Results are printed and written to benchmarks/results/speed.json.
 """
 from __future__ import annotations
@@ -113,7 +114,7 @@ def bench_rome(model, tokenizer, args, device) -> dict:
     from kn_tutorial.atlas_build.rome_check import sample_cases
     from kn_tutorial.stats import second_moment
 
-    hp = rome.RomeHparams.for_model(args.model)
+    hp = rome.RomeHparams.for_model(args.hparams or args.model)
     prefixes = rome.sample_prefixes(model, tokenizer, hp.prefixes, seed=hp.seed)
     mom2 = second_moment(model, tokenizer, hp.layer, corpus=hp.mom2_corpus, n_samples=hp.mom2_n_samples)
     requests = [rome.prepare_request(c["requested_rewrite"]) for c in sample_cases(args.items, seed=args.seed + 1)]
@@ -146,7 +147,7 @@ def bench_memit(model, tokenizer, args, device) -> dict:
     from kn_tutorial import memit
     from kn_tutorial.atlas.counterfact import load_counterfact
 
-    hp = memit.MemitHparams.for_model(args.model)
+    hp = memit.MemitHparams.for_model(args.hparams or args.model)
     cases = load_counterfact()
     batches = [random.Random(args.seed + i).sample(cases, args.memit_requests) for i in range(max(1, args.items // 5))]
 
@@ -178,6 +179,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="atlas")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--hparams", default=None, help="ROME/MEMIT hyper-parameters by name (default: --model's); "
+                        "e.g. --model /work/runs/v3model --hparams atlas")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--items", type=int, default=10, help="facts or edit requests per method")
     parser.add_argument("--samples", type=int, default=10, help="tracing: noise samples")

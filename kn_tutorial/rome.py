@@ -186,6 +186,7 @@ def compute_k_star(model, tokenizer, prompt: str, subject: str, layer: int, pref
 class VStarResult:
     delta: torch.Tensor  # [d_model], added to the MLP output at the subject
     losses: list[dict] = field(default_factory=list)  # per step: nll, kl, weight decay
+    k_star: torch.Tensor | None = None  # [d_ff] k*, read in the pass before the first step (= compute_k_star)
 
 
 def compute_v_star(model, tokenizer, prompt: str, subject: str, target: str, layer: int,
@@ -341,8 +342,10 @@ def edit(model, tokenizer, request: dict, hparams: RomeHparams | None = None, mo
         prefixes = sample_prefixes(model, tokenizer, hparams.prefixes, seed=hparams.seed)
     prefixes = require_nonempty("prefixes", prefixes, "Pass None for the sampled ones, or [''] for no prefix.")
     check_lengths(model, tokenizer, prompt, subject, target, prefixes, hparams.kl_prompts, "ROME")
-    k_star = compute_k_star(model, tokenizer, prompt, subject, layer, prefixes)
     v = compute_v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams)
+    k_star = v.k_star  # compute_k_star's k*, read in v*'s first forward pass (the same rows; rome_engine, point 3)
+    if k_star is None:  # a v* computed elsewhere (e.g. a replaced compute_v_star) that did not read it
+        k_star = compute_k_star(model, tokenizer, prompt, subject, layer, prefixes)
     if mom2 is None:
         mom2 = second_moment(model, tokenizer, layer, corpus=hparams.mom2_corpus, n_samples=hparams.mom2_n_samples)
     weight = mlp_out_weight(model, layer)

@@ -12,6 +12,11 @@ hook), and the tests hold the fast path to it.
    one forward pass before the first step records them (the input of block `layer` + 1 and a KV
    cache), and each step runs only blocks `layer` + 1 on, from the subject's last token on
    (suffix.run_from_block), reading the logits at the answers and after the KL prompts.
+3. k* from the same pass. The rewrite rows are `rome.compute_k_star`'s prefixed prompts followed
+   by target tokens, which the key at the subject's last token cannot see (attention is causal):
+   the pass before the first step records that key too, and `rome.edit` takes k* from it instead
+   of running the prompts again (the same numbers to float rounding; `compute_k_star` stays the
+   definition, and the tests hold the two together).
 
 The loss terms `kl_per_row` and `decay_term` (the objective's KL and weight decay, in the forms
 `EditHparams` names) live here too, below both ROME and MEMIT, whose engine uses them as well;
@@ -57,9 +62,13 @@ def _batch(tokenizer, rows: list[list[int]], device) -> tuple[torch.Tensor, torc
 
 
 def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams,
-            naive: bool) -> tuple[torch.Tensor, list[dict]]:
-    """(δ, losses per evaluation) of `rome.compute_v_star` (naive=False) or `rome.compute_v_star_naive`
-    (naive=True: every step a full forward pass with δ added to the MLP output by a hook)."""
+            naive: bool) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
+    """(δ, losses per evaluation, k*) of `rome.compute_v_star` (naive=False) or `rome.compute_v_star_naive`
+    (naive=True: every step a full forward pass with δ added to the MLP output by a hook).
+
+    k* is read from the forward pass before the first step (point 3 of the module docstring): the
+    rewrite rows are the prefixed prompts of `rome.compute_k_star` followed by target tokens, which
+    attention (causal) hides from the key at the subject's last token."""
     device = get_device(model)
     target_tokens = target_ids(tokenizer, target)
     rewrite_prompts = [p + prompt.replace("{}", subject) for p in prefixes]
@@ -80,11 +89,12 @@ def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams,
     answer_cols = torch.tensor([c for pos in answer_positions for c in pos], device=device)
     answer_tokens = torch.tensor(target_tokens * n_rewrite, device=device)
 
-    sites = [("mlp_out", layer), ("hidden", layer)]
+    sites = [("mlp_out", layer), ("hidden", layer), ("key", layer)]
     with torch.no_grad(), Recorder(model, sites) as rec:
         out = model(input_ids=input_ids, attention_mask=mask, use_cache=not naive)
     logits = out.logits
     base_out = rec[("mlp_out", layer)][0, lookup[0]].float()
+    k_star = rec[("key", layer)][row_index[:n_rewrite], lookup[:n_rewrite]].float().mean(0)  # = rome.compute_k_star
     kl_before = torch.log_softmax(logits[kl_index, kl_last].float(), -1)
 
     if naive:
@@ -139,4 +149,4 @@ def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams,
             with torch.no_grad():
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
-    return delta.detach(), losses
+    return delta.detach(), losses, k_star

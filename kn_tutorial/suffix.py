@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from .hooks import _add_hook, _site_hook, patch
 from .kv_cache import cache_keyword
-from .models import _blocks, final_norm, get_arch, n_layers
+from .models import _blocks, final_norm, get_arch, get_module, n_layers
 
 
 @contextmanager
@@ -143,6 +143,32 @@ def _join_hook(new_rows: Tensor):
     return pre_hook
 
 
+def _last_position_mlp(model: nn.Module, width: int):
+    """Hooks making the last block's MLP run on the last position only (a context manager's
+    callbacks): its input [b, width, d] is cut to [b, 1, d], and its output is put back at the
+    last position of a [b, width, d] tensor of zeros. The MLP reads and writes one position
+    (there is no mixing across positions in it), and after the last block only the last
+    position is read (logits_to_keep=1), so the logits are those of the full block; the other
+    positions of the last block's output are not the model's and nothing reads them."""
+    mlp = get_module(model, n_layers(model) - 1, "mlp")
+
+    def cut(module, args, kwargs):
+        if not args:  # every family in models.ARCHS calls its MLP with the hidden states as the one argument
+            raise RuntimeError(f"{type(module).__name__} was called without a positional input; "
+                               "the last-position shortcut of suffix.run_rows_from_blocks does not know this MLP")
+        return (args[0][:, -1:], *args[1:]), kwargs
+
+    def widen(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        full = out.new_zeros(out.shape[0], width, out.shape[-1])
+        full[:, -1:] = out
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    handles = [mlp.register_forward_pre_hook(cut, with_kwargs=True, prepend=True),
+               mlp.register_forward_hook(widen, prepend=True)]  # before any hook on "mlp_out", which sees [b, width, d]
+    return [handle.remove for handle in handles]
+
+
 def run_rows_from_blocks(model: nn.Module, starts: Tensor, hidden: Tensor, past: list | None, past_len: int,
                          last_only: bool = False) -> Tensor:
     """Like `run_from_block`, but row r starts at its own block starts[r], all rows in one pass.
@@ -154,6 +180,11 @@ def run_rows_from_blocks(model: nn.Module, starts: Tensor, hidden: Tensor, past:
     in order, so the batch at block b is rows 0..n_b - 1, those with starts <= b, and a hook
     writing row r of a block's activation addresses it by r). Mask and positions are the same
     for every row and broadcast over the batch. Returns [R, M, vocab] (or [R, vocab] last_only).
+
+    last_only: only the last position's logits are read, so the last block's MLP runs on the
+    last position alone (`_last_position_mlp`; hooks on that MLP's "mlp_in" or "key" see one
+    position, hooks on its "mlp_out" all M with zeros before the last). Its attention still
+    runs on all M positions (the last one attends to them).
     """
     L = n_layers(model)
     R, M, _ = hidden.shape
@@ -181,6 +212,9 @@ def run_rows_from_blocks(model: nn.Module, starts: Tensor, hidden: Tensor, past:
                 handle = module.register_forward_pre_hook(_join_hook(hidden[present[b - 1]:present[b]]),
                                                           with_kwargs=True, prepend=True)
                 stack.callback(handle.remove)
+        if last_only and M > 1 and first < L:
+            for remove in _last_position_mlp(model, M):
+                stack.callback(remove)
         stack.enter_context(only_blocks_from(model, first))  # last: hooks above are found by layer index
         out = model(inputs_embeds=hidden[:present[first]].detach(), attention_mask=mask, position_ids=position_ids,
                     use_cache=cache is not None, logits_to_keep=1 if last_only else 0, **kwargs)

@@ -20,6 +20,9 @@ maps its kinds onto them and checks the input. None of this changes the numbers;
    has not reached it), nor does restoring a last-layer state of any token but the last (no
    later layer reads it): `tracing.trace_batch` fills those cells with the corrupted
    probability without a pass.
+5. The last block. Only the last position's logits are read, and an MLP works on each
+   position alone, so the last block's MLP runs on the last position only (its attention
+   still on every position, which the last one reads): suffix.run_rows_from_blocks(last_only=True).
 """
 from __future__ import annotations
 

@@ -235,6 +235,33 @@ def test_v_star_equals_the_naive_full_forward_per_step(family, layer):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)  # KL: a small difference of float32 sums
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_k_star_read_in_the_v_star_pass_is_compute_k_star(family):
+    """rome.edit takes k* from v*'s first forward pass (rows: the prefixed prompts, then target tokens the
+    key cannot see); it is compute_k_star's k*, to float rounding, in the fast and the naive v*."""
+    model, tokenizer = tiny_lm(family)
+    hp = rome.RomeHparams(layer=0, v_steps=2, prefixes=((3, 2), (5, 2)))  # ragged prefixes: padded rows
+    prefixes = rome.sample_prefixes(model, tokenizer, hp.prefixes, seed=0)
+    args = (model, tokenizer, "In short, {} lies on the continent of", "Kuwait", "South America", 0, prefixes, hp)
+    want = rome.compute_k_star(*args[:4], 0, prefixes)
+    for v in (rome.compute_v_star(*args), rome.compute_v_star_naive(*args)):
+        torch.testing.assert_close(v.k_star, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_edit_uses_the_k_star_of_compute_k_star_on_atlas():
+    from kn_tutorial.models import load_model
+    from kn_tutorial.models import d_ff
+    model, tokenizer = load_model("atlas")
+    hp = rome.RomeHparams.for_model("atlas")
+    prefixes = rome.sample_prefixes(model, tokenizer, hp.prefixes, seed=hp.seed)
+    mom2 = torch.eye(d_ff(model), dtype=torch.float64)  # k* does not depend on C
+    request = {"prompt": "{} lies on the continent of", "subject": "Kuwait", "target_new": {"str": "Europe"}}
+    with rome.edit(model, tokenizer, request, hp, mom2=mom2, prefixes=prefixes) as result:
+        pass
+    want = rome.compute_k_star(model, tokenizer, request["prompt"], "Kuwait", hp.layer, prefixes)
+    torch.testing.assert_close(result.k_star, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
 def test_v_star_equals_the_naive_one_on_atlas():
     from kn_tutorial.models import load_model
     model, tokenizer = load_model("atlas")

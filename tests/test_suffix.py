@@ -75,3 +75,26 @@ def test_rows_joining_at_their_own_blocks_equal_the_full_run(model):
     assert not any(m._forward_pre_hooks for m in model.modules())  # the joining hooks are gone too
     with pytest.raises(ValueError, match="ascending"):
         run_rows_from_blocks(model, torch.tensor([1, 0, 1, 2]), hidden, past, P)
+
+
+def test_rows_read_at_the_last_position_run_the_last_mlp_there_only(model):
+    """run_rows_from_blocks(last_only=True) runs the last block's MLP on the last position only and
+    still gives the full run's last-position logits, for rows starting at every block."""
+    from kn_tutorial.models import get_module
+    from kn_tutorial.suffix import run_rows_from_blocks
+    L = n_layers(model)
+    ids = torch.randint(0, 128, (L + 1, 7), generator=torch.Generator().manual_seed(7))
+    logits, kv, inputs = _full_run(model, ids, torch.full((L + 1,), 7))
+    starts, P = torch.arange(L + 1), 3  # one row per start block, the last one only the final norm
+    hidden = torch.stack([inputs[s][r, P:] for r, s in enumerate(starts.tolist())])
+    past = [(k[:, :, :P], v[:, :, :P]) for k, v in kv]
+    widths = []
+    handle = get_module(model, L - 1, "mlp").register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[1]))
+    try:
+        with torch.no_grad():
+            got = run_rows_from_blocks(model, starts, hidden, past, P, last_only=True)
+    finally:
+        handle.remove()
+    assert widths == [1]  # M = 4 positions, the last block's MLP ran on one
+    torch.testing.assert_close(got, logits[:, -1], atol=1e-5, rtol=1e-5)
+    assert count_hooks(model) == 0 and not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
