@@ -209,13 +209,13 @@ def test_explorer_draws_the_per_layer_summary_and_the_top_neurons():
     model, tokenizer = tiny_lm("gpt2")
     facts = [("Kuwait lies on the continent of", " Asia"), ("Peru lies on the continent of", " America")]
     plt.close("all")
-    box = A.attribution_explorer(model, tokenizer, facts, steps=2, k=5)
+    box = A.attribution_explorer(model, tokenizer, facts, steps=1, k=5)  # steps: one of the menu's values
     for i, (prompt, target) in enumerate(facts):
         if i:
             box.children[0].children[0].value = i  # picking another fact draws it
         figure = plt.figure(plt.get_fignums()[-1])
         per_layer, top = figure.axes
-        attr = A.integrated_gradients(model, tokenizer, prompt, target, steps=2)
+        attr = A.integrated_gradients(model, tokenizer, prompt, target, steps=1)
         assert per_layer.get_title() == "per layer" and len(per_layer.patches) == 2 * n_layers(model)
         assert [t.get_text() for t in top.get_yticklabels()] == [f"L{l}.{n}" for l, n in A.top_neurons(attr, 5)]
         assert prompt in figure._suptitle.get_text()
