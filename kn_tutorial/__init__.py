@@ -1,7 +1,8 @@
 """kn_tutorial: the package behind the book *Knowledge Neurons in NLP*.
 
 Every computation the chapters show lives here, one module per idea:
-`models` (loading, the architecture table), `hooks` (reading and patching activations),
+`models` (layers, modules, the FFN as memory; re-exporting `loading` and the
+architecture table `architectures`), `hooks` (reading and patching activations),
 `weights` (exact undo), `scoring` and `tokens` (targets, subject spans), `atlas` (the
 teaching model and its world), and one module per method of the book.
 

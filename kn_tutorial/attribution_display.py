@@ -1,4 +1,5 @@
 """Showing integrated-gradients attributions: a heatmap, a table of the top neurons, an explorer
+that draws the per-layer summary and the top neurons (`plots.plot_attribution_summary`)
 (the method: `attribution`)."""
 from __future__ import annotations
 
@@ -42,11 +43,15 @@ def top_neurons_html(attributions: Tensor, activations: Tensor, k: int = 10) -> 
 
 def attribution_explorer(model, tokenizer, facts: Sequence[tuple[str, str]], steps: int = 20, k: int = 10):
     """An ipywidgets explorer (headless-safe, nothing blocks): pick a fact (prompt, target) and a
-    step count; see P(target), the attribution heatmap and the top-k neurons."""
+    step count m; see P(target), the attribution map summarised as chapter 3 draws it
+    (`plots.plot_attribution_summary`: each layer's summed positive and negative attribution,
+    and the k neurons with the largest attribution), and a table of those k neurons with their
+    activations w̄. (A full L x d_ff heatmap is unreadable at book width.)"""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
     from IPython.display import HTML, display
 
+    from .plots import plot_attribution_summary
     from .scoring import score
 
     labels = [(f"{prompt} → {target.strip()}", i) for i, (prompt, target) in enumerate(facts)]
@@ -57,8 +62,7 @@ def attribution_explorer(model, tokenizer, facts: Sequence[tuple[str, str]], ste
         prompt, target = facts[i]
         attr = integrated_gradients(model, tokenizer, prompt, target, steps=m)
         p = float(score(model, tokenizer, [prompt], [target])["logprob"][0].exp())
-        fig, ax = plt.subplots(figsize=(10, 2.8))
-        plot_attributions(attr, ax=ax, title=f"{prompt} → {target.strip()}   P = {p:.3f}, m = {m}")
+        plot_attribution_summary(attr, k=k, title=f"{prompt} → {target.strip()}   P = {p:.3f}, m = {m}")
         plt.show()
         display(HTML(top_neurons_html(attr, key_activations(model, tokenizer, prompt), k)))
 

@@ -10,15 +10,19 @@ first asked for, so the import drawing stays acyclic.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 
-def lazy_exports(package: str, module: str, names: Iterable[str]) -> Callable[[str], object]:
-    """A module `__getattr__` serving each of `names` from `package.module` on first access."""
-    names = frozenset(names)
+def lazy_exports(package: str, module: str | Mapping[str, Iterable[str]],
+                 names: Iterable[str] = ()) -> Callable[[str], object]:
+    """A module `__getattr__` serving each of `names` from `package.module` on first access.
+
+    `module` may also be a mapping {module: names} when the names come from several modules."""
+    sources = {module: names} if isinstance(module, str) else dict(module)
+    home = {name: source for source, served in sources.items() for name in served}
 
     def __getattr__(name: str):
-        if name in names:
-            return getattr(importlib.import_module(f"{package}.{module}"), name)
+        if name in home:
+            return getattr(importlib.import_module(f"{package}.{home[name]}"), name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
     return __getattr__

@@ -1,9 +1,11 @@
-"""Loading causal language models and finding our way around inside them.
+"""Finding our way around inside a causal language model: layers, modules, and the FFN as memory.
 
 One small table, `ARCHS`, says where the pieces of each supported family live
 (GPT-2, GPT-J, GPT-NeoX/Pythia, Llama), keyed by Hugging Face's
 `config.model_type`. Everything else in the package asks this module, never a
 hard-coded attribute path, so a chapter written for GPT-2 runs on Pythia too.
+The table itself lives in `architectures`, loading and devices in `loading`; their public
+names are re-exported here, so `from kn_tutorial.models import load_model, ARCHS` keeps working.
 
 The FFN as a key-value memory follows Geva et al. (2021), "Transformer
 Feed-Forward Layers Are Key-Value Memories", in the book's notation
@@ -26,94 +28,15 @@ stores it as [in, out] (transposed). Every transposition below is written out.
 
 from __future__ import annotations
 
-import os
-import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 
-
-# --------------------------------------------------------------------------------------
-# The architecture table
-# --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where things live in one model family (dotted attribute paths).
-
-    Paths marked (model) are relative to the *ForCausalLM model, paths marked
-    (block) are relative to one transformer block, e.g. `transformer.h.3`.
-    """
-
-    family: str                # human-readable family name, e.g. "GPT-2"
-    blocks: str                # (model) the ModuleList of blocks, e.g. "transformer.h"
-    attn: str                  # (block) attention module
-    mlp: str                   # (block) the whole MLP / FFN module
-    mlp_in: str                # (block) input projection d_model -> d_ff (the keys)
-    mlp_gate: str | None       # (block) Llama's gate projection d_model -> d_ff, else None
-    mlp_out: str               # (block) output projection d_ff -> d_model (the values)
-    mlp_act: str               # (block) the MLP's activation module f
-    embed: str                 # (model) token embedding, weight [vocab, d_model]
-    final_norm: str            # (model) the norm applied after the last block
-    unembed: str               # (model) the output projection to the vocabulary
-    conv1d: bool = False       # True for GPT-2: Conv1D weights are [in, out], not [out, in]
-
-
-ARCHS: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec(
-        family="GPT-2", blocks="transformer.h", attn="attn", mlp="mlp",
-        mlp_in="mlp.c_fc", mlp_gate=None, mlp_out="mlp.c_proj", mlp_act="mlp.act",
-        embed="transformer.wte", final_norm="transformer.ln_f", unembed="lm_head",
-        conv1d=True,
-    ),
-    "gptj": ArchSpec(
-        family="GPT-J", blocks="transformer.h", attn="attn", mlp="mlp",
-        mlp_in="mlp.fc_in", mlp_gate=None, mlp_out="mlp.fc_out", mlp_act="mlp.act",
-        embed="transformer.wte", final_norm="transformer.ln_f", unembed="lm_head",
-    ),
-    # Pythia checkpoints call the unembedding `embed_out`; transformers 5 renames it
-    # to `lm_head` while loading, so `lm_head` is the module we find.
-    "gpt_neox": ArchSpec(
-        family="GPT-NeoX / Pythia", blocks="gpt_neox.layers", attn="attention", mlp="mlp",
-        mlp_in="mlp.dense_h_to_4h", mlp_gate=None, mlp_out="mlp.dense_4h_to_h", mlp_act="mlp.act",
-        embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", unembed="lm_head",
-    ),
-    "llama": ArchSpec(
-        family="Llama", blocks="model.layers", attn="self_attn", mlp="mlp",
-        mlp_in="mlp.up_proj", mlp_gate="mlp.gate_proj", mlp_out="mlp.down_proj", mlp_act="mlp.act_fn",
-        embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
-    ),
-}
-
-# The module names `get_module` understands, mapped to the ArchSpec field. These are module
-# kinds (where a weight lives), not hook points (where an activation is read): "mlp_in" and
-# "mlp_out" here are the MLP's input and output projection modules, while the hook points of the
-# same names are the input and output of the whole MLP, and the activation between the two
-# projections is hook point "key" (the input of module "mlp_out"). The hook points, with their
-# shapes, are defined once in hooks.HOOK_POINTS.
-MODULE_KINDS = ("attn", "mlp", "mlp_in", "mlp_gate", "mlp_out", "mlp_act")
-
-
-def get_arch(model: nn.Module) -> ArchSpec:
-    """The ArchSpec of `model`, looked up by `model.config.model_type`."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        raise ValueError(
-            f"{type(model).__name__} has no `config.model_type`: kn_tutorial works on Hugging Face "
-            f"causal LMs (e.g. GPT2LMHeadModel); load one with kn_tutorial.load_model."
-        )
-    if model_type not in ARCHS:
-        supported = ", ".join(f"{k!r} ({v.family})" for k, v in ARCHS.items())
-        raise ValueError(
-            f"model_type {model_type!r} is not supported. Supported model types: {supported}. "
-            f"To add a family, add an ArchSpec entry to kn_tutorial.models.ARCHS."
-        )
-    return ARCHS[model_type]
+from .architectures import ARCHS, MODULE_KINDS, ArchSpec, get_arch  # noqa: F401  (re-exported)
+from .loading import (  # noqa: F401  (re-exported)
+    ATLAS, MODEL_NAME, atlas_model_dir, default_model_name, get_device, load_model, pick_device,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -293,161 +216,3 @@ def mlp_out_weight(model: nn.Module, layer: int) -> Tensor:
     """
     return _as_out_in(model, get_module(model, layer, "mlp_out"))
 
-
-# --------------------------------------------------------------------------------------
-# Devices
-# --------------------------------------------------------------------------------------
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """`device` as a torch.device; None picks "cuda" when available, else "cpu"."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device {str(device)!r} was requested but CUDA is not available here; "
-            f"pass device='cpu' or device=None (auto)."
-        )
-    return device
-
-
-def get_device(model: nn.Module) -> torch.device:
-    """Device of the model's (first) parameter."""
-    return next(model.parameters()).device
-
-
-# --------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------
-
-ATLAS = "atlas"
-MODEL_NAME = os.environ.get("KN_MODEL", ATLAS)  # read once at import; see default_model_name()
-_BIG_MODEL_PARAMS = 2e9  # above this, dtype=None loads float16 on CUDA (GPT-J 6B: yes, gpt2-xl: no)
-
-
-def default_model_name() -> str:
-    """The model the notebooks use: $KN_MODEL, default "atlas"."""
-    return os.environ.get("KN_MODEL", ATLAS)
-
-
-def atlas_model_dir() -> Path:
-    """Folder holding the shipped Atlas weights and tokenizer."""
-    return Path(__file__).resolve().parent / "atlas" / "model"
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Quick TCP check of the Hugging Face endpoint, so offline machines fail fast.
-
-    (Without it transformers retries for ~25 s before giving up.)
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _estimate_n_params(config) -> float:
-    """Rough parameter count from a config: 12 L d^2 + vocab d."""
-    d = getattr(config, "hidden_size", 0) or 0
-    n_layer = getattr(config, "num_hidden_layers", 0) or 0
-    return 12 * n_layer * d * d + (getattr(config, "vocab_size", 0) or 0) * d
-
-
-def _finish_tokenizer(tokenizer):
-    """Make sure eos and pad tokens exist (GPT-2 convention: pad = eos = <|endoftext|>)."""
-    if tokenizer.eos_token is None and "<|endoftext|>" in tokenizer.get_vocab():
-        tokenizer.eos_token = "<|endoftext|>"
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _dtype_kwarg() -> str:
-    """from_pretrained's dtype keyword: `dtype` since transformers 4.56, `torch_dtype` before."""
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-
-
-def _load_from(source: str, device: torch.device, dtype: torch.dtype | None, local_only: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(source, local_files_only=local_only)
-    if dtype is None:
-        big = _estimate_n_params(config) > _BIG_MODEL_PARAMS
-        dtype = torch.float16 if (device.type == "cuda" and big) else torch.float32
-    from transformers.utils import logging as hf_logging
-
-    from .progress import progress_enabled
-
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if not progress_enabled():  # transformers' "Loading weights" bar follows the package switch too
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, local_files_only=local_only, **{_dtype_kwarg(): dtype}
-        )
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    return model, tokenizer
-
-
-def load_model(
-    name: str | None = ATLAS,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-):
-    """Load a causal LM and its tokenizer; returns (model, tokenizer), model in eval mode.
-
-    name:   "atlas" (default; the package's offline teaching model in
-            kn_tutorial/atlas/model/), a local directory, or a Hugging Face hub name
-            such as "gpt2-xl" (tried from the local cache first, then the network).
-            None means default_model_name() ($KN_MODEL).
-    device: None picks "cuda" when available, else "cpu".
-    dtype:  None keeps float32, except hub/local models with more than ~2B
-            parameters on CUDA, which load in float16 (GPT-J 6B fits a 24 GB card).
-    The tokenizer gets pad_token = eos_token when it has no pad token.
-    """
-    name = default_model_name() if name is None else name
-    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
-        raise ValueError(f"load_model needs a model name or folder, got {name!r}: use 'atlas' (the offline "
-                         f"teaching model), a local directory, or a Hugging Face name such as 'gpt2'")
-    name = str(name) if isinstance(name, os.PathLike) else name
-    device = pick_device(device)
-
-    if name == ATLAS:
-        path = atlas_model_dir()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"The Atlas model is not built yet: {path} has no config.json. "
-                f"Build it with `python -m kn_tutorial.atlas train` (a few minutes on a CPU), "
-                f"or pass another model name, e.g. load_model('gpt2')."
-            )
-        model, tokenizer = _load_from(str(path), device, dtype, local_only=True)
-    elif Path(name).expanduser().is_dir():
-        model, tokenizer = _load_from(str(Path(name).expanduser()), device, dtype, local_only=True)
-    else:
-        try:
-            model, tokenizer = _load_from(name, device, dtype, local_only=True)  # the HF cache
-        except OSError as cache_error:
-            if not _hub_reachable():
-                raise OSError(
-                    f"Cannot load {name!r}: it is not a local directory, not in the Hugging Face "
-                    f"cache, and the hub cannot be reached (offline or HF_HUB_OFFLINE=1). Fixes: run "
-                    f"on a machine with network access; or download it elsewhere "
-                    f"(`hf download {name} --local-dir DIR`) and pass the local path; "
-                    f"or use the offline model: load_model('atlas')."
-                ) from cache_error
-            model, tokenizer = _load_from(name, device, dtype, local_only=False)
-
-    get_arch(model)  # fail now, with the list of supported families, not in a later chapter
-    model.to(device).eval()
-    return model, _finish_tokenizer(tokenizer)

@@ -28,10 +28,10 @@ outputs at token t of every later layer stay frozen at their corrupted values.
 The noise is added to the input of block 0 (hook point "resid_pre"): for GPT-2 that is token +
 position embedding, and adding ε there is adding it to the token embedding. The noise of a prompt
 depends only on the seed and the prompt's tokens: a prompt gets the same noise alone or in a
-batch. `trace_naive` runs the definition literally; `trace` and `trace_batch` give the same
-numbers batched (how: `tracing_engine`). Figures and the explorer: `tracing_display`. (About
-500 lines: the grid, the naive oracle and the averages over facts all build on the noise,
-window and token-role pieces at the top, so they stay together.)
+batch (`tracing_noise`). `trace_naive` runs the definition literally; `trace` and `trace_batch`
+give the same numbers batched (how: `tracing_engine`). The averages over many facts are in
+`tracing_averages`, the figures and the explorer in `tracing_display`; this module re-exports
+their names (`from kn_tutorial.tracing import average_effects, plot_traces` keeps working).
 
     t = trace(model, tokenizer, "Kuwait lies on the continent of", "Kuwait")   # hidden
     t.scores        # [T, L] P_{*, clean h_t^l}(o), mean over samples
@@ -40,11 +40,9 @@ window and token-role pieces at the top, so they stay together.)
 """
 from __future__ import annotations
 
-import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,19 +55,23 @@ from .tokens import subject_span
 from .tracing_engine import (  # noqa: F401  (the engine's names stay importable from here)
     _INPUT_SITES, _chunks, _first_blocks, _Group, _restored_rows, _writer, prepare_runs,
 )
-from .validate import NonFiniteEditError, check_context, require_finite
+from .tracing_noise import _check_embeddings, noise_level, subject_noise  # noqa: F401  (re-exported)
+from .validate import check_context
 
 KINDS = ("hidden", "mlp", "attn")
 SITE_OF_KIND = {kind: canonical_site(kind) for kind in KINDS}  # the kinds are hooks.SITE_ALIASES
 ROLES = ("first subject token", "middle subject tokens", "last subject token",
          "first subsequent token", "further tokens", "last token")
 
-# Figures and the explorer live in tracing_display (it imports this module).
-__getattr__ = lazy_exports(__package__, "tracing_display",
-                           ("CMAP_OF_KIND", "plot_trace", "plot_traces", "plot_average_effects", "trace_explorer"))
+# The averages over facts (tracing_averages) and the figures and explorer (tracing_display)
+# import this module; their names are served from here on first use.
+__getattr__ = lazy_exports(__package__, {
+    "tracing_averages": ("average_effects", "severed_effects"),
+    "tracing_display": ("CMAP_OF_KIND", "plot_trace", "plot_traces", "plot_average_effects", "trace_explorer"),
+})
 
 # --------------------------------------------------------------------------------------
-# Small pieces: checks, noise, windows, token roles
+# Small pieces: checks, windows, token roles (the noise: tracing_noise)
 # --------------------------------------------------------------------------------------
 
 def _check_kind(kind: str, sever: str | None = None) -> None:
@@ -81,55 +83,6 @@ def _check_kind(kind: str, sever: str | None = None) -> None:
         if kind != "hidden":
             raise ValueError("severing freezes MLP/attention outputs while restoring a hidden state: "
                              f"use kind='hidden' with sever={sever!r} (got kind={kind!r})")
-
-
-def noise_level(model, noise: float = 3.0) -> float:
-    """ν = noise · σ, with σ the standard deviation of all entries of the token embedding matrix.
-
-    Rows (tokens) with a NaN or infinite entry are left out of σ, so one broken row cannot turn
-    the noise scale into NaN; a prompt that uses such a token is refused by the trace itself
-    (`_check_embeddings`). With every row finite this is the std of the whole matrix."""
-    require_finite("noise", noise, "It is a multiple of the embeddings' std (the paper: 3).")
-    embeddings = embedding_matrix(model).detach().float()
-    finite_rows = torch.isfinite(embeddings).all(dim=1)
-    if not bool(finite_rows.all()):
-        if not bool(finite_rows.any()):
-            raise NonFiniteEditError("every row of the token embedding matrix has a non-finite entry: "
-                                     "no noise scale can be measured")
-        embeddings = embeddings[finite_rows]
-    return noise * embeddings.std().item()
-
-
-def _check_embeddings(model, input_ids: Tensor) -> None:
-    """Refuse prompts whose tokens have a non-finite embedding row (their trace would be NaN)."""
-    embeddings = embedding_matrix(model).detach()
-    ids = input_ids.unique().cpu()
-    bad = ids[~torch.isfinite(embeddings[ids.to(embeddings.device)]).all(dim=1).cpu()]
-    if len(bad):
-        raise NonFiniteEditError(f"the token embedding row(s) {bad.tolist()} used by the prompt are not finite; "
-                                 "the model is broken there (reload it)")
-
-
-def _noise_seed(seed: int, ids: Tensor) -> int:
-    """A seed from `seed` and the prompt's tokens only (not its place in a batch)."""
-    return (seed * 1_000_003 + zlib.crc32(ids.detach().cpu().to(torch.int64).numpy().tobytes())) % 2**62
-
-
-def subject_noise(input_ids: Tensor, span: tuple[int, int], d_model: int, samples: int,
-                  scale: float, seed: int = 0) -> Tensor:
-    """ε for one prompt: [samples, T, d_model], N(0, scale²) on the subject tokens, 0 elsewhere.
-
-    Drawn on the CPU from a torch.Generator seeded by (seed, the prompt's tokens), so the same
-    prompt gets the same noise on every device and in every batch.
-    """
-    ids = torch.as_tensor(input_ids).reshape(-1)
-    start, end = span
-    if not 0 <= start < end <= len(ids):
-        raise ValueError(f"subject span {span} is not inside a prompt of {len(ids)} tokens")
-    gen = torch.Generator().manual_seed(_noise_seed(seed, ids))
-    noise = torch.zeros(samples, len(ids), d_model)
-    noise[:, start:end] = scale * torch.randn(samples, end - start, d_model, generator=gen)
-    return noise
 
 
 def window_layers(layer: int, window: int, n: int) -> range:
@@ -432,102 +385,3 @@ def trace_naive(model, tokenizer, prompt: str, subject: str, target: str | None 
                         logits = model(input_ids=input_ids, use_cache=False).logits[0, -1]
                     out[t, layer, j] = torch.softmax(logits.float(), -1)[target_id].item()
     return out
-
-
-# --------------------------------------------------------------------------------------
-# Many facts: average indirect effects by token role
-# --------------------------------------------------------------------------------------
-
-def _as_fact(fact) -> tuple[str, str, str | None]:
-    if isinstance(fact, dict):
-        return fact["prompt"], fact["subject"], fact.get("target")
-    prompt, subject, *rest = fact
-    return prompt, subject, (rest[0] if rest else None)
-
-
-def _length_groups(model, tokenizer, facts, max_rows: int, rows_per_prompt):
-    """Encode facts and split them into passes of same-length prompts of at most ~max_rows rows."""
-    by_length: dict[int, list] = {}
-    for k, fact in enumerate(facts):
-        prompt, subject, target = _as_fact(fact)
-        ids, span = _encode(tokenizer, prompt, subject, None)
-        by_length.setdefault(len(ids), []).append((k, ids, span, _target_id(tokenizer, target)))
-    passes = []
-    for T, items in sorted(by_length.items()):
-        per_pass = max(1, max_rows // max(1, rows_per_prompt(T)))
-        passes += [items[i:i + per_pass] for i in range(0, len(items), per_pass)]
-    return passes
-
-
-def average_effects(model, tokenizer, facts, kinds=KINDS, samples: int = 10, noise: float = 3.0,
-                    window: int = 1, seed: int = 0, batch_size: int = 512,
-                    show_progress: bool = False) -> dict:
-    """Average indirect effect (AIE) by token role and layer over many facts, for each kind.
-
-    facts: (prompt, subject, target) tuples or dicts with those keys (target None: the model's
-    top prediction). Each prompt's IE grid is averaged over the positions of each role first
-    (ROLES, see token_roles), then over the facts that have that role. Returns a dict with
-    "effects" {kind: [6, L] AIE}, "normalised" {kind: AIE / ATE}, "counts" [6] (facts per
-    role), "clean", "corrupted", "ate" (means of P, P_* and TE = P − P_*), "n_facts", the
-    settings, and "roles".
-    """
-    L = n_layers(model)
-    facts = list(facts)
-    if not facts:
-        raise ValueError("average_effects needs at least one fact")
-    passes = _length_groups(model, tokenizer, facts, 4 * batch_size, lambda T: T * L * samples)
-    sums = {kind: np.zeros((len(ROLES), L)) for kind in kinds}
-    counts = np.zeros(len(ROLES), dtype=int)
-    clean = np.zeros(len(facts))
-    corrupted = np.zeros(len(facts))
-    with progress_bar(total=len(facts) * len(kinds), desc="tracing facts x kinds", disable=not show_progress) as bar:
-        for items in passes:
-            input_ids = torch.tensor([ids for _, ids, _, _ in items])
-            spans = [span for _, _, span, _ in items]
-            targets = [t for _, _, _, t in items]
-            for kind in kinds:
-                grid = trace_batch(model, input_ids, spans, targets, kind=kind, samples=samples, noise=noise,
-                                   window=window, seed=seed, batch_size=batch_size)
-                effects = grid.effects.numpy()  # [n, T, L]
-                for i, span in enumerate(spans):
-                    for r, positions in enumerate(token_roles(span, input_ids.shape[1])):
-                        if positions:
-                            sums[kind][r] += effects[i, positions].mean(0)
-                bar.update(len(items))
-            for i, (k, _, span, _) in enumerate(items):
-                clean[k], corrupted[k] = grid.clean[i], grid.corrupted[i]
-                counts += [bool(p) for p in token_roles(span, input_ids.shape[1])]
-    effects = {kind: sums[kind] / np.maximum(counts, 1)[:, None] for kind in kinds}
-    ate = float((clean - corrupted).mean())
-    return {"effects": effects, "normalised": {k: v / ate for k, v in effects.items()},
-            "counts": counts, "clean": float(clean.mean()), "corrupted": float(corrupted.mean()),
-            "ate": ate, "n_facts": len(facts), "n_layers": L, "samples": samples, "noise": noise,
-            "window": window, "seed": seed, "roles": ROLES}
-
-
-def severed_effects(model, tokenizer, facts, samples: int = 10, noise: float = 3.0, seed: int = 0,
-                    batch_size: int = 512, show_progress: bool = False) -> dict:
-    """AIE of restoring the hidden state at the last subject token, by layer, with later MLP or
-    attention outputs at that token frozen at their corrupted values (the paper's severed paths).
-
-    Returns {"none": [L], "mlp": [L], "attn": [L], "n_facts": n}: if the "mlp" curve drops
-    below "none" at early layers, the MLPs after those layers carry the fact forward.
-    """
-    L = n_layers(model)
-    facts = list(facts)
-    passes = _length_groups(model, tokenizer, facts, 4 * batch_size, lambda T: L * samples)
-    out = {name: np.zeros(L) for name in ("none", "mlp", "attn")}
-    with progress_bar(total=3 * len(facts), desc="severed tracing", disable=not show_progress) as bar:
-        for items in passes:
-            input_ids = torch.tensor([ids for _, ids, _, _ in items])
-            spans = [span for _, _, span, _ in items]
-            targets = [t for _, _, _, t in items]
-            last = [[span[1] - 1] for span in spans]
-            for name in out:
-                grid = trace_batch(model, input_ids, spans, targets, kind="hidden", samples=samples, noise=noise,
-                                   sever=None if name == "none" else name, positions=last, seed=seed,
-                                   batch_size=batch_size)
-                effects = grid.effects.numpy()
-                out[name] += sum(effects[i, pos[0]] for i, pos in enumerate(last))
-                bar.update(len(items))
-    return {**{k: v / len(facts) for k, v in out.items()}, "n_facts": len(facts), "n_layers": L}

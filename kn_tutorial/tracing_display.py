@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tracing import KINDS, ROLES, Trace, _as_fact, trace
+from .tracing import KINDS, ROLES, Trace, trace
+from .tracing_averages import _as_fact
 
 CMAP_OF_KIND = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}  # the paper's colours
 _KIND_NAME = {"hidden": "hidden states", "mlp": "MLP outputs", "attn": "attention outputs"}

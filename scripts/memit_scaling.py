@@ -48,7 +48,7 @@ from kn_tutorial.models import get_device, get_module, load_model, module_name  
 from kn_tutorial.progress import progress  # noqa: E402
 from kn_tutorial.scoring import pad_rows, target_ids  # noqa: E402
 from kn_tutorial.stats import second_moment  # noqa: E402
-from kn_tutorial.weights import WeightSnapshot  # noqa: E402
+from kn_tutorial.weights import WeightSnapshot, frozen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,32 +92,28 @@ def fine_tune_many(model, tokenizer, cases: list[dict], layers, lr: float, steps
     weights = [get_module(model, layer, "mlp_out").weight for layer in layers]
     snapshot = WeightSnapshot([(module_name(model, layer, "mlp_out") + ".weight", w)
                                for layer, w in zip(layers, weights)])
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for w in weights:
-        w.requires_grad_(True)
-    optimizer = torch.optim.Adam(weights, lr=lr)
-    rng = random.Random(seed)
-    try:
-        for _ in range(steps):
-            chosen = rng.sample(range(len(rows)), min(batch, len(rows)))
-            input_ids, mask = pad_rows([rows[i] for i in chosen], tokenizer.eos_token_id, device)
-            r, c, t, w = zip(*[(k, pos, tok, wt) for k, i in enumerate(chosen) for pos, tok, wt in answers[i]])
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[list(r), list(c)].float()
-            nll = -(torch.log_softmax(logits, -1)[torch.arange(len(t)), list(t)] * torch.tensor(w, device=device)).sum()
-            nll = nll / len(chosen)
-            optimizer.zero_grad()
-            nll.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for w_, original in zip(weights, snapshot.originals):
-                    w_.copy_(original + (w_ - original).clamp(-eps, eps))
-    finally:
+    with frozen(model):  # gradients reach only the trained matrices; every flag is restored on exit
         for w in weights:
-            w.grad = None
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
+            w.requires_grad_(True)
+        optimizer = torch.optim.Adam(weights, lr=lr)
+        rng = random.Random(seed)
+        try:
+            for _ in range(steps):
+                chosen = rng.sample(range(len(rows)), min(batch, len(rows)))
+                input_ids, mask = pad_rows([rows[i] for i in chosen], tokenizer.eos_token_id, device)
+                r, c, t, w = zip(*[(k, pos, tok, wt) for k, i in enumerate(chosen) for pos, tok, wt in answers[i]])
+                logits = model(input_ids=input_ids, attention_mask=mask).logits[list(r), list(c)].float()
+                nll = -(torch.log_softmax(logits, -1)[torch.arange(len(t)), list(t)] * torch.tensor(w, device=device)).sum()
+                nll = nll / len(chosen)
+                optimizer.zero_grad()
+                nll.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for w_, original in zip(weights, snapshot.originals):
+                        w_.copy_(original + (w_ - original).clamp(-eps, eps))
+        finally:
+            for w in weights:
+                w.grad = None
     return snapshot
 
 

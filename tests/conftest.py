@@ -36,11 +36,11 @@ def input_ids() -> torch.Tensor:
 def hub_unreachable(request, monkeypatch):
     """The Hugging Face hub cannot be used, in each of the two ways a machine can be offline:
     the offline flag is set, or the flag is unset and the hub does not answer."""
-    from kn_tutorial import models
+    from kn_tutorial import loading
 
     if request.param == "HF_HUB_OFFLINE=1":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+        monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
     return request.param

@@ -197,3 +197,26 @@ def test_batched_suppression_equals_one_set_at_a_time():
     single = torch.tensor([A.suppressed_probability(model, tok, PROMPT, TARGET, s) for s in sets])
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=0)
     assert count_hooks(model) == 0
+
+
+def test_explorer_draws_the_per_layer_summary_and_the_top_neurons():
+    """Chapter 3's explorer draws what the chapter draws (plots.plot_attribution_summary), not the
+    unreadable L x d_ff heatmap: bars per layer on the left, the top-k neurons of the fact's
+    integrated gradients on the right, recomputed when another fact is picked."""
+    pytest.importorskip("ipywidgets")
+    import matplotlib.pyplot as plt
+
+    model, tokenizer = tiny_lm("gpt2")
+    facts = [("Kuwait lies on the continent of", " Asia"), ("Peru lies on the continent of", " America")]
+    plt.close("all")
+    box = A.attribution_explorer(model, tokenizer, facts, steps=1, k=5)  # steps: one of the menu's values
+    for i, (prompt, target) in enumerate(facts):
+        if i:
+            box.children[0].children[0].value = i  # picking another fact draws it
+        figure = plt.figure(plt.get_fignums()[-1])
+        per_layer, top = figure.axes
+        attr = A.integrated_gradients(model, tokenizer, prompt, target, steps=1)
+        assert per_layer.get_title() == "per layer" and len(per_layer.patches) == 2 * n_layers(model)
+        assert [t.get_text() for t in top.get_yticklabels()] == [f"L{l}.{n}" for l, n in A.top_neurons(attr, 5)]
+        assert prompt in figure._suptitle.get_text()
+    plt.close("all")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kn_tutorial import models, notebook
+from kn_tutorial import loading, models, notebook
 from kn_tutorial.hooks import record
 from kn_tutorial.models import get_device, load_model, pick_device
 from kn_tutorial.scoring import encode, score
@@ -72,17 +72,17 @@ def test_default_dtype_rule(tmp_path, monkeypatch, device, big, expected):
     model, tokenizer = tiny_lm("gpt2")
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    monkeypatch.setattr(models, "_BIG_MODEL_PARAMS", 0 if big else 1e12)
-    loaded, _ = models._load_from(str(tmp_path), torch.device(device), None, local_only=True)
+    monkeypatch.setattr(loading, "_BIG_MODEL_PARAMS", 0 if big else 1e12)
+    loaded, _ = loading._load_from(str(tmp_path), torch.device(device), None, local_only=True)
     assert next(loaded.parameters()).dtype == expected
-    loaded, _ = models._load_from(str(tmp_path), torch.device(device), torch.bfloat16, local_only=True)
+    loaded, _ = loading._load_from(str(tmp_path), torch.device(device), torch.bfloat16, local_only=True)
     assert next(loaded.parameters()).dtype == torch.bfloat16  # an explicit dtype always wins
 
 
 def test_estimated_size_separates_gptj_from_gpt2_xl():
     gpt2_xl = types.SimpleNamespace(hidden_size=1600, num_hidden_layers=48, vocab_size=50257)
     gpt_j = types.SimpleNamespace(hidden_size=4096, num_hidden_layers=28, vocab_size=50400)
-    assert models._estimate_n_params(gpt2_xl) < models._BIG_MODEL_PARAMS < models._estimate_n_params(gpt_j)
+    assert loading._estimate_n_params(gpt2_xl) < loading._BIG_MODEL_PARAMS < loading._estimate_n_params(gpt_j)
 
 
 # ---- computations follow the model's dtype and device -----------------------------------------

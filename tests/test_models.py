@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kn_tutorial import models
+from kn_tutorial import loading, models
 from kn_tutorial.hooks import Recorder, record
 from kn_tutorial.models import (
     ARCHS, check_layer, d_ff, d_model, embedding_matrix, final_norm, gate_matrix, get_arch,
@@ -187,7 +187,7 @@ def _save_tiny_checkpoint(make_tiny_model, path, tokenizer_config=True):
 def test_load_local_directory_and_atlas(make_tiny_model, tmp_path, monkeypatch, tokenizer_config):
     original = _save_tiny_checkpoint(make_tiny_model, tmp_path, tokenizer_config)
     ids = torch.tensor([[1, 2, 3]])
-    monkeypatch.setattr(models, "atlas_model_dir", lambda: tmp_path)
+    monkeypatch.setattr(loading, "atlas_model_dir", lambda: tmp_path)
     for name in (str(tmp_path), "atlas"):
         model, tokenizer = load_model(name, device="cpu")
         assert not model.training
@@ -198,7 +198,7 @@ def test_load_local_directory_and_atlas(make_tiny_model, tmp_path, monkeypatch, 
 
 
 def test_load_atlas_missing_says_how_to_build(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "atlas_model_dir", lambda: tmp_path / "model")
+    monkeypatch.setattr(loading, "atlas_model_dir", lambda: tmp_path / "model")
     with pytest.raises(FileNotFoundError, match=r"python -m kn_tutorial\.atlas train"):
         load_model("atlas", device="cpu")
 
@@ -215,7 +215,7 @@ def test_load_missing_hub_model_fails_fast(hub_unreachable):
 
 def test_hub_reachable_respects_offline_flag(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert models._hub_reachable() is False
+    assert loading._hub_reachable() is False
 
 
 # ---- fused GELU (speed only) -------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 `tracing`, `memories`, `neurons`, `attribution`, `memit` and `rome` were each split into the
 definition (the module itself), a fast engine (`*_engine`) and what shows results (`*_display`;
-`rome` has none). Every name the chapters, the student notebooks, the scripts, the benchmarks,
+`rome` has none); `tracing` also gave its noise to `tracing_noise` and its averages over facts to
+`tracing_averages`, and `models` its architecture table to `architectures` and loading to `loading`. Every name the chapters, the student notebooks, the scripts, the benchmarks,
 the tests and the rest of the package take from one of these modules must still be there: this test reads those files, collects every
 `from kn_tutorial.tracing import X`, `tracing.X` (after `from kn_tutorial import tracing`) and
 `kn_tutorial.tracing.X`, and imports each X from its old place.
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLIT = ("tracing", "memories", "neurons", "attribution", "memit", "rome")
+METHODS = ("tracing", "memories", "neurons", "attribution", "memit", "rome")
+SPLIT = METHODS + ("models",)  # models: the architecture table and loading moved out (issue 23)
 
 
 def _sources():
@@ -84,9 +86,15 @@ USED = used_names()
 
 # Every public name each module defined before the split (issue 23), whether or not a file uses it.
 PUBLIC_BEFORE_SPLIT = {
-    "tracing": ('Grid', 'Trace', 'average_effects', 'noise_level', 'plot_average_effects', 'plot_trace',
-        'plot_traces', 'restore_states', 'severed_effects', 'subject_noise', 'token_roles',
-        'trace', 'trace_batch', 'trace_explorer', 'trace_naive', 'window_layers'),
+    "tracing": ('CMAP_OF_KIND', 'Grid', 'KINDS', 'ROLES', 'SITE_OF_KIND', 'Trace', 'average_effects',
+        'noise_level', 'plot_average_effects', 'plot_trace', 'plot_traces', 'restore_states',
+        'severed_effects', 'subject_noise', 'token_roles', 'trace', 'trace_batch', 'trace_explorer',
+        'trace_naive', 'window_layers'),
+    "models": ('ARCHS', 'ATLAS', 'ArchSpec', 'MODEL_NAME', 'MODULE_KINDS', 'atlas_model_dir', 'check_layer',
+        'd_ff', 'd_model', 'default_model_name', 'embedding_matrix', 'final_norm', 'fused_activations',
+        'gate_matrix', 'get_arch', 'get_block', 'get_device', 'get_module', 'key_bias', 'key_matrix',
+        'load_model', 'mlp_activation', 'mlp_out_weight', 'module_name', 'n_layers', 'pick_device',
+        'unembedding_matrix', 'value_bias', 'value_matrix'),
     "memories": ('AtlasSentence', 'Corpus', 'Memories', 'Trigger', 'Triggers', 'atlas_sentences',
         'atlas_token_parts', 'candidate_positions', 'ffn_as_memories', 'find_triggers',
         'key_sharing', 'key_value_agreement', 'logit_lens', 'memories_html',
@@ -152,12 +160,14 @@ def test_importing_a_method_does_not_load_its_display():
             "assert not [m for m in sys.modules if m.endswith('_display')], sys.modules.keys()\n"
             "from kn_tutorial.tracing import plot_traces\n"
             "assert plot_traces.__module__ == 'kn_tutorial.tracing_display'\n"
+            "from kn_tutorial.tracing import average_effects\n"
+            "assert average_effects.__module__ == 'kn_tutorial.tracing_averages'\n"
             "from kn_tutorial.memit import memit_explorer\n"
             "assert memit_explorer.__module__ == 'kn_tutorial.memit_display'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("module", SPLIT)
+@pytest.mark.parametrize("module", METHODS)
 def test_layers_engine_and_definition_do_not_import_display(module):
     """The engine and the definition never import what shows results (display imports both)."""
     for part in (module, f"{module}_engine"):

@@ -1,4 +1,5 @@
-"""The data scripts' own logic that is not a method: merging runs of the MEMIT scaling script."""
+"""The data scripts' own logic that is not a method: merging runs of the MEMIT scaling script, and
+its FT-L baseline training only the chosen matrices."""
 import json
 from pathlib import Path
 
@@ -34,3 +35,27 @@ def test_merge_takes_missing_methods_and_ablations_only(tmp_path):
     Path(paths[1]).write_text(json.dumps({**b, "seed": 1}))
     with pytest.raises(ValueError, match="other settings \\(seed\\)"):
         scaling.merge(paths, str(tmp_path / "out.json"), [])
+
+
+def test_fine_tune_many_trains_only_its_matrices_and_restores_every_flag():
+    """FT-L of the scaling script (weights.frozen): only the chosen MLP output projections change,
+    each by at most eps, and every parameter's requires_grad flag is as it was before."""
+    import torch
+
+    from kn_tutorial.models import get_module
+    from tests.tiny import tiny_lm
+
+    scaling = load_script("memit_scaling")
+    model, tokenizer = tiny_lm("gpt2")
+    model.transformer.wpe.weight.requires_grad_(False)  # one flag off, so "restored" is not "all on"
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cases = [{"requested_rewrite": {"prompt": "{} lies on the continent of", "subject": s,
+                                    "target_new": {"str": "Europe"}}} for s in ("Kuwait", "Peru")]
+    scaling.fine_tune_many(model, tokenizer, cases, layers=[1], lr=1e-2, steps=2, eps=1e-3)
+    trained = {name for name, p in model.named_parameters() if p is get_module(model, 1, "mlp_out").weight}
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == trained
+    assert all((p - before[n]).abs().max() <= 1e-3 + 1e-7 for n, p in model.named_parameters() if n in trained)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())

@@ -34,7 +34,8 @@ from ..atlas.contexts import fillers, sample_context
 from ..atlas.templates import TEMPLATES, fill
 from ..atlas.world import World
 from ..scoring import score
-from ..tracing import ROLES, average_effects, severed_effects, window_layers
+from ..tracing import ROLES, window_layers
+from ..tracing_averages import average_effects, severed_effects
 from .trace_check import known_facts
 
 RECALL_GROUPS = ("train", "heldout_frames", "heldout_contexts", "novel")

@@ -27,7 +27,8 @@ import numpy as np
 from ..atlas.templates import TEMPLATES, fill
 from ..atlas.world import load_world
 from ..scoring import score
-from ..tracing import KINDS, ROLES, average_effects
+from ..tracing import KINDS, ROLES
+from ..tracing_averages import average_effects
 
 SAMPLES, NOISE, WINDOW = 5, 3.0, 1
 
