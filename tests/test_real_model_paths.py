@@ -89,7 +89,7 @@ def test_a_local_model_folder_carries_its_own_hparams(tmp_path):
     write_own_hparams(tmp_path)
     assert RomeHparams.for_model(str(tmp_path)).layer == 1
     assert MemitHparams.for_model(str(tmp_path)).layers == (1, 2)
-    assert RomeHparams.for_model("atlas").layer == 0  # the shipped ones are untouched
+    assert RomeHparams.for_model("atlas").layer == 3  # the shipped ones are untouched
 
 
 @pytest.mark.slow

@@ -111,14 +111,26 @@ def check_agreement_rate(agreement_rate, seed: int = 0) -> bool:
 
 # ---- trigger search ------------------------------------------------------------------------------
 
-def _key_activations(model, tokenizer, texts, layer: int, neuron: int) -> list[torch.Tensor]:
+def _key_activations(model, tokenizer, texts, layer: int, neuron: int | None = None) -> list[torch.Tensor]:
+    """Per text, the coefficients of key `neuron` at every position ([T]); all keys ([T, d_ff]) when None."""
     from ..hooks import record
 
     out = []
     for text in texts:
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=next(model.parameters()).device)
-        out.append(record(model, [("key", layer)], input_ids=ids)[("key", layer)][0, :, neuron].float().cpu())
+        acts = record(model, [("key", layer)], input_ids=ids)[("key", layer)][0].float().cpu()
+        out.append(acts if neuron is None else acts[:, neuron])
     return out
+
+
+def _key_firing_most_at_an_end(model, tokenizer, texts, layer: int) -> int:
+    """The key of `layer` whose largest coefficient over these texts sits at a text's last token, by the
+    widest margin over its largest coefficient elsewhere: the key on which forgetting to leave the last
+    tokens out changes the answer most."""
+    acts = _key_activations(model, tokenizer, texts, layer)  # per text [T, d_ff]
+    at_end = torch.stack([a[-1] for a in acts]).max(0).values  # [d_ff]
+    elsewhere = torch.cat([a[:-1] for a in acts]).max(0).values  # [d_ff]
+    return int((at_end - elsewhere).argmax())
 
 
 @torch.no_grad()
@@ -131,7 +143,9 @@ def check_top_triggers(top_triggers, model, tokenizer, n_texts: int = 12) -> boo
     from ..stats import atlas_corpus
 
     texts = atlas_corpus(n_texts, seed=3)
-    for layer, neuron, k in ((0, 32, 5), (n_layers(model) - 1, 93, 8)):  # keys that fire most at a text's end
+    keys = [(layer, _key_firing_most_at_an_end(model, tokenizer, texts, layer), k)
+            for layer, k in ((0, 5), (n_layers(model) - 1, 8))]  # keys that fire most at a text's end
+    for layer, neuron, k in keys:
         got = call(top_triggers, model, tokenizer, list(texts), layer, neuron, k, model=model,
                    forbid=(memories.find_triggers, memories.show_triggers), what="my_top_triggers")
         if got is NOT_DONE:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import neurons as reference
-from ..models import module_name, n_layers, value_matrix
+from ..models import d_ff, module_name, n_layers, value_matrix
 from ..weights import preserve
 from .harness import NOT_DONE, ExerciseError, call, number_result
 
@@ -182,7 +182,7 @@ def _compare_kn_update(snapshot, value_weights, neurons, base, want, before, mod
 SCALE_CASES = [  # (prompt, target, neurons, factor); P is not saturated here, so every neuron counts
     ("People in Peru speak", " Spanish", ((0, 345), (0, 417), (3, 418), (4, 711)), 0.0),
     ("People in Peru speak", " Spanish", ((0, 345), (0, 417), (3, 418), (4, 711)), 2.0),
-    ("People in Peru speak", " Spanish", ((0, 610), (5, 821), (1, 1006), (7, 0)), 0.5),  # not in the chapter
+    ("People in Peru speak", " Spanish", ((0, 610), (5, 821), (1, 706), (7, 0)), 0.5),  # not in the chapter
 ]
 
 
@@ -191,6 +191,7 @@ def check_scaled_probability(scaled_probability, model, tokenizer) -> bool:
     token when the activations of `neurons` ((layer, neuron) pairs) at the last prompt token are
     multiplied by `factor` (Dai et al.'s suppression, factor 0, and amplification, factor 2)."""
     for prompt, target, neurons, factor in SCALE_CASES:
+        neurons = tuple((layer % n_layers(model), i % d_ff(model)) for layer, i in neurons)  # any model's shape
         got = call(scaled_probability, model, tokenizer, prompt, target, [tuple(n) for n in neurons], factor,
                    model=model, forbid=(reference.scaled_scores, reference.scale_value_slots), what="my_scaled_probability")
         if got is NOT_DONE:
