@@ -32,13 +32,16 @@ def plot_attributions(attributions: Tensor, ax=None, title: str = "", layers: Se
 
 
 def top_neurons_html(attributions: Tensor, activations: Tensor, k: int = 10) -> str:
-    """An HTML table of the k neurons with the highest attribution: layer, neuron, Attr, w̄."""
+    """An HTML table of the k neurons with the highest attribution: layer, neuron, Attr, w̄
+    (numbers right-aligned, with room between the columns)."""
+    cell = '<td style="padding: 0.1em 0.9em; text-align: right">'
+    head = '<th style="padding: 0.1em 0.9em; text-align: right">'
     rows = "".join(
-        f"<tr><td>{layer}</td><td>{neuron}</td><td>{attributions[layer, neuron]:.4f}</td>"
-        f"<td>{activations[layer, neuron]:.3f}</td></tr>"
+        f"<tr>{cell}{layer}</td>{cell}{neuron}</td>{cell}{attributions[layer, neuron]:.4f}</td>"
+        f"{cell}{activations[layer, neuron]:.3f}</td></tr>"
         for layer, neuron in top_neurons(attributions, k))
-    return ("<table><tr><th>layer</th><th>neuron</th><th>Attr</th><th>activation w̄</th></tr>"
-            f"{rows}</table>")
+    header = "".join(f"{head}{name}</th>" for name in ("layer", "neuron", "Attr", "activation w̄"))
+    return f"<table><tr>{header}</tr>{rows}</table>"
 
 
 def attribution_explorer(model, tokenizer, facts: Sequence[tuple[str, str]], steps: int = 20, k: int = 10):

@@ -182,7 +182,7 @@ def plot_alpha_paths(alphas, paths, steps: int = 20, rule: str = "right", min_ga
     left.set_xlabel("α (the layer's activations scaled to α w̄)")
     left.set_ylabel(ylabel)
     left.set_title("every layer", fontsize="medium")
-    left.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.22), ncol=2)
+    left.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.3))
     steepest = int(np.argmax(np.abs(gaps)))
     values = paths[steepest, on_grid.argmax(1)]
     right.plot(alphas, paths[steepest], color="C0", lw=1.5, label=f"layer {rows[steepest]}: P(α w̄)")
@@ -190,7 +190,7 @@ def plot_alpha_paths(alphas, paths, steps: int = 20, rule: str = "right", min_ga
     right.set_xlabel("α")
     right.set_ylabel(ylabel)
     right.set_title(f"layer {rows[steepest]} and the points of the Riemann sum", fontsize="medium")
-    right.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.22))
+    right.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.3))
     return axes
 
 
@@ -306,7 +306,8 @@ def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]
 def plot_scaling(data: dict, metrics=("ES", "PS", "NS", "S", "fluency"), methods=None, axes=None,
                  interval: str = "wilson"):
     """The scaling curve (Meng et al., 2023, figure 5) from `scripts/memit_scaling.py`'s JSON: one panel
-    per metric, number of edits on a log axis, one line per method, one legend below the panels.
+    per metric (at most three a row), number of edits on a log axis, one line per method, one legend
+    (in the grid's free panel, or below the panels).
     ES, PS and NS carry 95% intervals as error bars: `interval="wilson"` (default) the Wilson interval
     of the rate over the row's n scored cases (`wilson_interval`), `"stored"` the file's
     `<metric>_ci` (1.96 standard errors over the cases, the paper's ±, which is 0 wide when every case
@@ -315,9 +316,16 @@ def plot_scaling(data: dict, metrics=("ES", "PS", "NS", "S", "fluency"), methods
         raise ValueError(f"interval must be 'wilson', 'stored' or None, got {interval!r}")
     results = data["results"]
     methods = methods or [m for m in ("MEMIT", "ROME", "FT-L", "unedited") if m in results]
-    if axes is None:
-        _, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 3.2), sharex=True, squeeze=False)
-        axes = axes[0]
+    legend_axis = None
+    if axes is None:  # at most three panels a row, so that each stays readable at book width
+        cols = min(3, len(metrics))
+        rows_n = -(-len(metrics) // cols)
+        _, grid = plt.subplots(rows_n, cols, figsize=(3.4 * cols, 3.0 * rows_n), squeeze=False)
+        grid = list(grid.flat)
+        axes, spare = grid[:len(metrics)], grid[len(metrics):]
+        for ax in spare:
+            ax.axis("off")
+        legend_axis = spare[0] if spare else None
     markers = {"MEMIT": "o", "ROME": "s", "FT-L": "^", "unedited": ""}
 
     def errors(rows, metric):
@@ -342,9 +350,19 @@ def plot_scaling(data: dict, metrics=("ES", "PS", "NS", "S", "fluency"), methods
         if metric != "fluency":
             ax.set_ylim(-3, 103)
     axes[0].set_ylabel("score (%)")
+    for ax in axes[1:]:
+        if ax.get_subplotspec() is not None and ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("score (%)" if ax.get_title() != "fluency (n-gram entropy)" else "n-gram entropy")
     handles, labels = axes[0].get_legend_handles_labels()
-    axes[0].figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels),
-                          frameon=False, fontsize="small")
+    figure = axes[0].figure
+    figure.tight_layout()
+    if legend_axis is not None:  # the free panel of the grid holds the legend
+        bbox = legend_axis.get_position()
+        figure.legend(handles, labels, loc="center", bbox_to_anchor=(bbox.x0 + bbox.width / 2, bbox.y0 + bbox.height / 2),
+                      ncol=1, frameon=False, fontsize="medium")
+    else:
+        figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels),
+                      frameon=False, fontsize="small")
     return axes
 
 

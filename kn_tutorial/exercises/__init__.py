@@ -3,7 +3,8 @@
 Each `check_*` runs the student's function through `harness.call` (weights and inputs
 snapshotted and restored, a time limit, the package's own solution disabled), on several
 cases including one the chapter never shows, and compares with a reference. An unfinished
-stub (raising NotImplementedError) only prints a reminder and the check returns False, so
+stub (raising NotImplementedError) only prints a reminder and the check returns None (so the
+notebook shows the reminder alone), so
 a chapter still runs from top to bottom before its exercises are done. A wrong answer
 raises `harness.ExerciseError` (an AssertionError) whose message says what differs.
 """

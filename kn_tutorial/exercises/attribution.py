@@ -10,7 +10,7 @@ w̄_i/m Σ_k ∂P_x(α_k w̄)/∂w_i, with w̄^(l) the layer's neuron activation
 Each runs the student's function through `harness.call` (weights and inputs restored, a time
 limit, the package's own function disabled) on several cases, one of them never shown in the
 chapter. It returns True when the function matches the reference, prints a reminder and
-returns False while the stub still raises NotImplementedError, and raises an ExerciseError
+returns None (nothing for a notebook to print) while the stub still raises NotImplementedError, and raises an ExerciseError
 saying what differs otherwise.
 """
 from __future__ import annotations
@@ -27,13 +27,13 @@ IG_SOLUTIONS = (reference.integrated_gradients, reference.integrated_gradients_n
 PROMPT, TARGET = "Kuwait lies on the continent of", " Asia"
 
 
-def check_riemann_alphas(riemann_alphas) -> bool:
+def check_riemann_alphas(riemann_alphas) -> bool | None:
     """riemann_alphas(steps, rule) -> the m points α_k for rule "left", "right" or "midpoint"."""
     for rule in reference.RULES:
         for steps in (1, 4, 20, 7):
             got = call(riemann_alphas, steps, rule, forbid=(reference.riemann_alphas,), what="my_riemann_alphas")
             if got is NOT_DONE:
-                return False
+                return None
             want = reference.riemann_alphas(steps, rule)
             got = tensor_result(got, None, "my_riemann_alphas", f"{steps} points", dtype=torch.float64).reshape(-1)
             if got.shape != want.shape or not torch.allclose(got, want):
@@ -55,7 +55,7 @@ def check_layer_ig(layer_ig, model, tokenizer, prompt: str = PROMPT, target: str
         got = call(layer_ig, model, tokenizer, prompt, target, layer, steps, model=model, forbid=IG_SOLUTIONS,
                    what="my_layer_ig")
         if got is NOT_DONE:
-            return False
+            return None
         got = tensor_result(got, (d_ff(model),), "my_layer_ig", "[d_ff] attributions", dtype=torch.float32)
         want = reference.integrated_gradients(model, tokenizer, prompt, target, steps=steps, layers=[layer],
                                               rule="right", target_tokens="first")[0]
@@ -81,7 +81,7 @@ def check_layer_ig(layer_ig, model, tokenizer, prompt: str = PROMPT, target: str
     return True
 
 
-def check_probability_gap(probability_gap, model, tokenizer, prompt: str = PROMPT, target: str = TARGET) -> bool:
+def check_probability_gap(probability_gap, model, tokenizer, prompt: str = PROMPT, target: str = TARGET) -> bool | None:
     """probability_gap(model, tokenizer, prompt, target, layer) -> P(w̄) − P(0) for the first
     target token, at every layer."""
     want = reference.probability_gap(model, tokenizer, prompt, target, target_tokens="first")
@@ -89,7 +89,7 @@ def check_probability_gap(probability_gap, model, tokenizer, prompt: str = PROMP
         got = call(probability_gap, model, tokenizer, prompt, target, layer, model=model,
                    forbid=(reference.probability_gap, reference.path_probabilities), what="my_probability_gap")
         if got is NOT_DONE:
-            return False
+            return None
         got = number_result(got, "my_probability_gap", "P(w̄) − P(0), one number")
         if abs(got - want[layer].item()) > 1e-4 * want.abs().max().item() + 1e-7:
             hint = (" The sign is flipped: it is P(w̄) − P(0)." if abs(got + want[layer].item()) < 1e-4 else
@@ -109,7 +109,7 @@ def check_activation_times_gradient(activation_times_gradient, model, tokenizer,
         got = call(activation_times_gradient, model, tokenizer, text, obj, layer, model=model, forbid=IG_SOLUTIONS,
                    what="my_activation_times_gradient")
         if got is NOT_DONE:
-            return False
+            return None
         got = tensor_result(got, (d_ff(model),), "my_activation_times_gradient", "[d_ff] scores", dtype=torch.float32)
         want = reference.activation_times_gradient(model, tokenizer, text, obj, layers=[layer], target_tokens="first")[0]
         if not is_close(got, want, torch.float32, factor=5):

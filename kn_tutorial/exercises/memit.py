@@ -11,7 +11,7 @@ residuals R = [r_1 ... r_n] ([n, d_model]), C = E[k kᵀ], λ = mom2_update_weig
 Each runs the student's function through `harness.call` (weights and inputs restored, a time
 limit, the package's own function disabled) on several cases, one of them never shown in the
 chapter. It returns True when the function matches the reference, prints a reminder and
-returns False while the stub still raises NotImplementedError, and raises an ExerciseError
+returns None (nothing for a notebook to print) while the stub still raises NotImplementedError, and raises an ExerciseError
 saying what differs otherwise.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _problem(n: int, d_model: int = 5, d_ff: int = 12, seed: int = 0, dtype=torc
     return mom2.to(dtype), keys.to(dtype), residuals.to(dtype)
 
 
-def check_joint_update(joint_update) -> bool:
+def check_joint_update(joint_update) -> bool | None:
     """joint_update(mom2 [d_ff, d_ff], keys [n, d_ff], residuals [n, d_model], lam) -> ΔW [d_model, d_ff]:
     1, 4 and 30 requests in float64, and 3 requests in float32 (not shown in the chapter)."""
     cases = [(n, lam, _problem(n, seed=n)) for n, lam in ((1, 2.0), (4, 0.5), (30, 10.0))]
@@ -46,7 +46,7 @@ def check_joint_update(joint_update) -> bool:
     for n, lam, (mom2, keys, residuals) in cases:
         got = call(joint_update, mom2, keys, residuals, lam, forbid=SOLVES, what="my_joint_update")
         if got is NOT_DONE:
-            return False
+            return None
         want = reference.solve_update(mom2, keys, residuals, lam)
         got = tensor_result(got, want.shape, "my_joint_update", "ΔW, [d_model, d_ff]")
         if not is_close(got, want, keys.dtype):
@@ -62,7 +62,7 @@ def check_joint_update(joint_update) -> bool:
     return True
 
 
-def check_rank_one_update(rank_one_update) -> bool:
+def check_rank_one_update(rank_one_update) -> bool | None:
     """rank_one_update(mom2, k [d_ff], r [d_model], lam) -> ΔW, without solving against λC + kkᵀ;
     three values of λ on one problem and a second problem (not shown in the chapter)."""
     cases = [(lam, _problem(1, seed=7)) for lam in (1e-8, 0.5, 20.0)]
@@ -70,7 +70,7 @@ def check_rank_one_update(rank_one_update) -> bool:
     for lam, (mom2, keys, residuals) in cases:
         got = call(rank_one_update, mom2, keys[0], residuals[0], lam, forbid=SOLVES, what="my_rank_one_update")
         if got is NOT_DONE:
-            return False
+            return None
         want = reference.solve_update(mom2, keys, residuals, lam)
         got = tensor_result(got, want.shape, "my_rank_one_update", "ΔW, [d_model, d_ff]")
         # λC + kkᵀ is nearly singular at small λ: the reference's own float64 error is ~1e-8 relative there
@@ -105,13 +105,13 @@ UNSEEN = [  # a prefix before the subject, and a subject that contains another o
 ]
 
 
-def check_key_groups(key_groups) -> bool:
+def check_key_groups(key_groups) -> bool | None:
     """key_groups(requests) -> lists of request indices that share their key, in first-seen order;
     on the chapter's six requests and on five others with text before the subject."""
     for where, requests in (("the six requests above", REQUESTS), ("five other requests", UNSEEN)):
         got = call(key_groups, copy.deepcopy(requests), forbid=(reference.key_groups,), what="my_key_groups")
         if got is NOT_DONE:
-            return False
+            return None
         want = reference.key_groups([reference.as_request(r) for r in requests])
         if got is None:
             raise ExerciseError("my_key_groups returned None: did you forget the `return` statement? Expected a "
@@ -174,7 +174,7 @@ def reference_layer_loop(model, layers, z, keys_at, hidden_at_last, solve) -> di
     return deltas
 
 
-def check_layer_loop(layer_loop, model, tokenizer) -> bool:
+def check_layer_loop(layer_loop, model, tokenizer) -> bool | None:
     """layer_loop(model, layers, z, keys_at, hidden_at_last, solve) edits `model` in place, layer by
     layer, and returns {layer: ΔW}. Checked on two layer ranges (one not in the chapter): the
     weights it leaves must match MEMIT's loop, and nothing else may change. The weights are
@@ -190,7 +190,7 @@ def check_layer_loop(layer_loop, model, tokenizer) -> bool:
             args = _loop_inputs(model, tokenizer, layers, seed, lam=2.0)
             got = call(layer_loop, model, layers, args[3], *args[:3], forbid=(reference.edit,), what="my_layer_loop")
             if got is NOT_DONE:
-                return False
+                return None
             changed = snapshot.changed()
             others = [name for name in changed if name not in allowed]
             if others:

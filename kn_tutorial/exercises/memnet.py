@@ -9,7 +9,7 @@ c_i = sum_j l_j * C x_ij, p = softmax(u m^T) (or f(u m^T)), o = sum_i p_i c_i.
 
 Each runs the student's function through `harness.call` (inputs restored, a time limit, the
 package's own function disabled) on several cases, one of them never shown in the chapter.
-It returns True when the function matches the reference, prints a reminder and returns False
+It returns True when the function matches the reference, prints a reminder and returns None
 while the stub still raises NotImplementedError, and raises an ExerciseError saying what
 differs otherwise.
 """
@@ -23,12 +23,12 @@ from ..memnet import model as ref_model
 from .harness import NOT_DONE, ExerciseError, call, tensor_result
 
 
-def check_position_encoding(position_encoding) -> bool:
+def check_position_encoding(position_encoding) -> bool | None:
     """position_encoding(J, d) -> [J, d] with l[j-1, k-1] = (1 - j/J) - (k/d)(1 - 2j/J)."""
     for J, d in ((1, 4), (4, 6), (7, 32), (5, 3)):
         got = call(position_encoding, J, d, forbid=(ref_model.position_encoding,), what="my_position_encoding")
         if got is NOT_DONE:
-            return False
+            return None
         want = ref_model.position_encoding(J, d)
         got = tensor_result(got, want.shape, "my_position_encoding", "one row per word j, one column per dimension k",
                             dtype=torch.float32)
@@ -44,7 +44,7 @@ def check_position_encoding(position_encoding) -> bool:
     return True
 
 
-def check_memory_hop(memory_hop, seed: int = 0) -> bool:
+def check_memory_hop(memory_hop, seed: int = 0) -> bool | None:
     """memory_hop(u, m, c, mask, coef) -> (p, o), as kn_tutorial.memnet.memory_read."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(5, 8, generator=gen)
@@ -55,7 +55,7 @@ def check_memory_hop(memory_hop, seed: int = 0) -> bool:
     for coef in ref_model.COEFFICIENTS:
         got = call(memory_hop, u, m, c, mask, coef, forbid=(ref_model.memory_read,), what="my_memory_hop")
         if got is NOT_DONE:
-            return False
+            return None
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             shown = "None (did you forget the `return` statement?)" if got is None else f"a {type(got).__name__}"
             raise ExerciseError(f"my_memory_hop returned {shown}; expected a pair (p, o).")
@@ -82,7 +82,7 @@ def check_memory_hop(memory_hop, seed: int = 0) -> bool:
     return True
 
 
-def check_effective_number(effective_number, seed: int = 0) -> bool:
+def check_effective_number(effective_number, seed: int = 0) -> bool | None:
     """effective_number(p) -> exp(entropy of p / sum p) over the last axis; 0 for all-zero rows."""
     gen = torch.Generator().manual_seed(seed)
     cases = {
@@ -95,7 +95,7 @@ def check_effective_number(effective_number, seed: int = 0) -> bool:
     for name, p in cases.items():
         got = call(effective_number, p, forbid=(ref_analysis.effective_number,), what="my_effective_number")
         if got is NOT_DONE:
-            return False
+            return None
         got = tensor_result(got, p.shape[:-1], "my_effective_number", "one number per row",
                             dtype=torch.float32).reshape(-1)
         want = ref_analysis.effective_number(p).reshape(-1)
@@ -119,7 +119,7 @@ def reference_hops(u, memories, mask, coef):
     return u, ps
 
 
-def check_hops(hops, seed: int = 1) -> bool:
+def check_hops(hops, seed: int = 1) -> bool | None:
     """hops(u [N, d], memories: list of K+1 tensors [N, M, d], mask [N, M], coef) -> (u after K hops,
     list of the K coefficient tensors [N, M]); two and three hops, softmax and ReLU (the three-hop
     ReLU case is not in the chapter)."""
@@ -132,7 +132,7 @@ def check_hops(hops, seed: int = 1) -> bool:
         got = call(hops, u, [m.clone() for m in memories], mask, coef, forbid=(ref_model.memory_read,),
                    what="my_hops")
         if got is NOT_DONE:
-            return False
+            return None
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             shown = "None (did you forget the `return` statement?)" if got is None else f"a {type(got).__name__}"
             raise ExerciseError(f"my_hops returned {shown}; expected a pair (u, list of p).")

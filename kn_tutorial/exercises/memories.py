@@ -9,7 +9,7 @@
 Each runs the student's function through `harness.call` (weights and inputs restored, a time
 limit, the package's own function disabled) on several cases, one of them never shown in the
 chapter. It returns True when the function matches the reference, prints a reminder and
-returns False while the stub still raises NotImplementedError, and raises an ExerciseError
+returns None (nothing for a notebook to print) while the stub still raises NotImplementedError, and raises an ExerciseError
 saying what differs otherwise.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .harness import NOT_DONE, ExerciseError, call, close, number_result, tensor
 
 
 @torch.no_grad()
-def check_ffn_output(ffn_output, model, seed: int = 0) -> bool:
+def check_ffn_output(ffn_output, model, seed: int = 0) -> bool | None:
     """ffn_output(model, layer, x) must equal the MLP module applied to x, for every layer, on
     x of shape [3, d_model] and (not shown in the chapter) [2, 4, d_model]. Calling the MLP
     module itself, or memories.ffn_as_memories, is refused."""
@@ -37,7 +37,7 @@ def check_ffn_output(ffn_output, model, seed: int = 0) -> bool:
                        forbid_modules=mlps, forbid_modules_name=f"the MLP module of layer {layer} (model's own FFN)",
                        what="my_ffn_output")
             if got is NOT_DONE:
-                return False
+                return None
             want = mlp(x)
             got = tensor_result(got, want.shape, "my_ffn_output", "[..., d_model]: did you return the coefficients "
                                 "m instead of m @ V + b_V?", dtype=want.dtype)
@@ -50,12 +50,12 @@ def check_ffn_output(ffn_output, model, seed: int = 0) -> bool:
 
 
 @torch.no_grad()
-def check_value_top_tokens(value_top_tokens, model, layer: int = -1, neurons=(0, 1, 2), k: int = 10) -> bool:
+def check_value_top_tokens(value_top_tokens, model, layer: int = -1, neurons=(0, 1, 2), k: int = 10) -> bool | None:
     """value_top_tokens(model, layer, neuron, k) must return the ids of the k most probable
     tokens of p_i = softmax(v_i E), most probable first; also at layer 0, neuron 17, k = 3."""
     for layer, neurons, k in ((layer % n_layers(model), neurons, k), (0, (17,), 3)):
         if not _check_top_tokens(value_top_tokens, model, layer, neurons, k):
-            return False
+            return None
     print(f"Correct: the top-k tokens of p_i match for neurons {list(neurons)} of the last layer and neuron 17 of layer 0.")
     return True
 
@@ -67,7 +67,7 @@ def _check_top_tokens(value_top_tokens, model, layer, neurons, k):
                    forbid=(memories.value_top_tokens, memories.value_distribution, memories.value_logits),
                    what="my_value_top_tokens")
         if got is NOT_DONE:
-            return False
+            return None
         got = tensor_result(got, (k,), "my_value_top_tokens", f"the {k} token ids").reshape(-1)
         want = want_ids[row]
         if got.tolist() != want.tolist():
@@ -86,7 +86,7 @@ def reference_agreement_rate(next_tokens: torch.Tensor, value_top: torch.Tensor)
     return (value_top == next_tokens[:, None]).any(-1).float().mean().item()
 
 
-def check_agreement_rate(agreement_rate, seed: int = 0) -> bool:
+def check_agreement_rate(agreement_rate, seed: int = 0) -> bool | None:
     """agreement_rate(next_tokens [d_ff], value_top [d_ff, k]) -> float, on random cases."""
     gen = torch.Generator().manual_seed(seed)
     cases = [(torch.tensor([3, 5, -1, 7]), torch.tensor([[3, 1], [2, 4], [0, 1], [9, 7]]))]
@@ -97,7 +97,7 @@ def check_agreement_rate(agreement_rate, seed: int = 0) -> bool:
     for nxt, top in cases:
         got = call(agreement_rate, nxt, top, forbid=(memories.key_value_agreement,), what="my_agreement_rate")
         if got is NOT_DONE:
-            return False
+            return None
         got = number_result(got, "my_agreement_rate", "a share in [0, 1]")
         want = reference_agreement_rate(nxt, top)
         if abs(got - want) > 1e-6:
@@ -134,7 +134,7 @@ def _key_firing_most_at_an_end(model, tokenizer, texts, layer: int) -> int:
 
 
 @torch.no_grad()
-def check_top_triggers(top_triggers, model, tokenizer, n_texts: int = 12) -> bool:
+def check_top_triggers(top_triggers, model, tokenizer, n_texts: int = 12) -> bool | None:
     """top_triggers(model, tokenizer, texts, layer, neuron, k) -> the k (text index, position)
     pairs with the largest coefficient m_i of key `neuron`, strongest first, over every token of
     every text except each text's last (a trigger is followed by a next token). Checked on two keys
@@ -149,7 +149,7 @@ def check_top_triggers(top_triggers, model, tokenizer, n_texts: int = 12) -> boo
         got = call(top_triggers, model, tokenizer, list(texts), layer, neuron, k, model=model,
                    forbid=(memories.find_triggers, memories.show_triggers), what="my_top_triggers")
         if got is NOT_DONE:
-            return False
+            return None
         if got is None:
             raise ExerciseError("my_top_triggers returned None: did you forget the `return` statement? Expected a "
                                 "list of (text index, position) pairs.")

@@ -10,7 +10,7 @@ coarse neurons Attr_j > t · max Attr_j; knowledge neurons: coarse for more than
 Each runs the student's function through `harness.call` (weights and inputs restored, a time
 limit, the package's own function disabled) on several cases, one of them never shown in the
 chapter. It returns True when the function matches the reference, prints a reminder and
-returns False while the stub still raises NotImplementedError, and raises an ExerciseError
+returns None (nothing for a notebook to print) while the stub still raises NotImplementedError, and raises an ExerciseError
 saying what differs otherwise.
 """
 from __future__ import annotations
@@ -42,13 +42,13 @@ def _attribution_cases() -> list[torch.Tensor]:
     return cases + [scaled, negative]
 
 
-def check_refine(refine) -> bool:
+def check_refine(refine) -> bool | None:
     """refine(attributions [n, L, d_ff], threshold, p) -> the knowledge neurons as (layer, neuron) pairs."""
     for k, attr in enumerate(_attribution_cases()):
         for p in (0.3, 0.5, 0.7):
             got = call(refine, attr.clone(), 0.2, p, forbid=REFINERS, what="my_refine")
             if got is NOT_DONE:
-                return False
+                return None
             if got is None:
                 raise ExerciseError("my_refine returned None: did you forget the `return` statement? Expected a list "
                                     "of (layer, neuron) pairs.")
@@ -88,7 +88,7 @@ def _count_cases():
     ]
 
 
-def check_adapt_p(adapt_p) -> bool:
+def check_adapt_p(adapt_p) -> bool | None:
     """adapt_p(counts, n_prompts) -> p: counts is a list of int [L, d_ff] tensors (prompts per
     neuron for each fact), n_prompts the list of n; start at 0.7, move by 0.05 until the mean
     number of neurons with count > p·n lies in [2, 5]; when the next p would leave [0, 1) or
@@ -98,7 +98,7 @@ def check_adapt_p(adapt_p) -> bool:
         got = call(adapt_p, [c.clone() for c in counts], list(n), forbid=(reference.adapt_p, reference.mean_count),
                    what="my_adapt_p")
         if got is NOT_DONE:
-            return False
+            return None
         got = number_result(got, "my_adapt_p", "p, a float")
         want = reference.adapt_p(counts, n)
         if abs(got - want.p) > 1e-6:
@@ -120,7 +120,7 @@ KN_CASES = [  # (neurons, old, new, lambda_old, lambda_new); the second is not s
 ]
 
 
-def check_kn_update(kn_update, model, tokenizer) -> bool:
+def check_kn_update(kn_update, model, tokenizer) -> bool | None:
     """kn_update(model, tokenizer, neurons, old, new, lambda_old, lambda_new) changes the value
     slots of `neurons` in place by Dai et al.'s rule; every other parameter (other value rows,
     biases, embeddings) must stay exactly as it was. The weights are snapshotted (on the CPU)
@@ -139,7 +139,7 @@ def check_kn_update(kn_update, model, tokenizer) -> bool:
                 got = call(kn_update, model, tokenizer, [tuple(n) for n in neurons], old, new, lambda_old,
                            lambda_new, forbid=(reference.kn_edit,), what="my_kn_update")
             if got is NOT_DONE:
-                return False
+                return None
             _compare_kn_update(snapshot, value_weights, neurons, base, want, before, model)
     print("Correct: your update matches Dai et al.'s rule on two sets of neurons, and changes nothing else "
           "(the weights are restored).")
@@ -186,7 +186,7 @@ SCALE_CASES = [  # (prompt, target, neurons, factor); P is not saturated here, s
 ]
 
 
-def check_scaled_probability(scaled_probability, model, tokenizer) -> bool:
+def check_scaled_probability(scaled_probability, model, tokenizer) -> bool | None:
     """scaled_probability(model, tokenizer, prompt, target, neurons, factor) -> P of the target's first
     token when the activations of `neurons` ((layer, neuron) pairs) at the last prompt token are
     multiplied by `factor` (Dai et al.'s suppression, factor 0, and amplification, factor 2)."""
@@ -195,7 +195,7 @@ def check_scaled_probability(scaled_probability, model, tokenizer) -> bool:
         got = call(scaled_probability, model, tokenizer, prompt, target, [tuple(n) for n in neurons], factor,
                    model=model, forbid=(reference.scaled_scores, reference.scale_value_slots), what="my_scaled_probability")
         if got is NOT_DONE:
-            return False
+            return None
         got = number_result(got, "my_scaled_probability", "a probability")
         want = reference.scaled_scores(model, tokenizer, [prompt], [target], [list(neurons)], factor)["first_prob"][0].item()
         if abs(got - want) > 1e-5 + 1e-4 * abs(want):

@@ -10,7 +10,7 @@ Notation: W [d_model, d_ff] with W k = v (bias left out), C = E[k kᵀ], the new
 Each runs the student's function through `harness.call` (weights and inputs restored, a time
 limit, the package's own function disabled) on several cases, one of them never shown in the
 chapter. It returns True when the function matches the reference, prints a reminder and
-returns False while the stub still raises NotImplementedError, and raises an ExerciseError
+returns None (nothing for a notebook to print) while the stub still raises NotImplementedError, and raises an ExerciseError
 saying what differs otherwise.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def reference_rank_one(weight, mom2, k_star, v_star) -> torch.Tensor:
     return w
 
 
-def check_rank_one_update(rank_one_update) -> bool:
+def check_rank_one_update(rank_one_update) -> bool | None:
     """rank_one_update(W, C, k_star, v_star) -> Ŵ (a new tensor; W unchanged): three float64
     problems and a float32 one (not shown in the chapter), compared at the dtype's tolerance."""
     cases = [(f"float64 problem {seed}", _problem(seed)) for seed in range(3)]
@@ -49,7 +49,7 @@ def check_rank_one_update(rank_one_update) -> bool:
         got = call(rank_one_update, weight, mom2, k_star, v_star, forbid=RANK_ONE_SOLUTIONS,
                    what="my_rank_one_update")
         if got is NOT_DONE:
-            return False
+            return None
         got = tensor_result(got, weight.shape, "my_rank_one_update", "Ŵ, [d_model, d_ff]")
         want = reference_rank_one(weight, mom2, k_star, v_star)
         if not is_close(got, want, weight.dtype):
@@ -66,7 +66,7 @@ def check_rank_one_update(rank_one_update) -> bool:
     return True
 
 
-def check_k_star(k_star, model, tokenizer, prompt: str = "{} lies on the continent of", subject: str = "Kuwait") -> bool:
+def check_k_star(k_star, model, tokenizer, prompt: str = "{} lies on the continent of", subject: str = "Kuwait") -> bool | None:
     """k_star(model, tokenizer, prompt, subject, layer, prefixes) -> [d_ff]: the key at the subject's
     last token, averaged over the prompts prefix + prompt.format(subject); checked at two layers
     and on a second request whose prefix mentions the subject."""
@@ -77,7 +77,7 @@ def check_k_star(k_star, model, tokenizer, prompt: str = "{} lies on the contine
         got = call(k_star, model, tokenizer, text, subj, layer, pre, model=model,
                    forbid=(rome.compute_k_star, memit.compute_keys), what="my_k_star")
         if got is NOT_DONE:
-            return False
+            return None
         got = tensor_result(got, (d_ff(model),), "my_k_star", "k*, [d_ff]", dtype=torch.float32)
         want = rome.compute_k_star(model, tokenizer, text, subj, layer, pre).cpu()
         close(got, want, f"{text.format(subj)!r} at layer {layer}",
@@ -113,7 +113,7 @@ def _loss_case(seed: int, n_prompts: int, n_tokens: int, n_kl: int, vocab: int =
     return target, after, before, delta, 2.0 + seed, 0.0625 * (seed + 1), 0.5
 
 
-def check_v_star_loss(v_star_loss) -> bool:
+def check_v_star_loss(v_star_loss) -> bool | None:
     """v_star_loss(target_logprobs [n, |o*|], kl_after [n_kl, vocab], kl_before [n_kl, vocab], delta [d],
     mlp_norm, kl_factor, weight_decay) -> the scalar loss, differentiable in delta; four random cases
     (one with a one-token target and one KL prompt, one with three of each)."""
@@ -123,7 +123,7 @@ def check_v_star_loss(v_star_loss) -> bool:
         got = call(v_star_loss, target, after, before, delta, norm, factor, decay, what="my_v_star_loss",
                    forbid=(rome.compute_v_star,))
         if got is NOT_DONE:
-            return False
+            return None
         if not isinstance(got, torch.Tensor):
             number_result(got, "my_v_star_loss", "a scalar tensor")  # None / wrong type: one sentence
             raise ExerciseError("my_v_star_loss returned a Python number: return the loss as a tensor, so that "
@@ -170,7 +170,7 @@ def _variants(case: dict) -> list[tuple[str, dict]]:
             ("the case with o* = 'South America' (two tokens)", other)]
 
 
-def check_efficacy(efficacy, model, tokenizer, case: dict) -> bool:
+def check_efficacy(efficacy, model, tokenizer, case: dict) -> bool | None:
     """efficacy(model, tokenizer, case) -> (ES, EM) for the case's rewrite prompt: ES = 1.0 if
     P(o*) > P(o_c) else 0.0, EM = P(o*) − P(o_c), P the length-normalised target probability.
     Checked on the case, on the case with its objects swapped and with a two-token new object."""
@@ -178,7 +178,7 @@ def check_efficacy(efficacy, model, tokenizer, case: dict) -> bool:
         got = call(efficacy, model, tokenizer, variant, model=model, forbid=(evaluation.evaluate_cases,),
                    what="my_efficacy")
         if got is NOT_DONE:
-            return False
+            return None
         if got is None or not isinstance(got, (tuple, list)) or len(got) != 2:
             shown = "None (did you forget the `return` statement?)" if got is None else f"a {type(got).__name__}"
             raise ExerciseError(f"my_efficacy returned {shown}; expected a pair (ES, EM) of two floats.")

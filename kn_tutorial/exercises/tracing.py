@@ -11,7 +11,7 @@ P_{*, clean h_t^l}(o) with the hidden state of token t after block l restored.
 Each runs the student's function through `harness.call` (weights and inputs restored, a time
 limit, the package's own function disabled) on several cases, one of them never shown in the
 chapter. It returns True when the function matches the reference, prints a reminder and
-returns False while the stub still raises NotImplementedError, and raises an ExerciseError
+returns None (nothing for a notebook to print) while the stub still raises NotImplementedError, and raises an ExerciseError
 saying what differs otherwise.
 """
 from __future__ import annotations
@@ -30,13 +30,13 @@ TRACERS = (tracing.restore_states, tracing.trace_batch, tracing.trace, tracing.a
            tracing.severed_effects)
 
 
-def check_token_roles(token_roles) -> bool:
+def check_token_roles(token_roles) -> bool | None:
     """token_roles(span, seq_len) must list, for each of the six roles, its token positions;
     five spans, two of them (a one-token subject at the end, a subject at the start) not in the text."""
     for span, seq_len in [((2, 5), 9), ((0, 1), 4), ((0, 3), 7), ((1, 3), 4), ((3, 4), 6), ((5, 6), 7), ((4, 5), 5)]:
         got = call(token_roles, span, seq_len, forbid=(reference_token_roles,), what="my_token_roles")
         if got is NOT_DONE:
-            return False
+            return None
         want = reference_token_roles(span, seq_len)
         if got is None:
             raise ExerciseError("my_token_roles returned None: did you forget the `return` statement? Expected a "
@@ -69,7 +69,7 @@ def _compare(got, want, what: str, hint: str) -> None:
 
 
 @torch.no_grad()
-def check_corrupted(corrupted_probability, model, tokenizer, samples: int = 2, seed: int = 0) -> bool:
+def check_corrupted(corrupted_probability, model, tokenizer, samples: int = 2, seed: int = 0) -> bool | None:
     """corrupted_probability(model, input_ids, noise, target_id) -> P_*(o): the probability of
     target_id at the last position when noise ([T, d_model], zero outside the subject) is added
     to the input of block 0. Two noise draws on the chapter's fact and on another (not shown)."""
@@ -83,7 +83,7 @@ def check_corrupted(corrupted_probability, model, tokenizer, samples: int = 2, s
             got = call(corrupted_probability, model, ids, noise[j], target_id, model=model, forbid=TRACERS,
                        what="my_corrupted_probability")
             if got is NOT_DONE:
-                return False
+                return None
             _compare(got, want[j].item(), f"{prompt!r}, noise sample {j}",
                      "Check: the noise is added to the input of block 0 (site 'resid_pre', layer 0: token plus "
                      "position embeddings), at every position (it is zero outside the subject), once; P is the "
@@ -107,7 +107,7 @@ def check_restore_hidden(restore_hidden, model, tokenizer, prompt: str = "Kuwait
             got = call(restore_hidden, model, ids, noise[j], target_id, layer, position, model=model,
                        forbid=TRACERS, what="my_restore_hidden")
             if got is NOT_DONE:
-                return False
+                return None
             _compare(got, want[j].item(), f"layer {layer}, position {position}, noise sample {j}",
                      "Check: noise added to the input of block 0 ('resid_pre', layer 0) at every position "
                      "(it is zero outside the subject); the clean hidden state recorded at the block's output "
@@ -136,7 +136,7 @@ def check_severed(restore_severed, model, tokenizer, prompt: str = "Kuwait lies 
             got = call(restore_severed, model, ids, noise[j], target_id, layer, position, model=model,
                        forbid=TRACERS, what="my_restore_severed")
             if got is NOT_DONE:
-                return False
+                return None
             _compare(got, want[j].item(), f"layer {layer}, last subject token, noise sample {j}",
                      "Check: the frozen MLP outputs come from a corrupted run with the same noise and NO "
                      "restoration; only layers after `layer`, only at `position`, are frozen.")
@@ -170,14 +170,14 @@ def _effect_cases(seed: int = 0):
     return out
 
 
-def check_aie_by_role(aie_by_role) -> bool:
+def check_aie_by_role(aie_by_role) -> bool | None:
     """aie_by_role(effects, spans) -> [6, L]: effects is a list of per-fact IE grids [T_i, L]
     (prompts of different lengths), spans their subjects' [a, b). Two sets of facts, the second
     (not in the chapter) with roles that no fact has, which must come out 0."""
     for k, (effects, spans) in enumerate(_effect_cases()):
         got = call(aie_by_role, [e.clone() for e in effects], list(spans), forbid=TRACERS[3:], what="my_aie_by_role")
         if got is NOT_DONE:
-            return False
+            return None
         want = reference_aie_by_role(effects, spans)
         got = tensor_result(got, want.shape, "my_aie_by_role", "[6 roles, L layers]").double()
         if torch.isnan(got).any():
