@@ -11,6 +11,13 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .lazy import lazy_exports
+
+# The editing chapters' figures live in plots_editing (served lazily: plots_editing imports this module).
+__getattr__ = lazy_exports(__package__, "plots_editing", (
+    "plot_delta_optimisation", "wilson_interval", "plot_scaling", "plot_key_spectrum", "plot_feasible_costs",
+    "plot_layer_sweep", "plot_layer_shares"))
+
 
 def _axes(ax, figsize=(6, 3.5)):
     if ax is None:
@@ -68,21 +75,33 @@ def stacked_by_layer(parts: Mapping[str, Sequence[float]], layers: Sequence[int]
 
 def heatmap(matrix, ax=None, xlabels: Sequence[str] | None = None, ylabels: Sequence[str] | None = None,
             cmap: str = "cividis", cbar_label: str = "", title: str = "", annotate: bool = False,
-            fmt: str = "{:.2f}"):
-    """A matrix as an image with labelled rows and columns and a colour bar."""
+            fmt: str = "{:.2f}", centre: float | None = None, spread: float | None = None,
+            colorbar: bool = True, fontsize="medium"):
+    """A matrix as an image with labelled rows and columns and a colour bar. With `centre`, the
+    colour scale is symmetric around it (for a diverging map such as "PuOr", so that no change
+    is the map's middle colour), from centre - spread to centre + spread (default: the largest
+    distance from it, so give one `spread` to panels that must share a scale); `colorbar=False` leaves the bar out (e.g. for panels sharing one).
+    Returns the Axes; its image is `ax.images[0]`."""
     ax = _axes(ax)
     matrix = np.asarray(matrix, dtype=float)
-    image = ax.imshow(matrix, cmap=cmap, aspect="auto")
+    limits = {}
+    if centre is not None:
+        if spread is None:
+            spread = max(float(np.nanmax(np.abs(matrix - centre))), 1e-12)
+        limits = {"vmin": centre - spread, "vmax": centre + spread}
+    image = ax.imshow(matrix, cmap=cmap, aspect="auto", interpolation="nearest", **limits)
     if xlabels is not None:
-        ax.set_xticks(range(len(xlabels)), labels=list(xlabels), rotation=45, ha="right")
+        ax.set_xticks(range(len(xlabels)), labels=list(xlabels), rotation=45, ha="right", fontsize=fontsize)
     if ylabels is not None:
-        ax.set_yticks(range(len(ylabels)), labels=list(ylabels))
+        ax.set_yticks(range(len(ylabels)), labels=list(ylabels), fontsize=fontsize)
     if annotate:
-        mid = np.nanmean(matrix)
+        mid = np.nanmean(matrix) if centre is None else None
         for (i, j), v in np.ndenumerate(matrix):
+            dark = v > mid if mid is not None else True  # a diverging map is light in the middle
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize="x-small",
-                    color="black" if v > mid else "white")
-    ax.figure.colorbar(image, ax=ax, label=cbar_label)
+                    color="black" if dark else "white")
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, label=cbar_label)
     ax.set_title(title)
     return ax
 
@@ -200,8 +219,8 @@ def plot_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], x: Sequence
                 vlines: Mapping[str, float] | None = None, ylim: tuple[float, float] | None = None,
                 floor: float | None = None, panel_size: tuple[float, float] = (5.2, 3.4)):
     """Side-by-side line plots sharing the y axis: `panels` is {panel title: {series label: y over x}},
-    each series a line with markers (extra matplotlib keywords per label in `styles`, e.g. a dashed
-    control). `hlines`/`vlines` are labelled grey reference lines drawn in every panel; `floor` lifts
+    each series a line with markers (matplotlib keywords per label in `styles`, e.g. a dashed
+    control, or `{"marker": ""}` for a plain line). `hlines`/`vlines` are labelled grey reference lines drawn in every panel; `floor` lifts
     values below it to it (zeros on a log axis). One legend, to the right of the last panel, so no
     line is covered. Returns the Axes."""
     if not panels:
@@ -218,7 +237,7 @@ def plot_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], x: Sequence
                 raise ValueError(f"series {label!r} of panel {title!r} has {len(values)} values for {len(x)} x")
             if floor is not None:
                 values = np.maximum(values, floor)
-            ax.plot(x, values, marker="o", label=label, **dict(styles.get(label, {})))
+            ax.plot(x, values, **{"marker": "o", **dict(styles.get(label, {}))}, label=label)
         for label, y in (hlines or {}).items():
             ax.axhline(y, color="grey", ls="--", lw=0.8, label=label)
         for label, at in (vlines or {}).items():
@@ -235,7 +254,7 @@ def plot_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], x: Sequence
 
 
 def grouped_bars(series: Mapping[str, Sequence[float]], categories: Sequence, ax=None, xlabel: str = "",
-                 ylabel: str = "", title: str = "", percent: bool = False):
+                 ylabel: str = "", title: str = "", percent: bool = False, legend_loc: str = "best"):
     """Bars of several named series side by side for each category (e.g. the share of top neurons
     per layer for two sets of facts), with one legend. Returns the Axes."""
     ax = _axes(ax, figsize=(6.5, 3.5))
@@ -251,119 +270,8 @@ def grouped_bars(series: Mapping[str, Sequence[float]], categories: Sequence, ax
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel + (" (%)" if percent and ylabel else ""))
     ax.set_title(title)
-    ax.legend(fontsize="small", frameon=False)
+    ax.legend(fontsize="small", frameon=False, loc=legend_loc)
     return ax
-
-
-# --------------------------------------------------------------------------------------
-# Chapter 6: the optimisation of δ (ROME, Meng et al., 2022)
-# --------------------------------------------------------------------------------------
-
-def plot_delta_optimisation(losses: Sequence[Mapping[str, float]], target: str = "target", axes=None,
-                            terms: Mapping[str, str] | None = None):
-    """The loss terms and P(target) at every Adam step of ROME's v* optimisation (`rome.compute_v_star`'s
-    `losses`), one linear panel each with a marker per step, so that no term is hidden by another's
-    scale or by a log axis at zero. Returns the Axes."""
-    terms = dict(terms or {"nll": "NLL of the new object", "kl": "KL term", "decay": "weight-decay term",
-                           "p_target": f"P({target.strip()}), mean over prompts"})
-    if not losses:
-        raise ValueError("losses is empty: compute_v_star logs one row per Adam step")
-    missing = [key for key in terms if key not in losses[0]]
-    if missing:
-        raise ValueError(f"the loss rows have no {missing}; they have {sorted(losses[0])}")
-    if axes is None:
-        _, axes = plt.subplots(1, len(terms), figsize=(2.9 * len(terms), 2.8))
-    steps = np.arange(len(losses))
-    for n, (ax, (key, label)) in enumerate(zip(axes, terms.items())):
-        ax.plot(steps, [row[key] for row in losses], marker="o", color=f"C{n}")
-        ax.set_title(label, fontsize="medium")
-        ax.set_xlabel("Adam step")
-        ax.set_xticks(steps if len(steps) <= 12 else np.linspace(0, steps[-1], 6).round().astype(int))
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
-        if key == "p_target":
-            ax.set_ylim(-0.02, 1.02)
-    return axes
-
-
-# --------------------------------------------------------------------------------------
-# Chapter 7: the scaling curve (MEMIT, Meng et al., 2023, figure 5)
-# --------------------------------------------------------------------------------------
-
-def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval (Wilson, 1927) of a success rate in [0, 1] observed over n cases, as
-    (low, high). Unlike rate ± z·se it does not shrink to a point at 0 or 1. For a mean of per-case
-    shares in [0, 1] (PS, NS) it is conservative: their variance is at most rate·(1 − rate)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive number of cases, got {n!r}")
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"rate must lie in [0, 1], got {rate!r}")
-    denominator = 1 + z * z / n
-    centre = (rate + z * z / (2 * n)) / denominator
-    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def plot_scaling(data: dict, metrics=("ES", "PS", "NS", "S", "fluency"), methods=None, axes=None,
-                 interval: str = "wilson"):
-    """The scaling curve (Meng et al., 2023, figure 5) from `scripts/memit_scaling.py`'s JSON: one panel
-    per metric (at most three a row), number of edits on a log axis, one line per method, one legend
-    (in the grid's free panel, or below the panels).
-    ES, PS and NS carry 95% intervals as error bars: `interval="wilson"` (default) the Wilson interval
-    of the rate over the row's n scored cases (`wilson_interval`), `"stored"` the file's
-    `<metric>_ci` (1.96 standard errors over the cases, the paper's ±, which is 0 wide when every case
-    agrees), `None` none. S and fluency have no interval."""
-    if interval not in ("wilson", "stored", None):
-        raise ValueError(f"interval must be 'wilson', 'stored' or None, got {interval!r}")
-    results = data["results"]
-    methods = methods or [m for m in ("MEMIT", "ROME", "FT-L", "unedited") if m in results]
-    legend_axis = None
-    if axes is None:  # at most three panels a row, so that each stays readable at book width
-        cols = min(3, len(metrics))
-        rows_n = -(-len(metrics) // cols)
-        _, grid = plt.subplots(rows_n, cols, figsize=(3.4 * cols, 3.0 * rows_n), squeeze=False)
-        grid = list(grid.flat)
-        axes, spare = grid[:len(metrics)], grid[len(metrics):]
-        for ax in spare:
-            ax.axis("off")
-        legend_axis = spare[0] if spare else None
-    markers = {"MEMIT": "o", "ROME": "s", "FT-L": "^", "unedited": ""}
-
-    def errors(rows, metric):
-        if interval is None or metric not in ("ES", "PS", "NS"):
-            return None
-        if interval == "stored":
-            return [r.get(metric + "_ci", 0.0) for r in rows]
-        bounds = [wilson_interval(min(max(r[metric] / 100, 0.0), 1.0), int(r["n"])) for r in rows]
-        return [[max(0.0, r[metric] - 100 * lo) for r, (lo, _) in zip(rows, bounds)],   # rounding: never below 0
-                [max(0.0, 100 * hi - r[metric]) for r, (_, hi) in zip(rows, bounds)]]
-
-    for ax, metric in zip(axes, metrics):
-        for method in methods:
-            rows = [r for r in results[method] if metric in r]
-            style = {"linestyle": ":", "color": "grey"} if method == "unedited" else {}
-            ax.errorbar([r["n_edits"] for r in rows], [r[metric] for r in rows], yerr=errors(rows, metric),
-                        capsize=2, ms=4, elinewidth=0.8, marker=markers.get(method, "o"),
-                        label="ROME (sequential)" if method == "ROME" else method, **style)
-        ax.set_xscale("log")
-        ax.set_title(metric if metric != "fluency" else "fluency (n-gram entropy)", fontsize="medium")
-        ax.set_xlabel("edits")
-        if metric != "fluency":
-            ax.set_ylim(-3, 103)
-    axes[0].set_ylabel("score (%)")
-    for ax in axes[1:]:
-        if ax.get_subplotspec() is not None and ax.get_subplotspec().is_first_col():
-            ax.set_ylabel("score (%)" if ax.get_title() != "fluency (n-gram entropy)" else "n-gram entropy")
-    handles, labels = axes[0].get_legend_handles_labels()
-    figure = axes[0].figure
-    figure.tight_layout()
-    if legend_axis is not None:  # the free panel of the grid holds the legend
-        bbox = legend_axis.get_position()
-        figure.legend(handles, labels, loc="center", bbox_to_anchor=(bbox.x0 + bbox.width / 2, bbox.y0 + bbox.height / 2),
-                      ncol=1, frameon=False, fontsize="medium")
-    else:
-        figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels),
-                      frameon=False, fontsize="small")
-    return axes
 
 
 # --------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ RULES: list[tuple[str, int]] = [
     ("kn_tutorial.exercises.*", BOOK),
     ("kn_tutorial.notebook", BOOK),
     ("kn_tutorial.plots", BOOK),
+    ("kn_tutorial.plots_editing", BOOK),        # the figures of the editing chapters (6 and 7)
     ("kn_tutorial.explorers", BOOK),             # ipywidgets explorers of the chapters
     ("kn_tutorial", BOOK),                       # the package's own __init__: load_model, set_progress
 ]

@@ -144,3 +144,48 @@ def test_grouped_bars_sit_side_by_side():
     np.testing.assert_allclose([p.get_x() + p.get_width() / 2 for p in ax.patches], [-0.2, 0.8, 0.2, 1.2])
     assert ax.get_ylabel() == "share (%)"
     plt.close("all")
+
+
+def test_heatmap_centres_a_diverging_scale_and_shares_a_spread():
+    ax = heatmap([[-0.2, 0.1], [0.05, 0.0]], cmap="PuOr", centre=0.0, annotate=True, fmt="{:+.2f}", colorbar=False)
+    assert ax.images[0].get_clim() == (-0.2, 0.2) and not ax.figure.axes[1:]   # symmetric, no colour bar
+    assert [t.get_text() for t in ax.texts] == ["-0.20", "+0.10", "+0.05", "+0.00"]
+    ax = heatmap([[0.1]], centre=0.0, spread=0.5)
+    assert ax.images[0].get_clim() == (-0.5, 0.5)
+    plt.close("all")
+
+
+def test_plot_panels_lets_a_style_replace_the_marker():
+    axes = plot_panels({"p": {"plain": [1.0, 2.0], "dots": [2.0, 3.0]}}, [1, 2], styles={"plain": {"marker": ""}})
+    plain, dots = axes[0].lines[:2]
+    assert plain.get_marker() in ("", "None") and dots.get_marker() == "o"
+    plt.close("all")
+
+
+def test_the_editing_figures_draw_what_they_are_given():
+    from kn_tutorial.plots import plot_feasible_costs, plot_key_spectrum, plot_layer_shares, plot_layer_sweep
+
+    ax = plot_key_spectrum(np.array([1e-4, 1e-2, 1.0]), layer=3)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [1.0, 1e-2, 1e-4])          # largest first
+    assert "layer 3" in ax.get_title() and "1.0e+04" in ax.get_title()              # condition number
+    with pytest.raises(ValueError, match="positive"):
+        plot_key_spectrum(np.array([0.0, 1.0]))
+    ax = plot_feasible_costs({0.1: [3.0, 5.0], 1.0: [101.0]})
+    ys = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections])
+    np.testing.assert_allclose(ys, [2.0, 4.0, 100.0])                                # ratio − 1
+    rows = [{"config": c, "layer": layer, "ES": 10.0 * layer, "PS": 1.0, "NS": 2.0, "S": 3.0}
+            for c in ("a", "b") for layer in range(3)]
+    axes = plot_layer_sweep(rows, ["a", "b"], marked_layer=1)
+    assert len(axes) == 2 and list(axes[0].lines[0].get_ydata()) == [0.0, 10.0, 20.0]
+    with pytest.raises(ValueError, match="no rows"):
+        plot_layer_sweep(rows, ["c"])
+
+    class Record:  # what memit.edit(...).records holds
+        def __init__(self, layer, pass_index, asked, delivered):
+            self.layer, self.pass_index, self.residual_norm, self.achieved_norm = layer, pass_index, asked, delivered
+
+    ax = plot_layer_shares([Record(1, 0, 4.0, 3.0), Record(2, 0, 6.0, 5.0), Record(1, 1, 2.0, 1.0)])
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [4.0, 6.0, 2.0, 3.0, 5.0, 1.0]
+    assert [t.get_text() for t in ax.texts] == ["pass 1", "pass 2"] and len(ax.lines) == 1  # one divider
+    plt.close("all")
