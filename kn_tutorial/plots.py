@@ -106,6 +106,28 @@ def heatmap(matrix, ax=None, xlabels: Sequence[str] | None = None, ylabels: Sequ
     return ax
 
 
+def horizontal_bars(values: Mapping[str, float], notes: Mapping[str, str] | None = None, ax=None,
+                    xlabel: str = "", title: str = ""):
+    """One horizontal bar per named value, in the given order from the top, each with an optional
+    note written just past its end (e.g. the facts per relation, noted with their distinct objects).
+    Returns the Axes."""
+    if not values:
+        raise ValueError("values is empty: give {label: value}")
+    ax = _axes(ax, figsize=(6, 0.35 * len(values) + 1.0))
+    labels = list(values)
+    bars = ax.barh(labels, [float(values[k]) for k in labels], color="C0")
+    top = max(float(v) for v in values.values())
+    for bar, label in zip(bars, labels):
+        if notes and label in notes:
+            ax.text(bar.get_width() + 0.01 * top, bar.get_y() + bar.get_height() / 2, notes[label], va="center",
+                    fontsize="small")
+    ax.set_xlim(0, top * (1.45 if notes else 1.05))
+    ax.invert_yaxis()  # the first label on top, as it reads
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return ax
+
+
 def _numpy(values) -> np.ndarray:
     """A tensor (any device, with or without grad) or array-like as a float numpy array."""
     if hasattr(values, "detach"):

@@ -189,3 +189,15 @@ def test_the_editing_figures_draw_what_they_are_given():
     assert heights == [4.0, 6.0, 2.0, 3.0, 5.0, 1.0]
     assert [t.get_text() for t in ax.texts] == ["pass 1", "pass 2"] and len(ax.lines) == 1  # one divider
     plt.close("all")
+
+
+def test_horizontal_bars_notes_each_bar_and_keeps_the_order():
+    from kn_tutorial.plots import horizontal_bars
+
+    ax = horizontal_bars({"capital": 10, "continent": 30}, notes={"continent": "6 distinct objects"})
+    assert [p.get_width() for p in ax.patches] == [10, 30]
+    assert [t.get_text() for t in ax.texts] == ["6 distinct objects"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["capital", "continent"] and ax.yaxis_inverted()
+    with pytest.raises(ValueError, match="empty"):
+        horizontal_bars({})
+    plt.close("all")
