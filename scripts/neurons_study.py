@@ -75,7 +75,10 @@ def update_study(model, tokenizer, found, relation_level, n_cases: int, lambdas,
             for name, neurons in sets.items():
                 if name != "fact-specific" and lam != 8.0:
                     continue
-                with N.kn_edit(model, tokenizer, request, neurons=neurons, lambda_new=lam):
+                if neurons:
+                    with N.kn_edit(model, tokenizer, request, neurons=neurons, lambda_new=lam):
+                        result = evaluate_cases(model, tokenizer, [case])[0]
+                else:  # nothing to change (kn_edit refuses an empty list): the case as the unedited model scores it
                     result = evaluate_cases(model, tokenizer, [case])[0]
                 result["n_neurons"] = len(neurons)
                 rows.setdefault(f"{name}, λ2 = {lam:g}", []).append(result)
