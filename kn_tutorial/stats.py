@@ -18,12 +18,12 @@ import itertools
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from .files import atomic_write
 from .hooks import Recorder
 from .models import (check_layer, d_ff, embedding_matrix, final_norm, get_block, get_device, get_module, n_layers)
 from .progress import progress_bar
@@ -169,21 +169,9 @@ def _safe_name(text: str, limit: int = 60) -> str:
 
 
 def _atomic_save(payload: dict, path: Path) -> None:
-    """torch.save to a unique temporary file in `path`'s folder, then os.replace: readers see the old
-    file or the whole new one, concurrent writers never share a temporary name, and an interrupted
-    write leaves no file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """torch.save through `files.atomic_write`: readers see the old file or the whole new one,
+    concurrent writers never share a temporary name, and an interrupted write leaves no file behind."""
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def second_moment(model, tokenizer, layer: int, corpus: str = "atlas", n_samples: int = 4000,
