@@ -300,10 +300,17 @@ def standard_editors(model, tokenizer, name: str = "atlas") -> tuple[dict, dict,
     settings = {"FT": asdict(ft), "FT+L": asdict(ftl)}
     notes = []
     try:
-        from .neurons import kn_edit
+        from .neurons import NoKnowledgeNeuronsError, kn_edit
 
-        editors["KN"] = lambda m, t, r: kn_edit(m, t, r)
-        settings["KN"] = "kn_tutorial.neurons.kn_edit with its defaults"
+        def kn_or_unedited(m, t, r):
+            try:
+                return kn_edit(m, t, r)
+            except NoKnowledgeNeuronsError:  # the rule has nothing to change: the case is scored unedited
+                return None
+
+        editors["KN"] = kn_or_unedited
+        settings["KN"] = ("kn_tutorial.neurons.kn_edit with its defaults (a case whose fact has no knowledge neuron "
+                          "is scored unedited: the rule has nothing to change)")
     except ImportError as err:
         notes.append(f"KN row left out: kn_tutorial.neurons.kn_edit is not available ({err})")
     editors["ROME"] = lambda m, t, r: edit(m, t, r, rome_hp, mom2=mom2, prefixes=prefixes)

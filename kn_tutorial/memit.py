@@ -35,11 +35,10 @@ with W k + b = value, keys k taken at the subject's last token):
 With one request and one layer, Sherman-Morrison turns the update into ROME's rank-one
 direction, ΔW = r (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k), which as λ → 0 meets ROME's constraint ΔW k = r.
 
-Requests that share their key (same text up to the subject's last token; in Atlas every
-prompt starts with the subject, so: same subject) are one *key group*: one key can hold one
-value, so MEMIT optimises one δ for the whole group, over all of the group's prompts.
-Two requests that give one (subject, relation) different objects contradict each other and
-are rejected (`find_conflicts`); a request's relation is its `relation_id`, else its prompt.
+Requests that share their key (same text up to the subject's last token) are one *key group*:
+one key can hold one value, so MEMIT optimises one δ per group, over all of its prompts; two
+requests that give one (subject, relation) different objects are rejected (`memit_requests`:
+requests, relations, conflicts, key groups; its names are re-exported here).
 
 Memory: the solve is [d_ff, d_ff] whatever n is; keys and targets are [n, d_ff] and
 [n, d_model]; forward passes run in batches of `batch_size` groups.
@@ -51,7 +50,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -64,7 +62,10 @@ from .memit_engine import (  # noqa: F401  (the engine's names stay importable f
 )
 from .models import check_layer, get_device, mlp_out_weight, module_name
 from .progress import progress
-from .rome import check_lengths, check_v_settings, prepare_request, sample_prefixes
+from .memit_requests import (  # noqa: F401  (requests, conflicts and key groups stay importable from here)
+    Request, as_request, check_conflicts, find_conflicts, key_groups,
+)
+from .rome import check_lengths, check_v_settings, sample_prefixes
 from .scoring import pad_rows, target_ids
 from .stats import second_moment
 from .tokens import subject_span
@@ -114,60 +115,6 @@ class MemitHparams(EditHparams):
                           "The default now follows the MEMIT code, stop_on='loss' (the total loss) with "
                           "stop_threshold=5e-2.", DeprecationWarning, stacklevel=3)
             self.stop_on, self.stop_threshold, self.stop_nll = "nll", self.stop_nll, None
-
-
-# --------------------------------------------------------------------------------------
-# Requests: relations, conflicts, key groups
-# --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Request:
-    prompt: str  # template with "{}"
-    subject: str
-    target: str
-    relation: str
-
-    @property
-    def key_text(self) -> str:  # what the key at the subject's last token can see
-        return self.prompt.split("{}")[0] + self.subject
-
-
-def as_request(item: dict) -> Request:
-    """A CounterFact case or its `requested_rewrite` (or any ROME-style request) as a Request.
-
-    The request carries its relation: `relation_id` when it has one (every CounterFact and
-    Atlas-CounterFact case does), else its prompt template, so that two wordings of one
-    relation without a `relation_id` count as two relations in `find_conflicts`."""
-    rewrite = item.get("requested_rewrite", item)
-    prompt, subject, target = prepare_request(rewrite)
-    relation = rewrite.get("relation_id") or prompt
-    return Request(prompt, subject, target, str(relation))
-
-
-def find_conflicts(requests: list[Request]) -> dict[tuple[str, str], list[str]]:
-    """{(subject, relation): [targets]} for every pair asked to take more than one object."""
-    targets: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for r in requests:
-        if r.target.strip() not in [t.strip() for t in targets[(r.subject, r.relation)]]:
-            targets[(r.subject, r.relation)].append(r.target)
-    return {pair: ts for pair, ts in targets.items() if len(ts) > 1}
-
-
-def check_conflicts(requests: list[Request]) -> None:
-    conflicts = find_conflicts(requests)
-    if conflicts:
-        shown = "; ".join(f"{s!r} / {rel!r} -> {ts}" for (s, rel), ts in list(conflicts.items())[:10])
-        more = f" (and {len(conflicts) - 10} more)" if len(conflicts) > 10 else ""
-        raise ValueError(f"{len(conflicts)} (subject, relation) pair(s) are asked to take different objects: "
-                         f"{shown}{more}. A fact can hold one object: drop or merge these requests.")
-
-
-def key_groups(requests: list[Request]) -> list[list[int]]:
-    """Indices of requests that share a key (same text up to the subject's end), in first-seen order."""
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(requests):
-        groups.setdefault(r.key_text, []).append(i)
-    return list(groups.values())
 
 
 # --------------------------------------------------------------------------------------

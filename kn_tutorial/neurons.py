@@ -235,6 +235,10 @@ def erase_relation(model, tokenizer, found: Sequence[FactNeurons], relation: str
 # Updating a fact (the interface the ROME chapter compares against)
 # --------------------------------------------------------------------------------------
 
+class NoKnowledgeNeuronsError(ValueError):
+    """`kn_edit` has no value slot to change: Dai et al.'s rule would leave the model as it is."""
+
+
 @dataclass
 class KnEdit(Restorable):
     """What `kn_edit` changed, and the means to take it back exactly."""
@@ -298,7 +302,8 @@ def kn_edit(model, tokenizer, request: dict, neurons: Sequence[Neuron] | None = 
         "target_new": {"str": "Europe"}, "target_true": {"str": "Asia"} (optional),
         "relation_id": ... (optional; Atlas relations give the fact's n prompts)}.
     neurons: the value slots to change; None finds them (`request_neurons`, with p, threshold,
-        steps, prompts and exclude).
+        steps, prompts and exclude). No neuron, given or found, raises NoKnowledgeNeuronsError
+        (the rule would change nothing) and leaves the weights untouched.
     e(o): row of the output embedding (unembedding) matrix for the object's first token with
         its leading space (tied to the input embedding in GPT-2 and Atlas).
     Returns a KnEdit; `with kn_edit(...) as e:` or `e.restore()` puts the weights back bit for bit.
@@ -313,10 +318,23 @@ def kn_edit(model, tokenizer, request: dict, neurons: Sequence[Neuron] | None = 
     check_model_finite(model, "kn_edit")
     request = {**request, "prompt": prompt, "subject": subject}  # the prompt as a template with '{}'
     old = _old_target(model, tokenizer, request)
-    if neurons is None:
+    found = neurons is None
+    if found:
         with torch.enable_grad():
             neurons = request_neurons(model, tokenizer, request, prompts, p, threshold, steps, exclude)
     neurons = [(check_layer(model, layer), int(i)) for layer, i in neurons]
+    if not neurons:
+        if found:
+            how = (f"p {'adapted on this fact' if p is None else f'= {p}'}, threshold = {threshold}, "
+                   f"{len(prompts) if prompts is not None else len(request_prompts(request))} prompts"
+                   + (f", {len(exclude)} neurons excluded" if len(exclude) else ""))
+            raise NoKnowledgeNeuronsError(
+                f"kn_edit found no knowledge neuron for {subject!r} ({old.strip()!r}; {how}), so the edit would change "
+                "nothing. Lower threshold or p, give more prompts, or pass neurons= yourself; nothing was written.")
+        raise NoKnowledgeNeuronsError(
+            f"kn_edit got an empty neuron list for {subject!r}, so the edit would change nothing. Pass the fact's "
+            "knowledge neurons (FactNeurons.neurons from find_knowledge_neurons), or neurons=None to find them "
+            "with integrated gradients; nothing was written.")
     old_token, new_token = target_ids(tokenizer, old)[0], target_ids(tokenizer, target_new)[0]
     embed = unembedding_matrix(model)  # [vocab, d_model]
     delta = (lambda_new * embed[new_token].float() - lambda_old * embed[old_token].float())  # [d_model]

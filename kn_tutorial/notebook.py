@@ -33,6 +33,7 @@ __all__ = [
     "COLAB_INSTALL",
     "INSTALL_CELL",
     "DEFAULT_MODEL",
+    "ANY_MODEL",
     "GPU_MODELS",
     "GPTJ_MIN_GB",
     "on_colab",
@@ -63,6 +64,8 @@ INSTALL_CELL = (
 )
 
 DEFAULT_MODEL = "atlas"
+#: ``claim(..., models=ANY_MODEL)``: a claim checked on every model, not only Atlas.
+ANY_MODEL = "any"
 #: Real models offered on a GPU runtime: name -> (parameters, GPU memory of float32 weights).
 GPU_MODELS = {
     "gpt2-medium": ("355M", "about 1.5 GB"),
@@ -158,7 +161,7 @@ def setup(seed: int = 0, offer: bool = True) -> str:
     return model_name()
 
 
-def claim(text: str, condition, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> None:
+def claim(text: str, condition, models: tuple[str, ...] | str = (DEFAULT_MODEL,)) -> None:
     """Check a claim the chapter's text makes about particular models (Atlas by default).
 
     A chapter's prose quotes numbers that hold for Atlas (its 12 layers, its tables in
@@ -168,10 +171,16 @@ def claim(text: str, condition, models: tuple[str, ...] = (DEFAULT_MODEL,)) -> N
     other model (``KN_MODEL``: a hub model, a local folder) the claim is not checked and a note
     says so, visibly: "skipped on gpt2-xl: this claim is about Atlas: ...". Pass a callable for
     a condition that only makes sense on those models (it then is not even evaluated elsewhere).
-    Returns None either way, so that a claim on a cell's last line prints nothing when it holds.
+    ``models=ANY_MODEL`` (the string ``"any"``) checks the claim whatever the model: an identity
+    of the method, or a result that does not depend on the language model (chapter 2's memory
+    networks). Returns None either way, so that a claim on a cell's last line prints nothing
+    when it holds.
     """
+    if isinstance(models, str) and models != ANY_MODEL:  # "atlas" would match by substring
+        raise ValueError(f"models={models!r}: give a tuple of model names, e.g. ({models!r},), "
+                         f"or {ANY_MODEL!r} for a claim that holds on every model")
     name = model_name()
-    if name not in models:
+    if models != ANY_MODEL and name not in models:
         about = " and ".join("Atlas" if m == DEFAULT_MODEL else m for m in models)
         print(f"skipped on {name}: this claim is about {about}: {text}")
         return

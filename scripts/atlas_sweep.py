@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kn_tutorial import book_data  # noqa: E402  (after the path insert, like the other imports)
+from kn_tutorial.files import write_json  # noqa: E402
 
 RESULTS = book_data.path("atlas_sweep")
 TABLE = ROOT / "scripts" / "atlas_sweep.md"
@@ -231,7 +232,7 @@ def main(argv=None) -> None:
         entry = run_full(args.full, args.what, Path(args.model), Path(args.probe_json) if args.probe_json else None)
         results = load_results()
         results["full_runs"] = [v for v in results.get("full_runs", []) if v["name"] != args.full] + [entry]
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        write_json(RESULTS, results)
         write_table(results)
         return
     if results["budget"] != BUDGET or results["probe"] != PROBE:
@@ -251,7 +252,7 @@ def main(argv=None) -> None:
             entry = run_variant(name, Path(args.models) if args.models else None)
             results = load_results()  # the file may have grown meanwhile
             results["variants"] = [v for v in results["variants"] if v["name"] != name] + [entry]
-            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+            write_json(RESULTS, results)
             write_table(results)
             print(f"=== {name} done: {entry['train_seconds']:.0f} s training, {entry['probe_seconds']:.0f} s probe",
                   flush=True)

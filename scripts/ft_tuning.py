@@ -9,7 +9,6 @@ tuning sample (seed 1; the comparison table reports seed 0), each undone before 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kn_tutorial.atlas_build.rome_check import sample_cases  # noqa: E402
 from kn_tutorial.evaluation import evaluate_editor, summarize  # noqa: E402
+from kn_tutorial.files import write_json  # noqa: E402
 from kn_tutorial.finetune import FTHparams, fine_tune  # noqa: E402
 from kn_tutorial.models import load_model  # noqa: E402
 
@@ -45,7 +45,7 @@ def main(argv=None) -> list[dict]:
         print(f"layer {hp.layer} lr {lr:<7g} ε {str(eps):<7} ES {s['ES']:5.1f} PS {s['PS']:5.1f} NS {s['NS']:5.1f} "
               f"S {s['S']:5.1f}", flush=True)
         if args.out:
-            Path(args.out).write_text(json.dumps({"seed": args.seed, "n": args.n, "rows": rows}, indent=1) + "\n")
+            write_json(args.out, {"seed": args.seed, "n": args.n, "rows": rows})  # atomic: never half a file
     return rows
 
 

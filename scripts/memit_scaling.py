@@ -44,6 +44,7 @@ from kn_tutorial import book_data, memit, rome  # noqa: E402
 from kn_tutorial.atlas.counterfact import load_counterfact  # noqa: E402
 from kn_tutorial.evaluation import (  # noqa: E402
     evaluate_cases, ngram_entropy, summarize, without_edited_neighbours)
+from kn_tutorial.files import write_json  # noqa: E402
 from kn_tutorial.models import get_device, get_module, load_model, module_name  # noqa: E402
 from kn_tutorial.progress import progress  # noqa: E402
 from kn_tutorial.scoring import pad_rows, target_ids  # noqa: E402
@@ -151,7 +152,7 @@ def merge(paths: list[str], out: str, notes: list[str]) -> dict:
                                     "device": run["device"], "took": ", ".join(took) or "nothing"})
     base["notes"] = notes
     base["complete"] = all(run.get("complete") for run in runs)
-    Path(out).write_text(json.dumps(base, indent=1, default=str))
+    write_json(out, base)
     return base
 
 
@@ -236,10 +237,7 @@ def main(argv=None) -> dict:
             "results": results, **extra, "seed": args.seed, "seconds": time.time() - started, "complete": final,
             "command": "python scripts/memit_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1, default=str))
-        tmp.replace(args.out)
+        write_json(args.out, out)  # atomic, with a unique temporary name
         return out
 
     mom2 = {layer: second_moment(model, tokenizer, layer, corpus=mh.mom2_corpus, n_samples=mh.mom2_n_samples)

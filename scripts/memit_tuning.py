@@ -15,7 +15,6 @@ Same command, same numbers (seeded). Writes the rows after every (layers, prefix
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kn_tutorial import book_data, memit  # noqa: E402
 from kn_tutorial.atlas.counterfact import load_counterfact  # noqa: E402
 from kn_tutorial.evaluation import evaluate_cases, summarize, without_edited_neighbours  # noqa: E402
+from kn_tutorial.files import write_json  # noqa: E402
 from kn_tutorial.models import load_model  # noqa: E402
 from kn_tutorial.stats import second_moment  # noqa: E402
 
@@ -57,11 +57,7 @@ def main(argv=None) -> dict:
                "eval_cases": args.eval_cases, "base_hparams": asdict(base), "rows": rows,
                "seconds": time.time() - started, "complete": final,
                "command": "python scripts/memit_tuning.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1, default=str) + "\n")
-        tmp.replace(path)
+        write_json(args.out, out)  # atomic, with a unique temporary name
         return out
 
     mom2: dict = {}

@@ -23,7 +23,6 @@ Same command, same numbers (seeded).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from kn_tutorial.atlas.counterfact import load_counterfact
 from kn_tutorial.atlas.templates import TEMPLATES, fill
 from kn_tutorial.atlas.world import load_world
 from kn_tutorial.evaluation import evaluate_cases, summarize
+from kn_tutorial.files import write_json
 from kn_tutorial.attribution import integrated_gradients
 from kn_tutorial.models import d_ff, load_model, n_layers
 from kn_tutorial.progress import progress
@@ -75,7 +75,10 @@ def update_study(model, tokenizer, found, relation_level, n_cases: int, lambdas,
             for name, neurons in sets.items():
                 if name != "fact-specific" and lam != 8.0:
                     continue
-                with N.kn_edit(model, tokenizer, request, neurons=neurons, lambda_new=lam):
+                if neurons:
+                    with N.kn_edit(model, tokenizer, request, neurons=neurons, lambda_new=lam):
+                        result = evaluate_cases(model, tokenizer, [case])[0]
+                else:  # nothing to change (kn_edit refuses an empty list): the case as the unedited model scores it
                     result = evaluate_cases(model, tokenizer, [case])[0]
                 result["n_neurons"] = len(neurons)
                 rows.setdefault(f"{name}, λ2 = {lam:g}", []).append(result)
@@ -174,8 +177,7 @@ def main(argv=None):
         "seconds": {"integrated_gradients": round(t_ig), "suppress_amplify": round(t_sa), "erase": round(t_erase),
                     "update": round(t_update), "total": round(time.time() - started)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, ensure_ascii=False, separators=(",", ":")))
+    write_json(args.out, result, indent=None, ensure_ascii=False, separators=(",", ":"))
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB) in {time.time() - started:.0f} s")
 
 

@@ -21,6 +21,7 @@ import torch
 from kn_tutorial import book_data
 from kn_tutorial.atlas_build.rome_check import sample_cases
 from kn_tutorial.evaluation import evaluate_cases, summarize
+from kn_tutorial.files import write_json
 from kn_tutorial.models import load_model, n_layers
 from kn_tutorial.progress import progress
 from kn_tutorial.rome import RomeHparams, edit, sample_prefixes
@@ -82,8 +83,7 @@ def main(argv=None) -> dict:
 def _write(out, cases, seed, base, configs, model, rows) -> None:
     result = {"n_cases": len(cases), "seed": seed, "base_hparams": asdict(base), "configs": configs,
               "device": str(next(model.parameters()).device), "rows": rows}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=1))
+    write_json(out, result)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 from kn_tutorial import book_data
 from kn_tutorial.atlas_build.rome_check import sample_cases
 from kn_tutorial.evaluation import comparison_table, evaluate_editor, standard_editors, summarize
+from kn_tutorial.files import write_json
 from kn_tutorial.models import load_model
 from kn_tutorial.rome import RomeHparams
 from kn_tutorial.stats import model_fingerprint
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
         print(note)
     print(comparison_table(result["summary"]).to_string())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

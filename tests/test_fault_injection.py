@@ -13,7 +13,7 @@ import torch
 from kn_tutorial import memit, rome, stats
 from kn_tutorial.attribution import integrated_gradients
 from kn_tutorial.finetune import FTHparams, fine_tune
-from kn_tutorial.neurons import kn_edit, scale_value_slots, scaled_scores, zero_key_rows
+from kn_tutorial.neurons import NoKnowledgeNeuronsError, kn_edit, scale_value_slots, scaled_scores, zero_key_rows
 from kn_tutorial.tracing import noise_level, trace
 from kn_tutorial.validate import ContextLengthError, NonFiniteEditError
 from tests.tiny import tiny_lm, tiny_tokenizer
@@ -203,6 +203,8 @@ KN = [
      ValueError, "target_new is empty"),
     ("neuron out of range", None, lambda m, t, c: kn_edit(m, t, KN_REQUEST, neurons=[(0, 10_000)]),
      IndexError, "out of range"),
+    ("no neurons", None, lambda m, t, c: kn_edit(m, t, KN_REQUEST, neurons=[]),
+     NoKnowledgeNeuronsError, "empty neuron list"),
     ("erase with a nan factor", None, lambda m, t, c: scale_value_slots(m, NEURONS, math.nan),
      ValueError, "factor must be a finite number"),
     ("amplify into overflow", None, lambda m, t, c: scale_value_slots(m, NEURONS, 1e300),

@@ -44,6 +44,7 @@ RULES: list[tuple[str, int]] = [
     ("kn_tutorial.memnet.data", DATA),           # chapter 2's stories
     ("kn_tutorial.progress", DATA),              # progress bars: imports nothing of the package
     ("kn_tutorial.lazy", DATA),                  # lazy re-exports by name (issue 23's module split)
+    ("kn_tutorial.files", DATA),                 # atomic file writes (the statistics cache, the scripts' JSON)
     ("kn_tutorial.architectures", PLUMBING),    # the architecture table of the four families
     ("kn_tutorial.loading", PLUMBING),          # loading models, choosing devices
     ("kn_tutorial.models", PLUMBING),

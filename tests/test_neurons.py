@@ -188,6 +188,21 @@ def test_kn_edit_finds_neurons_itself():
     assert _same(model, before)
 
 
+def test_kn_edit_without_neurons_raises_and_writes_nothing(monkeypatch):
+    """No neuron, given or found: an error naming the fix, not a handle that edits nothing (issue 17)."""
+    model, tok = tiny_lm("gpt2")
+    before = _params(model)
+    request = {"prompt": "{} lies on the continent of", "subject": "Kuwait", "relation_id": "continent",
+               "target_new": {"str": "Europe"}, "target_true": {"str": "Asia"}}
+    with pytest.raises(N.NoKnowledgeNeuronsError, match="empty neuron list.*neurons=None to find them"):
+        N.kn_edit(model, tok, request, neurons=[])
+    assert _same(model, before)
+    monkeypatch.setattr(N, "request_neurons", lambda *a, **k: [])  # integrated gradients find nothing
+    with pytest.raises(N.NoKnowledgeNeuronsError, match="found no knowledge neuron for 'Kuwait'.*Lower threshold or p"):
+        N.kn_edit(model, tok, request, steps=4)
+    assert _same(model, before)
+
+
 # ---------------------------------------------------------------- the experiments run and are consistent
 
 def _pool():

@@ -52,6 +52,12 @@ def test_claim_checks_on_its_models_and_says_when_skipped(monkeypatch, capsys):
     assert capsys.readouterr().out == "skipped on gpt2-xl: this claim is about Atlas: Atlas has 8 layers\n"
     with pytest.raises(AssertionError):
         N.claim("GPT-2 XL has 48 layers", False, models=("gpt2-xl",))
+    with pytest.raises(AssertionError, match="an identity"):  # "any": checked on every model
+        N.claim("an identity", False, models=N.ANY_MODEL)
+    assert N.claim("an identity", True, models="any") is None
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match=r"\('gpt2',\)"):  # a bare string would match "gpt2-xl" by substring
+        N.claim("about GPT-2", True, models="gpt2")
 
 
 def test_colab_badge():
@@ -166,3 +172,70 @@ def test_every_chapter_assert_says_what_was_expected(path):
                 assert node.msg is not None, (
                     f"{path.name} cell {index}: `{ast.get_source_segment(src, node)[:100]}` fails without saying "
                     "what was expected; add a message")
+
+
+# A claim compares a result with a threshold or with another result ("recall >= 0.95", "a < b"):
+# it is written claim(text, condition, models=...) so that it names the models it holds for.
+# A plain assert is left for the code checking itself: equalities, restores (`not x.changed()`),
+# allclose, and differences below a tolerance (a literal of at most 1e-3, or a name with "tol").
+PLUMBING_TOLERANCE = 1e-3
+
+
+def _is_tolerance(node) -> bool:
+    import ast
+
+    for n in ast.walk(node):
+        if (isinstance(n, ast.Constant) and isinstance(n.value, (int, float)) and not isinstance(n.value, bool)
+                and 0 < abs(n.value) <= PLUMBING_TOLERANCE):
+            return True
+        if isinstance(n, ast.Name) and "tol" in n.id.lower():
+            return True
+    return False
+
+
+def states_a_claim(test) -> bool:
+    """True when an assert's condition compares a result with a threshold or another result."""
+    import ast
+
+    for n in ast.walk(test):
+        if isinstance(n, ast.Compare):
+            for op, right in zip(n.ops, n.comparators):
+                if isinstance(op, (ast.Eq, ast.NotEq, ast.Is, ast.IsNot, ast.In, ast.NotIn)):
+                    continue
+                if isinstance(op, (ast.Lt, ast.LtE)) and _is_tolerance(right):
+                    continue
+                return True
+    return False
+
+
+def test_states_a_claim_tells_claims_from_checks_of_the_code():
+    import ast
+
+    def of(src):
+        return states_a_claim(ast.parse(src).body[0].test)
+
+    for claim_like in ('assert recall["train"] >= 0.99, "m"', "assert a < b, 'm'", "assert 2 <= n <= 5, 'm'",
+                       "assert all((r > 1).all() for r in rs), 'm'", "assert x == 0 and peak >= 3, 'm'"):
+        assert of(claim_like), claim_like
+    for check in ("assert not original.changed(), 'm'", "assert a == b, 'm'", "assert abs(a - b) < 1e-4, 'm'",
+                  "assert torch.allclose(a, b, atol=1e-5), 'm'", "assert err < tolerance, 'm'", "assert 'NS' not in r, 'm'"):
+        assert not of(check), check
+
+
+@pytest.mark.parametrize("path", _book_notebooks(), ids=lambda p: p.name)
+def test_chapter_claims_are_claim_calls(path):
+    """No plain claim-assert comes back (issue 23): a chapter states what its text claims with
+    kn_tutorial.notebook.claim, naming the models it holds for ("any" for an identity or a result
+    that does not depend on the language model), so that a hub model skips Atlas-only claims visibly."""
+    import ast
+
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for index, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        src = re.sub(r"^(\s*)[%!].*$", r"\1pass", "".join(cell["source"]), flags=re.M)  # IPython magics
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Assert):
+                assert not states_a_claim(node.test), (
+                    f"{path.name} cell {index}: `{ast.get_source_segment(src, node)[:120]}` states a claim with a plain "
+                    "assert; write it as claim(text, condition, models=...) (kn_tutorial.notebook.claim)")

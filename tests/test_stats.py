@@ -97,6 +97,15 @@ def _change(name, index=5, data=False):
     return edit
 
 
+def _swap_rows(name, a=3, b=7):
+    """Swap two rows through `.data`: no version bump, same storage, and the same sum."""
+    def edit(model):
+        data = model.get_parameter(name).data
+        assert not torch.equal(data[a], data[b])
+        data[[a, b]] = data[[b, a]].clone()
+    return edit
+
+
 @pytest.mark.parametrize("edit, recomputed", [
     (_change("transformer.h.0.attn.c_attn.weight"), True),  # attention before the keys
     (_change("transformer.wte.weight", 200), True),  # the embeddings
@@ -105,10 +114,13 @@ def _change(name, index=5, data=False):
     (_change("transformer.h.1.mlp.c_fc.weight", -1), True),  # its last value
     (_change("transformer.h.1.ln_2.bias", 0), True),
     (_change("transformer.h.0.mlp.c_proj.weight", -1, data=True), True),  # through .data: no version bump
+    (_swap_rows("transformer.wte.weight"), True),  # a sum-preserving edit through .data
+    (_swap_rows("transformer.h.1.mlp.c_fc.weight"), True),
     (_change("transformer.h.1.mlp.c_proj.weight"), False),  # the layer's own output projection (ROME's write)
     (_change("transformer.ln_f.weight", 0), False),  # after the layer
 ], ids=["attention", "token embeddings", "position embeddings", "c_fc row 5", "c_fc last value", "ln_2",
-        "earlier c_proj via .data", "own c_proj (kept)", "final norm (kept)"])
+        "earlier c_proj via .data", "token embeddings: rows swapped via .data", "c_fc: rows swapped via .data",
+        "own c_proj (kept)", "final norm (kept)"])
 def test_an_edit_that_reaches_the_keys_gets_a_fresh_matrix(edit, recomputed, tmp_path, monkeypatch):
     monkeypatch.setenv(stats.CACHE_ENV, str(tmp_path))
     model, tokenizer = tiny_lm("gpt2")
@@ -122,16 +134,15 @@ def test_an_edit_that_reaches_the_keys_gets_a_fresh_matrix(edit, recomputed, tmp
     assert torch.equal(mom2, fresh)  # never the pre-edit matrix
 
 
-def test_fingerprint_rehashes_only_changed_parameters(monkeypatch):
+def test_fingerprint_follows_the_bytes_both_ways():
+    """Hashed afresh on every call: a swap through `.data` changes it, the swap back restores it."""
     model, _ = tiny_lm("gpt2")
-    stats.model_fingerprint(model, 1)
-    hashed = []
-    digest = stats._digest
-    monkeypatch.setattr(stats, "_digest", lambda t: hashed.append(1) or digest(t))
     first = stats.model_fingerprint(model, 1)
-    assert hashed == []  # kept with the model
-    _change("transformer.h.0.attn.c_attn.weight")(model)
-    assert stats.model_fingerprint(model, 1) != first and hashed == [1]
+    swap = _swap_rows("transformer.h.0.attn.c_attn.weight")
+    swap(model)
+    swapped = stats.model_fingerprint(model, 1)
+    swap(model)
+    assert swapped != first and stats.model_fingerprint(model, 1) == first
 
 
 def test_other_texts_under_the_same_corpus_name_are_another_key(tmp_path, monkeypatch):

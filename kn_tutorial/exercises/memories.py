@@ -118,7 +118,9 @@ def _key_activations(model, tokenizer, texts, layer: int, neuron: int | None = N
     out = []
     for text in texts:
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=next(model.parameters()).device)
-        acts = record(model, [("key", layer)], input_ids=ids)[("key", layer)][0].float().cpu()
+        # one unpadded text: a mask of ones changes nothing, and spares the chapter transformers' padding warning
+        acts = record(model, [("key", layer)], input_ids=ids, attention_mask=torch.ones_like(ids))[("key", layer)][0]
+        acts = acts.float().cpu()
         out.append(acts if neuron is None else acts[:, neuron])
     return out
 
