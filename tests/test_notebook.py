@@ -1,5 +1,6 @@
 """Setup-cell helpers, and the places that must agree with them."""
 
+import ast
 import json
 import random
 import re
@@ -160,6 +161,14 @@ def test_relative_links_resolve():
 def test_every_chapter_assert_says_what_was_expected(path):
     """A failing check names the claim: `assert cond, "what should hold"`, or `claim(text, cond)`
     for a claim about Atlas's numbers (kn_tutorial.notebook.claim)."""
+    for index, src, node in _chapter_asserts(path):
+        assert node.msg is not None, (
+            f"{path.name} cell {index}: `{ast.get_source_segment(src, node)[:100]}` fails without saying "
+            "what was expected; add a message")
+
+
+def _chapter_asserts(path):
+    """(cell index, cell source, ast.Assert) for every assert in the chapter's code cells."""
     import ast
 
     nb = json.loads(path.read_text(encoding="utf-8"))
@@ -169,9 +178,7 @@ def test_every_chapter_assert_says_what_was_expected(path):
         src = re.sub(r"^(\s*)[%!].*$", r"\1pass", "".join(cell["source"]), flags=re.M)  # IPython magics
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, ast.Assert):
-                assert node.msg is not None, (
-                    f"{path.name} cell {index}: `{ast.get_source_segment(src, node)[:100]}` fails without saying "
-                    "what was expected; add a message")
+                yield index, src, node
 
 
 # A claim compares a result with a threshold or with another result ("recall >= 0.95", "a < b"):
@@ -227,15 +234,7 @@ def test_chapter_claims_are_claim_calls(path):
     """No plain claim-assert comes back (issue 23): a chapter states what its text claims with
     kn_tutorial.notebook.claim, naming the models it holds for ("any" for an identity or a result
     that does not depend on the language model), so that a hub model skips Atlas-only claims visibly."""
-    import ast
-
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    for index, cell in enumerate(nb["cells"]):
-        if cell["cell_type"] != "code":
-            continue
-        src = re.sub(r"^(\s*)[%!].*$", r"\1pass", "".join(cell["source"]), flags=re.M)  # IPython magics
-        for node in ast.walk(ast.parse(src)):
-            if isinstance(node, ast.Assert):
-                assert not states_a_claim(node.test), (
-                    f"{path.name} cell {index}: `{ast.get_source_segment(src, node)[:120]}` states a claim with a plain "
-                    "assert; write it as claim(text, condition, models=...) (kn_tutorial.notebook.claim)")
+    for index, src, node in _chapter_asserts(path):
+        assert not states_a_claim(node.test), (
+            f"{path.name} cell {index}: `{ast.get_source_segment(src, node)[:120]}` states a claim with a plain "
+            "assert; write it as claim(text, condition, models=...) (kn_tutorial.notebook.claim)")
