@@ -29,9 +29,10 @@ definition and does not import it.
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
 from .hooks import Recorder, patch
-from .kv_cache import output_cache
+from .kv_cache import cache_keyword, output_cache
 from .models import final_norm, fused_activations, get_block, get_device, n_layers
 from .rome_engine import decay_term, kl_per_row
 from .scoring import pad_rows, target_ids
@@ -69,6 +70,17 @@ def _run_through(model, layer: int, **forward_kwargs) -> None:
         handle.remove()
 
 
+def _shared_start(rows: list[list[int]], last: list[int]) -> int:
+    """How many leading tokens every row shares, at most min(last) (each row keeps its read position)."""
+    n = min(last)
+    for row in rows[1:]:
+        k, limit = 0, min(n, len(row))
+        while k < limit and row[k] == rows[0][k]:
+            k += 1
+        n = k
+    return n
+
+
 @torch.no_grad()
 def compute_keys_and_residuals(model, tokenizer, requests: list, groups: list[list[int]], layer: int,
                                last: int, prefixes: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,27 +89,51 @@ def compute_keys_and_residuals(model, tokenizer, requests: list, groups: list[li
 
     The residual's prompt is the key's prompt without prefix (prefixes[0] is ""), and nothing after
     the subject's last token nor above block `last` can change either reading (attention is causal),
-    so each row runs only up to that token and through block max(layer, last). GPT-2's GELU runs as
-    one kernel (models.fused_activations)."""
+    so each row runs only up to that token and through block max(layer, last). The rows of one
+    prefix share its tokens: those run once, as one row whose keys and values every row of the
+    prefix then attends to (a KV cache), and each row runs only its own tokens (`_shared_start`).
+    GPT-2's GELU runs as one kernel (models.fused_activations)."""
     if not prefixes or prefixes[0] != "":
         raise ValueError("prefixes must start with '' (the prompt without prefix), as sample_prefixes returns")
     first = [requests[g[0]] for g in groups]
+    n_prefixes = len(prefixes)
     texts = [p + r.prompt.replace("{}", r.subject) for r in first for p in prefixes]
     subjects = [r.subject for r in first for _ in prefixes]
+    rows, at = _rows_at_subject(tokenizer, texts, subjects)
     device = get_device(model)
+    top = max(layer, last)
     sites = [("key", layer), ("hidden", last)]
-    keys, hidden = [], []
+    keys = [None] * len(texts)
+    hidden = [None] * len(texts)
     with fused_activations(model):
-        for start in range(0, len(texts), batch_size):
-            rows, at = _rows_at_subject(tokenizer, texts[start:start + batch_size], subjects[start:start + batch_size])
-            input_ids, mask = pad_rows([row[:i + 1] for row, i in zip(rows, at)], tokenizer.eos_token_id, device)
-            with Recorder(model, sites) as rec:
-                _run_through(model, max(layer, last), input_ids=input_ids, attention_mask=mask)
-            index = (torch.arange(len(rows), device=device), torch.tensor(at, device=device))
-            keys.append(rec[sites[0]][index].float())
-            hidden.append(rec[sites[1]][index].float())
-    keys = torch.cat(keys).view(len(groups), len(prefixes), -1)
-    return keys.mean(1), torch.cat(hidden).view(len(groups), len(prefixes), -1)[:, 0]
+        for prefix in range(n_prefixes):  # the rows of one prefix: one per key group
+            members = list(range(prefix, len(texts), n_prefixes))
+            cut = [rows[i][:at[i] + 1] for i in members]
+            shared = _shared_start(cut, [at[i] for i in members])
+            past = None
+            if shared > 0:  # the shared tokens once, their keys and values kept (blocks 0..top)
+                past = DynamicCache()
+                _run_through(model, top, input_ids=torch.tensor([cut[0][:shared]], device=device),
+                             use_cache=True, **{cache_keyword(model): past})
+                past = [(layer_cache.keys, layer_cache.values) for layer_cache in past.layers]
+            for start in range(0, len(members), batch_size):
+                chunk = range(start, min(start + batch_size, len(members)))
+                input_ids, mask = pad_rows([cut[j][shared:] for j in chunk], tokenizer.eos_token_id, device)
+                kwargs = {}
+                if past is not None:
+                    n = len(chunk)
+                    kwargs = {cache_keyword(model): DynamicCache(ddp_cache_data=[
+                                  (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past]),
+                              "use_cache": True}
+                    mask = torch.cat([mask.new_ones(n, shared), mask], 1)
+                with Recorder(model, sites) as rec:
+                    _run_through(model, top, input_ids=input_ids, attention_mask=mask, **kwargs)
+                index = (torch.arange(len(chunk), device=device),
+                         torch.tensor([at[members[j]] - shared for j in chunk], device=device))
+                for j, key, h in zip(chunk, rec[sites[0]][index].float(), rec[sites[1]][index].float()):
+                    keys[members[j]], hidden[members[j]] = key, h
+    keys = torch.stack(keys).view(len(groups), n_prefixes, -1)
+    return keys.mean(1), torch.stack(hidden).view(len(groups), n_prefixes, -1)[:, 0]
 
 
 def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams, naive: bool = False):
@@ -179,6 +215,9 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
             width = int(mask[run].sum(1).max())
             run_lookup, run_group = lookup[run], row_group[run]
 
+            a, kl_on = on[answer_rows], on[kl_rows]
+            read_rows = torch.cat([answer_rows[a], kl_rows[kl_on]])  # rows and columns whose logits are read
+            read_cols = torch.cat([answer_cols[a], kl_last[kl_on]])
             if naive:
                 def add_delta(out: torch.Tensor) -> torch.Tensor:
                     out = out.clone()
@@ -188,19 +227,19 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
 
                 with patch(model, "hidden", layer, add_delta):
                     logits = model(input_ids=input_ids[run, :width], attention_mask=mask[run, :width]).logits
-                offset = torch.zeros_like(lookup)
+                read_logits = logits[local[read_rows], read_cols]
             else:
                 past, _ = left_pad_past([None if x is None else (x[0][run], x[1][run]) for x in kv], run_lookup)
                 first = block_input[run, :1] + delta[run_group, None].to(block_input.dtype)
-                logits = run_from_block(model, layer + 1, torch.cat([first, block_input[run, 1:]], 1), past,
-                                        run_lookup, suffix_len[run])
-                offset = lookup  # logits of row r start at its subject's last token
-            a = on[answer_rows]
-            logprobs = torch.log_softmax(logits[local[answer_rows[a]], answer_cols[a] - offset[answer_rows[a]]].float(), -1)
+                # only the read positions' logits are computed (the last block's MLP runs there only);
+                # row r's suffix starts at its subject's last token
+                read_logits = run_from_block(model, layer + 1, torch.cat([first, block_input[run, 1:]], 1), past,
+                                             run_lookup, suffix_len[run], read=(local[read_rows], read_cols - lookup[read_rows]))
+            n_answers = int(a.sum())
+            logprobs = torch.log_softmax(read_logits[:n_answers].float(), -1)
             token_nll = -logprobs.gather(1, answer_tokens[a, None]).squeeze(1)  # [answers]
             nll = torch.zeros(n_groups, device=device).index_add(0, answer_group[a], token_nll * answer_weight[a])
-            kl_on = on[kl_rows]
-            kl_after = torch.log_softmax(logits[local[kl_rows[kl_on]], kl_last[kl_on] - offset[kl_rows[kl_on]]].float(), -1)
+            kl_after = torch.log_softmax(read_logits[n_answers:].float(), -1)
             kl_rowwise = kl_per_row(kl_after, kl_before[kl_on], hparams.kl_direction)  # default KL(after ‖ before)
             kl = torch.zeros(n_groups, device=device).index_add(0, kl_group[kl_on], kl_rowwise) / n_kl
             decay = decay_term(hparams, delta.norm(dim=1), h.norm(dim=1))  # default ‖δ‖ / ‖h‖², as the paper's code

@@ -140,6 +140,25 @@ def test_keys_and_residuals_in_one_truncated_pass_equal_the_two_full_reads(famil
         memit.compute_keys_and_residuals(model, tokenizer, reqs, groups, layer, last, prefixes[1:])
 
 
+def test_keys_and_residuals_run_a_prefix_shared_by_the_rows_once():
+    """The rows of one prefix share its tokens: block 0 sees them once (a one-row pass), and each
+    row's own tokens after them; the reads still equal the full passes (the test above)."""
+    model, tokenizer = _tiny("gpt2", n_layer=3)
+    reqs, groups, _, _ = memit.prepare(model, tokenizer, [KUWAIT, OSAKA], _hparams((0,)))
+    prefixes = ["", "The map of the world. "]
+    shapes = []
+    handle = get_block(model, 0).register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple((a[0] if a else kw["hidden_states"]).shape[:2])), with_kwargs=True)
+    try:
+        memit.compute_keys_and_residuals(model, tokenizer, reqs, groups, 0, 1, prefixes)
+    finally:
+        handle.remove()
+    shared = len(tokenizer("The map of the world.", add_special_tokens=False)["input_ids"])
+    assert (1, shared) in shapes  # the prefix's tokens, once
+    prefixed = [shape for shape in shapes if shape != (1, shared)][-1]  # the prefix's rows, after its tokens
+    assert prefixed[0] == 2 and prefixed[1] < shared  # two rows, each running only its own tokens
+
+
 def test_one_request_one_layer_edit_is_rank_one_and_meets_its_constraint():
     model, tokenizer = _tiny(n_layer=2)
     mom2 = _mom2(model, tokenizer, [0])
