@@ -14,11 +14,14 @@ tests hold the engine to both.
    token, so tokens before that position and blocks up to `layer` cannot change between steps:
    one forward pass before the first step records them (the block input and a KV cache), and
    each step runs only blocks `layer` + 1 on, from the subject's last token on
-   (suffix.run_from_block).
+   (suffix.run_from_block), computing the logits (and the last block's MLP) only where the loss
+   reads them (run_from_block's `read`). The left-padded cache is re-laid only when groups leave.
+   In that first pass the rows of one prefix run its tokens once (`_first_pass`).
 3. Keys and residuals in one pass. `compute_keys_and_residuals` reads the key at `layer` and the
    residual after block `last` from the same rows, each cut after the subject's last token and
    stopped above block max(layer, last) (`_run_through`): attention is causal and nothing later
-   is read. GPT-2's GELU runs there as one kernel (models.fused_activations); in the target
+   is read. The rows of one prefix share its tokens, which run once (a one-row pass whose keys
+   and values the rows attend to). GPT-2's GELU runs there as one kernel (models.fused_activations); in the target
    optimisation it stays the unfused module (its 1e-7 rounding, carried through the Adam steps,
    would move z; see `memit.compute_targets`).
 
@@ -136,6 +139,57 @@ def compute_keys_and_residuals(model, tokenizer, requests: list, groups: list[li
     return keys.mean(1), torch.stack(hidden).view(len(groups), n_prefixes, -1)[:, 0]
 
 
+@torch.no_grad()
+def _first_pass(model, rows: list[list[int]], partition: list[int], lookup: list[int], layer: int, width: int,
+                pad_id: int, device) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """The pass before the first step, with each prefix's tokens run once.
+
+    Returns, as one right-padded forward pass of all `rows` would (to float rounding): the output
+    of block `layer` [R, width, d], per block the keys and values [R, H, width, hd] (None up to
+    `layer`, which the steps do not run) and the logits at each row's last token [R, vocab].
+    Rows of one partition (the same prefix) share their first tokens (`_shared_start`, never past
+    a row's subject): those run once as one row, and the partition's rows run only their own
+    tokens, attending to the shared ones' keys and values (a KV cache), which their own pass
+    returns in front of theirs."""
+    R, kw = len(rows), cache_keyword(model)
+    hidden, kv, last_logits = None, None, None
+    for part in dict.fromkeys(partition):
+        idx = [i for i, q in enumerate(partition) if q == part]
+        members = [rows[i] for i in idx]
+        n = len(idx)
+        shared = _shared_start(members, [lookup[i] for i in idx])
+        kwargs, shared_hidden = {}, None
+        if shared > 0:
+            past = DynamicCache()
+            with Recorder(model, [("hidden", layer)]) as rec:
+                model(input_ids=torch.tensor([members[0][:shared]], device=device), use_cache=True, **{kw: past})
+            shared_hidden = rec[("hidden", layer)].expand(n, -1, -1)
+            kwargs = {kw: DynamicCache(ddp_cache_data=[(c.keys.expand(n, -1, -1, -1), c.values.expand(n, -1, -1, -1))
+                                                       for c in past.layers])}
+        input_ids, mask = pad_rows([row[shared:] for row in members], pad_id, device)
+        if shared > 0:
+            mask = torch.cat([mask.new_ones(n, shared), mask], 1)
+        with Recorder(model, [("hidden", layer)]) as rec:
+            out = model(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs)
+        h = rec[("hidden", layer)] if shared_hidden is None else torch.cat([shared_hidden, rec[("hidden", layer)]], 1)
+        cache = [(keys, values) for keys, values, *_ in output_cache(out)]  # shared tokens first, then the rows'
+        if hidden is None:
+            hidden = h.new_zeros(R, width, h.shape[-1])
+            kv = [None if b <= layer else (k.new_zeros(R, k.shape[1], width, k.shape[3]),
+                                            v.new_zeros(R, v.shape[1], width, v.shape[3]))
+                  for b, (k, v) in enumerate(cache)]
+            last_logits = out.logits.new_zeros(R, out.logits.shape[-1])
+        at = torch.tensor(idx, device=device)
+        hidden[at, :h.shape[1]] = h
+        for b, (k, v) in enumerate(cache):
+            if b > layer:
+                kv[b][0][at, :, :k.shape[2]] = k
+                kv[b][1][at, :, :v.shape[2]] = v
+        own_last = torch.tensor([len(row) - shared - 1 for row in members], device=device)
+        last_logits[at] = out.logits[torch.arange(n, device=device), own_last]
+    return hidden, kv, last_logits
+
+
 def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams, naive: bool = False):
     """δ for a few key groups at once. Adam treats each coordinate separately and every group's loss
     depends only on its own δ, so this equals optimising each group alone (also its early stop).
@@ -146,16 +200,18 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
     with δ added by a hook (the definition, kept as the oracle the fast path is tested against)."""
     device = get_device(model)
     rows, lookup, row_group, answer_rows, answer_cols, answer_tokens, answer_weight = [], [], [], [], [], [], []
+    row_prefix = []  # the prefix index of each rewrite row (-1: a KL row), for the first pass
     for g, members in enumerate(groups):
         n_rows = len(members) * len(prefixes)
         for i in members:
             r = requests[i]
             tokens = target_ids(tokenizer, r.target)
-            for p in prefixes:
+            for prefix_index, p in enumerate(prefixes):
                 text = p + r.prompt.replace("{}", r.subject)
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 row = len(rows)
                 rows.append(ids + tokens[:-1])
+                row_prefix.append(prefix_index)
                 lookup.append(subject_span(tokenizer, text, r.subject, occurrence=-1)[1] - 1)
                 row_group.append(g)
                 for j, t in enumerate(tokens):  # position len(ids)-1+j predicts token j
@@ -173,6 +229,7 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
             lookup.append(subject_span(tokenizer, text, subject, occurrence=-1)[1] - 1)
             row_group.append(g)
             kl_group.append(g)
+            row_prefix.append(-1)
     input_ids, mask = pad_rows(rows, tokenizer.eos_token_id, device)
     as_long = lambda x: torch.tensor(x, device=device, dtype=torch.long)  # noqa: E731
     lookup, row_group, kl_group = as_long(lookup), as_long(row_group), as_long(kl_group)
@@ -183,21 +240,22 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
     kl_last = mask[kl_rows].sum(1) - 1
     n_groups, n_kl = len(groups), len(hparams.kl_prompts)
 
-    with torch.no_grad(), Recorder(model, [("hidden", layer)]) as rec:
-        out = model(input_ids=input_ids, attention_mask=mask, use_cache=not naive)
-    logits = out.logits
-    hidden = rec[("hidden", layer)]
-    if not naive:  # nothing before a row's subject's last token, nor below block layer + 1, depends on δ
+    if naive:
+        with torch.no_grad(), Recorder(model, [("hidden", layer)]) as rec:
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        hidden, kl_logits = rec[("hidden", layer)], logits[kl_rows, kl_last]
+    else:  # nothing before a row's subject's last token, nor below block layer + 1, depends on δ
+        hidden, kv, last_logits = _first_pass(model, rows, row_prefix, lookup.tolist(), layer, mask.shape[1],
+                                              tokenizer.eos_token_id, device)
+        kl_logits = last_logits[kl_rows]  # kl_last is each KL row's last token
         all_rows = torch.arange(len(rows), device=device)
         suffix_len = mask.sum(1) - lookup
         at = (lookup[:, None] + torch.arange(int(suffix_len.max()), device=device)[None]).clamp(max=mask.shape[1] - 1)
         block_input = hidden[all_rows[:, None], at]  # [rows, width, d] the input of block layer + 1
-        cache = output_cache(out)
-        kv = [None if i <= layer else (keys, values) for i, (keys, values, *_) in enumerate(cache)]
     # h of each group: the row without prefix (prefixes[0] is "") of its first request
     first_rows = as_long([sum(len(m) for m in groups[:g]) * len(prefixes) for g in range(n_groups)])
     h = hidden[first_rows, lookup[first_rows]].float()  # [G, d_model]
-    kl_before = torch.log_softmax(logits[kl_rows, kl_last].float(), -1)
+    kl_before = torch.log_softmax(kl_logits.float(), -1)
 
     delta = torch.zeros_like(h, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
@@ -205,6 +263,7 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
     active = torch.ones(n_groups, dtype=torch.bool, device=device)
     steps = torch.zeros(n_groups, dtype=torch.long, device=device)
     final = {name: torch.zeros(n_groups, device=device) for name in ("nll", "loss", "kl", "decay")}
+    past, past_rows = None, None  # the left-padded keys and values of the rows running, and which rows they are
     with frozen(model):
         for step in range(hparams.v_steps + 1):
             # only the rows of groups still optimising run (converged groups leave the batch)
@@ -229,7 +288,9 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
                     logits = model(input_ids=input_ids[run, :width], attention_mask=mask[run, :width]).logits
                 read_logits = logits[local[read_rows], read_cols]
             else:
-                past, _ = left_pad_past([None if x is None else (x[0][run], x[1][run]) for x in kv], run_lookup)
+                if past_rows is None or not torch.equal(past_rows, run):  # re-laid only when groups leave
+                    past, _ = left_pad_past([None if x is None else (x[0][run], x[1][run]) for x in kv], run_lookup)
+                    past_rows = run
                 first = block_input[run, :1] + delta[run_group, None].to(block_input.dtype)
                 # only the read positions' logits are computed (the last block's MLP runs there only);
                 # row r's suffix starts at its subject's last token
