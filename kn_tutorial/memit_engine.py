@@ -294,8 +294,9 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
                 first = block_input[run, :1] + delta[run_group, None].to(block_input.dtype)
                 # only the read positions' logits are computed (the last block's MLP runs there only);
                 # row r's suffix starts at its subject's last token
+                read = (local[read_rows], read_cols - lookup[read_rows])
                 read_logits = run_from_block(model, layer + 1, torch.cat([first, block_input[run, 1:]], 1), past,
-                                             run_lookup, suffix_len[run], read=(local[read_rows], read_cols - lookup[read_rows]))
+                                             run_lookup, suffix_len[run], read=read)
             n_answers = int(a.sum())
             logprobs = torch.log_softmax(read_logits[:n_answers].float(), -1)
             token_nll = -logprobs.gather(1, answer_tokens[a, None]).squeeze(1)  # [answers]

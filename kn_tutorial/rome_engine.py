@@ -121,7 +121,8 @@ def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams,
         past, _ = left_pad_past(kv, lookup)
 
         # only the answers' and the KL positions' logits are read (the last block's MLP runs there only)
-        read = (torch.cat([answer_rows, kl_index]), torch.cat([answer_cols - lookup[answer_rows], kl_last - lookup[kl_index]]))
+        read = (torch.cat([answer_rows, kl_index]),
+                torch.cat([answer_cols - lookup[answer_rows], kl_last - lookup[kl_index]]))
         n_answers = len(answer_rows)
 
         def run() -> tuple[torch.Tensor, torch.Tensor]:
