@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from .hooks import Recorder, patch
 from .kv_cache import cache_keyword, output_cache
@@ -82,15 +83,26 @@ def _forward(model, ids: Tensor, cache=None, use_cache: bool = False):
 @torch.no_grad()
 def _clean_pass(model, query: _Query, layers: list[int]):
     """The unmodified prompt: keys w̄ at q [L, d_ff], P(target), and the KV cache of tokens
-    0..q-1 (None when q = 0). Two forwards: tokens before q (kept as the cache), then the rest."""
-    cache = None
-    if query.q > 0:
-        cache = output_cache(_forward(model, query.seq[None, :query.q], use_cache=True))
+    0..q-1 (None when q = 0). One forward of the whole sequence; its cache is cut to the tokens
+    before q (attention is causal: their keys and values do not see the later tokens)."""
     sites = [("key", layer) for layer in layers]
     with Recorder(model, sites) as rec:
-        logits = _forward(model, query.seq[None, query.q:], cache).logits
-    w_bar = torch.stack([rec[site][0, 0] for site in sites])  # [L, d_ff]
-    return w_bar, _target_prob(logits, query, offset=query.q)[0], cache
+        out = model(input_ids=query.seq[None], use_cache=query.q > 0)
+    w_bar = torch.stack([rec[site][0, query.q] for site in sites])  # [L, d_ff]
+    cache = None
+    if query.q > 0:
+        cache = DynamicCache(ddp_cache_data=[(layer_cache.keys[:, :, :query.q], layer_cache.values[:, :, :query.q])
+                                             for layer_cache in output_cache(out).layers])
+    return w_bar, _target_prob(out.logits, query)[0], cache
+
+
+def _repeated_cache(cache, rows_per_block: list[int]):
+    """A new DynamicCache holding `cache`'s keys and values of block b broadcast to rows_per_block[b]
+    rows (expanded views, not copies: each block's attention concatenates them with its new
+    keys and values into a fresh tensor, so `cache` itself is never written)."""
+    return DynamicCache(ddp_cache_data=[
+        (layer_cache.keys.expand(n, -1, -1, -1), layer_cache.values.expand(n, -1, -1, -1))
+        for layer_cache, n in zip(cache.layers, rows_per_block)])
 
 
 def _run_rows_flat(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor, row_alpha: Tensor,
@@ -184,10 +196,8 @@ def _run_rows_grow(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor
         return join
 
     past = None
-    if cache is not None:
-        past = copy.deepcopy(cache)
-        for block, layer_cache in enumerate(past.layers):
-            layer_cache.batch_repeat_interleave(1 + sum(n for l, n in counts.items() if l < block))
+    if cache is not None:  # block b runs the clean row and the rows of the layers below b
+        past = _repeated_cache(cache, [1 + sum(n for l, n in counts.items() if l < block) for block in range(L)])
     kwargs = {"input_ids": suffix[None], "use_cache": past is not None}
     if past is not None:
         kwargs[cache_keyword(model)] = past

@@ -14,11 +14,14 @@ tests hold the engine to both.
    token, so tokens before that position and blocks up to `layer` cannot change between steps:
    one forward pass before the first step records them (the block input and a KV cache), and
    each step runs only blocks `layer` + 1 on, from the subject's last token on
-   (suffix.run_from_block).
+   (suffix.run_from_block), computing the logits (and the last block's MLP) only where the loss
+   reads them (run_from_block's `read`). The left-padded cache is re-laid only when groups leave.
+   In that first pass the rows of one prefix run its tokens once (`_first_pass`).
 3. Keys and residuals in one pass. `compute_keys_and_residuals` reads the key at `layer` and the
    residual after block `last` from the same rows, each cut after the subject's last token and
    stopped above block max(layer, last) (`_run_through`): attention is causal and nothing later
-   is read. GPT-2's GELU runs there as one kernel (models.fused_activations); in the target
+   is read. The rows of one prefix share its tokens, which run once (a one-row pass whose keys
+   and values the rows attend to). GPT-2's GELU runs there as one kernel (models.fused_activations); in the target
    optimisation it stays the unfused module (its 1e-7 rounding, carried through the Adam steps,
    would move z; see `memit.compute_targets`).
 
@@ -29,9 +32,10 @@ definition and does not import it.
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
 from .hooks import Recorder, patch
-from .kv_cache import output_cache
+from .kv_cache import cache_keyword, output_cache
 from .models import final_norm, fused_activations, get_block, get_device, n_layers
 from .rome_engine import decay_term, kl_per_row
 from .scoring import pad_rows, target_ids
@@ -69,6 +73,17 @@ def _run_through(model, layer: int, **forward_kwargs) -> None:
         handle.remove()
 
 
+def _shared_start(rows: list[list[int]], last: list[int]) -> int:
+    """How many leading tokens every row shares, at most min(last) (each row keeps its read position)."""
+    n = min(last)
+    for row in rows[1:]:
+        k, limit = 0, min(n, len(row))
+        while k < limit and row[k] == rows[0][k]:
+            k += 1
+        n = k
+    return n
+
+
 @torch.no_grad()
 def compute_keys_and_residuals(model, tokenizer, requests: list, groups: list[list[int]], layer: int,
                                last: int, prefixes: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,27 +92,102 @@ def compute_keys_and_residuals(model, tokenizer, requests: list, groups: list[li
 
     The residual's prompt is the key's prompt without prefix (prefixes[0] is ""), and nothing after
     the subject's last token nor above block `last` can change either reading (attention is causal),
-    so each row runs only up to that token and through block max(layer, last). GPT-2's GELU runs as
-    one kernel (models.fused_activations)."""
+    so each row runs only up to that token and through block max(layer, last). The rows of one
+    prefix share its tokens: those run once, as one row whose keys and values every row of the
+    prefix then attends to (a KV cache), and each row runs only its own tokens (`_shared_start`).
+    GPT-2's GELU runs as one kernel (models.fused_activations)."""
     if not prefixes or prefixes[0] != "":
         raise ValueError("prefixes must start with '' (the prompt without prefix), as sample_prefixes returns")
     first = [requests[g[0]] for g in groups]
+    n_prefixes = len(prefixes)
     texts = [p + r.prompt.replace("{}", r.subject) for r in first for p in prefixes]
     subjects = [r.subject for r in first for _ in prefixes]
+    rows, at = _rows_at_subject(tokenizer, texts, subjects)
     device = get_device(model)
+    top = max(layer, last)
     sites = [("key", layer), ("hidden", last)]
-    keys, hidden = [], []
+    keys = [None] * len(texts)
+    hidden = [None] * len(texts)
     with fused_activations(model):
-        for start in range(0, len(texts), batch_size):
-            rows, at = _rows_at_subject(tokenizer, texts[start:start + batch_size], subjects[start:start + batch_size])
-            input_ids, mask = pad_rows([row[:i + 1] for row, i in zip(rows, at)], tokenizer.eos_token_id, device)
-            with Recorder(model, sites) as rec:
-                _run_through(model, max(layer, last), input_ids=input_ids, attention_mask=mask)
-            index = (torch.arange(len(rows), device=device), torch.tensor(at, device=device))
-            keys.append(rec[sites[0]][index].float())
-            hidden.append(rec[sites[1]][index].float())
-    keys = torch.cat(keys).view(len(groups), len(prefixes), -1)
-    return keys.mean(1), torch.cat(hidden).view(len(groups), len(prefixes), -1)[:, 0]
+        for prefix in range(n_prefixes):  # the rows of one prefix: one per key group
+            members = list(range(prefix, len(texts), n_prefixes))
+            cut = [rows[i][:at[i] + 1] for i in members]
+            shared = _shared_start(cut, [at[i] for i in members])
+            past = None
+            if shared > 0:  # the shared tokens once, their keys and values kept (blocks 0..top)
+                past = DynamicCache()
+                _run_through(model, top, input_ids=torch.tensor([cut[0][:shared]], device=device),
+                             use_cache=True, **{cache_keyword(model): past})
+                past = [(layer_cache.keys, layer_cache.values) for layer_cache in past.layers]
+            for start in range(0, len(members), batch_size):
+                chunk = range(start, min(start + batch_size, len(members)))
+                input_ids, mask = pad_rows([cut[j][shared:] for j in chunk], tokenizer.eos_token_id, device)
+                kwargs = {}
+                if past is not None:
+                    n = len(chunk)
+                    kwargs = {cache_keyword(model): DynamicCache(ddp_cache_data=[
+                                  (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past]),
+                              "use_cache": True}
+                    mask = torch.cat([mask.new_ones(n, shared), mask], 1)
+                with Recorder(model, sites) as rec:
+                    _run_through(model, top, input_ids=input_ids, attention_mask=mask, **kwargs)
+                index = (torch.arange(len(chunk), device=device),
+                         torch.tensor([at[members[j]] - shared for j in chunk], device=device))
+                for j, key, h in zip(chunk, rec[sites[0]][index].float(), rec[sites[1]][index].float()):
+                    keys[members[j]], hidden[members[j]] = key, h
+    keys = torch.stack(keys).view(len(groups), n_prefixes, -1)
+    return keys.mean(1), torch.stack(hidden).view(len(groups), n_prefixes, -1)[:, 0]
+
+
+@torch.no_grad()
+def _first_pass(model, rows: list[list[int]], partition: list[int], lookup: list[int], layer: int, width: int,
+                pad_id: int, device) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """The pass before the first step, with each prefix's tokens run once.
+
+    Returns, as one right-padded forward pass of all `rows` would (to float rounding): the output
+    of block `layer` [R, width, d], per block the keys and values [R, H, width, hd] (None up to
+    `layer`, which the steps do not run) and the logits at each row's last token [R, vocab].
+    Rows of one partition (the same prefix) share their first tokens (`_shared_start`, never past
+    a row's subject): those run once as one row, and the partition's rows run only their own
+    tokens, attending to the shared ones' keys and values (a KV cache), which their own pass
+    returns in front of theirs."""
+    R, kw = len(rows), cache_keyword(model)
+    hidden, kv, last_logits = None, None, None
+    for part in dict.fromkeys(partition):
+        idx = [i for i, q in enumerate(partition) if q == part]
+        members = [rows[i] for i in idx]
+        n = len(idx)
+        shared = _shared_start(members, [lookup[i] for i in idx])
+        kwargs, shared_hidden = {}, None
+        if shared > 0:
+            past = DynamicCache()
+            with Recorder(model, [("hidden", layer)]) as rec:
+                model(input_ids=torch.tensor([members[0][:shared]], device=device), use_cache=True, **{kw: past})
+            shared_hidden = rec[("hidden", layer)].expand(n, -1, -1)
+            kwargs = {kw: DynamicCache(ddp_cache_data=[(c.keys.expand(n, -1, -1, -1), c.values.expand(n, -1, -1, -1))
+                                                       for c in past.layers])}
+        input_ids, mask = pad_rows([row[shared:] for row in members], pad_id, device)
+        if shared > 0:
+            mask = torch.cat([mask.new_ones(n, shared), mask], 1)
+        with Recorder(model, [("hidden", layer)]) as rec:
+            out = model(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs)
+        h = rec[("hidden", layer)] if shared_hidden is None else torch.cat([shared_hidden, rec[("hidden", layer)]], 1)
+        cache = [(keys, values) for keys, values, *_ in output_cache(out)]  # shared tokens first, then the rows'
+        if hidden is None:
+            hidden = h.new_zeros(R, width, h.shape[-1])
+            kv = [None if b <= layer else (k.new_zeros(R, k.shape[1], width, k.shape[3]),
+                                            v.new_zeros(R, v.shape[1], width, v.shape[3]))
+                  for b, (k, v) in enumerate(cache)]
+            last_logits = out.logits.new_zeros(R, out.logits.shape[-1])
+        at = torch.tensor(idx, device=device)
+        hidden[at, :h.shape[1]] = h
+        for b, (k, v) in enumerate(cache):
+            if b > layer:
+                kv[b][0][at, :, :k.shape[2]] = k
+                kv[b][1][at, :, :v.shape[2]] = v
+        own_last = torch.tensor([len(row) - shared - 1 for row in members], device=device)
+        last_logits[at] = out.logits[torch.arange(n, device=device), own_last]
+    return hidden, kv, last_logits
 
 
 def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams, naive: bool = False):
@@ -110,16 +200,18 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
     with δ added by a hook (the definition, kept as the oracle the fast path is tested against)."""
     device = get_device(model)
     rows, lookup, row_group, answer_rows, answer_cols, answer_tokens, answer_weight = [], [], [], [], [], [], []
+    row_prefix = []  # the prefix index of each rewrite row (-1: a KL row), for the first pass
     for g, members in enumerate(groups):
         n_rows = len(members) * len(prefixes)
         for i in members:
             r = requests[i]
             tokens = target_ids(tokenizer, r.target)
-            for p in prefixes:
+            for prefix_index, p in enumerate(prefixes):
                 text = p + r.prompt.replace("{}", r.subject)
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 row = len(rows)
                 rows.append(ids + tokens[:-1])
+                row_prefix.append(prefix_index)
                 lookup.append(subject_span(tokenizer, text, r.subject, occurrence=-1)[1] - 1)
                 row_group.append(g)
                 for j, t in enumerate(tokens):  # position len(ids)-1+j predicts token j
@@ -137,6 +229,7 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
             lookup.append(subject_span(tokenizer, text, subject, occurrence=-1)[1] - 1)
             row_group.append(g)
             kl_group.append(g)
+            row_prefix.append(-1)
     input_ids, mask = pad_rows(rows, tokenizer.eos_token_id, device)
     as_long = lambda x: torch.tensor(x, device=device, dtype=torch.long)  # noqa: E731
     lookup, row_group, kl_group = as_long(lookup), as_long(row_group), as_long(kl_group)
@@ -147,21 +240,22 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
     kl_last = mask[kl_rows].sum(1) - 1
     n_groups, n_kl = len(groups), len(hparams.kl_prompts)
 
-    with torch.no_grad(), Recorder(model, [("hidden", layer)]) as rec:
-        out = model(input_ids=input_ids, attention_mask=mask, use_cache=not naive)
-    logits = out.logits
-    hidden = rec[("hidden", layer)]
-    if not naive:  # nothing before a row's subject's last token, nor below block layer + 1, depends on δ
+    if naive:
+        with torch.no_grad(), Recorder(model, [("hidden", layer)]) as rec:
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        hidden, kl_logits = rec[("hidden", layer)], logits[kl_rows, kl_last]
+    else:  # nothing before a row's subject's last token, nor below block layer + 1, depends on δ
+        hidden, kv, last_logits = _first_pass(model, rows, row_prefix, lookup.tolist(), layer, mask.shape[1],
+                                              tokenizer.eos_token_id, device)
+        kl_logits = last_logits[kl_rows]  # kl_last is each KL row's last token
         all_rows = torch.arange(len(rows), device=device)
         suffix_len = mask.sum(1) - lookup
         at = (lookup[:, None] + torch.arange(int(suffix_len.max()), device=device)[None]).clamp(max=mask.shape[1] - 1)
         block_input = hidden[all_rows[:, None], at]  # [rows, width, d] the input of block layer + 1
-        cache = output_cache(out)
-        kv = [None if i <= layer else (keys, values) for i, (keys, values, *_) in enumerate(cache)]
     # h of each group: the row without prefix (prefixes[0] is "") of its first request
     first_rows = as_long([sum(len(m) for m in groups[:g]) * len(prefixes) for g in range(n_groups)])
     h = hidden[first_rows, lookup[first_rows]].float()  # [G, d_model]
-    kl_before = torch.log_softmax(logits[kl_rows, kl_last].float(), -1)
+    kl_before = torch.log_softmax(kl_logits.float(), -1)
 
     delta = torch.zeros_like(h, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
@@ -169,6 +263,7 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
     active = torch.ones(n_groups, dtype=torch.bool, device=device)
     steps = torch.zeros(n_groups, dtype=torch.long, device=device)
     final = {name: torch.zeros(n_groups, device=device) for name in ("nll", "loss", "kl", "decay")}
+    past, past_rows = None, None  # the left-padded keys and values of the rows running, and which rows they are
     with frozen(model):
         for step in range(hparams.v_steps + 1):
             # only the rows of groups still optimising run (converged groups leave the batch)
@@ -179,6 +274,9 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
             width = int(mask[run].sum(1).max())
             run_lookup, run_group = lookup[run], row_group[run]
 
+            a, kl_on = on[answer_rows], on[kl_rows]
+            read_rows = torch.cat([answer_rows[a], kl_rows[kl_on]])  # rows and columns whose logits are read
+            read_cols = torch.cat([answer_cols[a], kl_last[kl_on]])
             if naive:
                 def add_delta(out: torch.Tensor) -> torch.Tensor:
                     out = out.clone()
@@ -188,19 +286,22 @@ def _optimise_chunk(model, tokenizer, requests, groups, layer, prefixes, hparams
 
                 with patch(model, "hidden", layer, add_delta):
                     logits = model(input_ids=input_ids[run, :width], attention_mask=mask[run, :width]).logits
-                offset = torch.zeros_like(lookup)
+                read_logits = logits[local[read_rows], read_cols]
             else:
-                past, _ = left_pad_past([None if x is None else (x[0][run], x[1][run]) for x in kv], run_lookup)
+                if past_rows is None or not torch.equal(past_rows, run):  # re-laid only when groups leave
+                    past, _ = left_pad_past([None if x is None else (x[0][run], x[1][run]) for x in kv], run_lookup)
+                    past_rows = run
                 first = block_input[run, :1] + delta[run_group, None].to(block_input.dtype)
-                logits = run_from_block(model, layer + 1, torch.cat([first, block_input[run, 1:]], 1), past,
-                                        run_lookup, suffix_len[run])
-                offset = lookup  # logits of row r start at its subject's last token
-            a = on[answer_rows]
-            logprobs = torch.log_softmax(logits[local[answer_rows[a]], answer_cols[a] - offset[answer_rows[a]]].float(), -1)
+                # only the read positions' logits are computed (the last block's MLP runs there only);
+                # row r's suffix starts at its subject's last token
+                read = (local[read_rows], read_cols - lookup[read_rows])
+                read_logits = run_from_block(model, layer + 1, torch.cat([first, block_input[run, 1:]], 1), past,
+                                             run_lookup, suffix_len[run], read=read)
+            n_answers = int(a.sum())
+            logprobs = torch.log_softmax(read_logits[:n_answers].float(), -1)
             token_nll = -logprobs.gather(1, answer_tokens[a, None]).squeeze(1)  # [answers]
             nll = torch.zeros(n_groups, device=device).index_add(0, answer_group[a], token_nll * answer_weight[a])
-            kl_on = on[kl_rows]
-            kl_after = torch.log_softmax(logits[local[kl_rows[kl_on]], kl_last[kl_on] - offset[kl_rows[kl_on]]].float(), -1)
+            kl_after = torch.log_softmax(read_logits[n_answers:].float(), -1)
             kl_rowwise = kl_per_row(kl_after, kl_before[kl_on], hparams.kl_direction)  # default KL(after ‖ before)
             kl = torch.zeros(n_groups, device=device).index_add(0, kl_group[kl_on], kl_rowwise) / n_kl
             decay = decay_term(hparams, delta.norm(dim=1), h.norm(dim=1))  # default ‖δ‖ / ‖h‖², as the paper's code

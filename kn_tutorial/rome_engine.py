@@ -11,7 +11,9 @@ hook), and the tests hold the fast path to it.
    so the tokens before that position and the blocks up to `layer` cannot change between steps:
    one forward pass before the first step records them (the input of block `layer` + 1 and a KV
    cache), and each step runs only blocks `layer` + 1 on, from the subject's last token on
-   (suffix.run_from_block), reading the logits at the answers and after the KL prompts.
+   (suffix.run_from_block), reading the logits at the answers and after the KL prompts only:
+   the last block's MLP, the final norm and the unembedding run at those positions alone
+   (run_from_block's `read`; each works on one position, and nothing later reads the others).
 3. k* from the same pass. The rewrite rows are `rome.compute_k_star`'s prefixed prompts followed
    by target tokens, which the key at the subject's last token cannot see (attention is causal):
    the pass before the first step records that key too, and `rome.edit` takes k* from it instead
@@ -118,11 +120,16 @@ def _v_star(model, tokenizer, prompt, subject, target, layer, prefixes, hparams,
         kv = [None if i <= layer else (keys, values) for i, (keys, values, *_) in enumerate(cache)]
         past, _ = left_pad_past(kv, lookup)
 
+        # only the answers' and the KL positions' logits are read (the last block's MLP runs there only)
+        read = (torch.cat([answer_rows, kl_index]),
+                torch.cat([answer_cols - lookup[answer_rows], kl_last - lookup[kl_index]]))
+        n_answers = len(answer_rows)
+
         def run() -> tuple[torch.Tensor, torch.Tensor]:
             first = block_input[:, :1] + delta.to(block_input.dtype)  # δ at the subject's last token
             logits = run_from_block(model, layer + 1, torch.cat([first, block_input[:, 1:]], 1), past, lookup,
-                                    suffix_len).float()
-            return logits[answer_rows, answer_cols - lookup[answer_rows]], logits[kl_index, kl_last - lookup[kl_index]]
+                                    suffix_len, read=read).float()
+            return logits[:n_answers], logits[n_answers:]
 
     delta = torch.zeros(base_out.shape[0], device=device, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)

@@ -95,7 +95,8 @@ def left_pad_past(kv: list[tuple[Tensor, Tensor] | None], lengths: Tensor) -> tu
 
 
 def run_from_block(model: nn.Module, start: int, hidden: Tensor, past: list | None, past_len: Tensor,
-                   suffix_len: Tensor | None = None, last_only: bool = False) -> Tensor:
+                   suffix_len: Tensor | None = None, last_only: bool = False,
+                   read: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Logits of the suffix tokens when the model runs from block `start` (see the module docstring).
 
     hidden [B, M, d]: input of block `start` at the suffix; past: per block (keys, values)
@@ -103,7 +104,17 @@ def run_from_block(model: nn.Module, start: int, hidden: Tensor, past: list | No
     past_len [B] real prefix tokens per row; suffix_len [B] real suffix tokens (default M).
     Returns [B, M, vocab] logits, or [B, vocab] of the last position when last_only (every row
     then needs suffix_len = M). Gradients flow to `hidden`.
+
+    read = (rows, cols), two [N] index tensors into [B, M]: only those N positions' logits are
+    wanted, and [N, vocab] is returned in that order (pairs may repeat). Then the last block's
+    MLP runs on those positions alone and the final norm and unembedding on them alone
+    (`_read_positions`): an MLP, a norm and the unembedding each work on one position, and
+    nothing after the last block mixes positions.
     """
+    if read is not None:
+        if last_only:
+            raise ValueError("pass read=(rows, cols) or last_only=True, not both")
+        return _run_reading(model, start, hidden, past, past_len, suffix_len, read)
     L = n_layers(model)
     if not 0 <= start <= L:
         raise ValueError(f"start block {start} is not in 0..{L}")
@@ -219,3 +230,74 @@ def run_rows_from_blocks(model: nn.Module, starts: Tensor, hidden: Tensor, past:
         out = model(inputs_embeds=hidden[:present[first]].detach(), attention_mask=mask, position_ids=position_ids,
                     use_cache=cache is not None, logits_to_keep=1 if last_only else 0, **kwargs)
     return out.logits[:, -1] if last_only else out.logits
+
+
+class _Stop(Exception):
+    """Raised by the final norm's pre-hook once the positions to read are captured (_run_reading)."""
+
+
+def _run_reading(model: nn.Module, start: int, hidden: Tensor, past: list | None, past_len: Tensor,
+                 suffix_len: Tensor | None, read: tuple[Tensor, Tensor]) -> Tensor:
+    """run_from_block(..., read=(rows, cols)): [N, vocab] logits of those positions only.
+
+    The pairs are made unique; the last block's MLP runs on them alone (`_read_positions`), the
+    model is stopped at the input of its final norm (a pre-hook captures the unique positions'
+    states and raises), and the final norm and the output embedding run on those states only.
+    Every family in models.ARCHS computes its logits as output_embedding(final_norm(h))."""
+    rows, cols = (x.to(hidden.device).long() for x in read)
+    B, M, _ = hidden.shape
+    if len(rows) == 0 or len(rows) != len(cols):
+        raise ValueError("read needs two index tensors of the same, non-zero length")
+    if bool((rows < 0).any() | (rows >= B).any() | (cols < 0).any() | (cols >= M).any()):
+        raise ValueError(f"read positions must lie in the [{B}, {M}] suffix")
+    flat, back = torch.unique(rows * M + cols, return_inverse=True)
+    u_rows, u_cols = flat // M, flat % M
+    captured = {}
+
+    def stop(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        captured["h"] = h[u_rows, u_cols]
+        raise _Stop
+
+    with ExitStack() as stack:
+        if start < n_layers(model):
+            for remove in _read_positions(model, u_rows, u_cols, M):
+                stack.callback(remove)
+        # appended: it runs after our hooks, so after run_from_block's own feed of the final norm when start = L
+        handle = final_norm(model).register_forward_pre_hook(stop, with_kwargs=True)
+        stack.callback(handle.remove)
+        try:
+            run_from_block(model, start, hidden, past, past_len, suffix_len)
+        except _Stop:
+            pass
+    if "h" not in captured:
+        raise RuntimeError("the final norm never ran: suffix.run_from_block(read=...) cannot read the logits")
+    logits = model.get_output_embeddings()(final_norm(model)(captured["h"]))  # [unique pairs, vocab]
+    return logits[back]
+
+
+def _read_positions(model: nn.Module, rows: Tensor, cols: Tensor, width: int):
+    """Hooks making the last block's MLP run on the positions (rows[i], cols[i]) only (unique
+    pairs): its input [b, width, d] is cut to [1, n, d], and its output is put back at those
+    positions of a [b, width, d] tensor of zeros (the other positions of the last block's output
+    are not the model's, and only the final norm at these positions reads them). Returns the
+    callbacks removing the hooks."""
+    mlp = get_module(model, n_layers(model) - 1, "mlp")
+    batch = {}
+
+    def cut(module, args, kwargs):
+        if not args:
+            raise RuntimeError(f"{type(module).__name__} was called without a positional input; "
+                               "suffix.run_from_block(read=...) does not know this MLP")
+        batch["b"] = args[0].shape[0]
+        return (args[0][rows, cols][None], *args[1:]), kwargs
+
+    def widen(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        full = out.new_zeros(batch["b"], width, out.shape[-1])
+        full = full.index_put((rows, cols), out[0])
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    handles = [mlp.register_forward_pre_hook(cut, with_kwargs=True, prepend=True),
+               mlp.register_forward_hook(widen, prepend=True)]
+    return [handle.remove for handle in handles]

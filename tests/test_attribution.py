@@ -59,6 +59,20 @@ def test_batched_equals_naive_loop(family):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_batched_equals_naive_loop_on_atlas():
+    """The shipped model: a one-token answer (the rows run one token on the cache) and a scaled
+    position inside the prompt (several tokens after the cache), against the naive loop, 1e-5."""
+    from kn_tutorial.models import load_model
+    model, tok = load_model("atlas")
+    for position, target in ((-1, " Asia"), (2, " Asia")):
+        naive = A.integrated_gradients_naive(model, tok, PROMPT, target, steps=3, position=position)
+        fast = A.integrated_gradients(model, tok, PROMPT, target, steps=3, position=position)
+        scale = naive.abs().max()
+        assert scale > 0
+        torch.testing.assert_close(fast / scale, naive / scale, rtol=0, atol=1e-5)
+    assert type(model) not in A._GROW_FAILED, "the grow engine fell back to flat"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eager_attention_also_matches(family):
     """Eager attention builds an explicit mask tensor: the "grow" engine must broadcast it."""

@@ -140,6 +140,25 @@ def test_keys_and_residuals_in_one_truncated_pass_equal_the_two_full_reads(famil
         memit.compute_keys_and_residuals(model, tokenizer, reqs, groups, layer, last, prefixes[1:])
 
 
+def test_keys_and_residuals_run_a_prefix_shared_by_the_rows_once():
+    """The rows of one prefix share its tokens: block 0 sees them once (a one-row pass), and each
+    row's own tokens after them; the reads still equal the full passes (the test above)."""
+    model, tokenizer = _tiny("gpt2", n_layer=3)
+    reqs, groups, _, _ = memit.prepare(model, tokenizer, [KUWAIT, OSAKA], _hparams((0,)))
+    prefixes = ["", "The map of the world. "]
+    shapes = []
+    handle = get_block(model, 0).register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple((a[0] if a else kw["hidden_states"]).shape[:2])), with_kwargs=True)
+    try:
+        memit.compute_keys_and_residuals(model, tokenizer, reqs, groups, 0, 1, prefixes)
+    finally:
+        handle.remove()
+    shared = len(tokenizer("The map of the world.", add_special_tokens=False)["input_ids"])
+    assert (1, shared) in shapes  # the prefix's tokens, once
+    prefixed = [shape for shape in shapes if shape != (1, shared)][-1]  # the prefix's rows, after its tokens
+    assert prefixed[0] == 2 and prefixed[1] < shared  # two rows, each running only its own tokens
+
+
 def test_one_request_one_layer_edit_is_rank_one_and_meets_its_constraint():
     model, tokenizer = _tiny(n_layer=2)
     mom2 = _mom2(model, tokenizer, [0])
@@ -436,3 +455,34 @@ def test_lambda_rule_per_key_equals_the_constant_lambda_it_names():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="mom2_update_weight_per_key"):
             memit.edit(model, tokenizer, requests, _hparams((0,), mom2_update_weight_per_key=bad), mom2=mom2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_pass_with_shared_prefixes_equals_one_full_pass(family):
+    """memit_engine._first_pass (each prefix's tokens run once, rows attending to them through a KV
+    cache) gives one right-padded full pass's block output, keys and values at every real token
+    and logits at each row's last token."""
+    from kn_tutorial.hooks import Recorder
+    from kn_tutorial.kv_cache import output_cache
+    from kn_tutorial.memit_engine import _first_pass
+    from kn_tutorial.scoring import pad_rows
+    model, tokenizer = _tiny(family, n_layer=3)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(5, 100, (4,), generator=g).tolist()
+    rows = [prefix + torch.randint(5, 100, (n,), generator=g).tolist() for n in (3, 5, 2)]  # share 4 tokens
+    rows += [torch.randint(5, 100, (n,), generator=g).tolist() for n in (6, 4)]  # no prefix
+    partition, lookup, layer = [1, 1, 1, 0, 0], [5, 4, 4, 2, 1], 0
+    input_ids, mask = pad_rows(rows, tokenizer.eos_token_id, torch.device("cpu"))
+    with torch.no_grad(), Recorder(model, [("hidden", layer)]) as rec:
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=True)
+    hidden, kv, last = _first_pass(model, rows, partition, lookup, layer, mask.shape[1], tokenizer.eos_token_id,
+                                   torch.device("cpu"))
+    full_kv = [(k, v) for k, v, *_ in output_cache(out)]
+    for r, row in enumerate(rows):
+        n = len(row)
+        torch.testing.assert_close(hidden[r, :n], rec[("hidden", layer)][r, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last[r], out.logits[r, n - 1], atol=1e-5, rtol=1e-5)
+        for b in range(1, len(full_kv)):
+            torch.testing.assert_close(kv[b][0][r, :, :n], full_kv[b][0][r, :, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(kv[b][1][r, :, :n], full_kv[b][1][r, :, :n], atol=1e-5, rtol=1e-5)
+    assert kv[0] is None

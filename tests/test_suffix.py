@@ -98,3 +98,41 @@ def test_rows_read_at_the_last_position_run_the_last_mlp_there_only(model):
     assert widths == [1]  # M = 4 positions, the last block's MLP ran on one
     torch.testing.assert_close(got, logits[:, -1], atol=1e-5, rtol=1e-5)
     assert count_hooks(model) == 0 and not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("start", [0, 1, 2])  # 2 = L: only the final norm
+def test_reading_some_positions_gives_their_logits_and_gradients(model, start):
+    """run_from_block(read=(rows, cols)) returns the logits of those positions of the full suffix run
+    (repeated pairs included, in the order asked) and the same gradient with respect to its input;
+    the last block's MLP runs on the unique pairs only."""
+    from kn_tutorial.models import get_module
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (3, 9))
+    lengths, past_len = torch.tensor([9, 7, 8]), torch.tensor([3, 0, 5])
+    logits, kv, inputs = _full_run(model, ids, lengths)
+    past, P = left_pad_past(kv, past_len)
+    suffix_len = lengths - past_len
+    M = int(suffix_len.max())
+    at = (past_len[:, None] + torch.arange(M)[None]).clamp(max=ids.shape[1] - 1)
+    hidden = inputs[start][torch.arange(3)[:, None], at]
+    rows, cols = torch.tensor([2, 0, 1, 0, 2, 1]), torch.tensor([2, 5, 6, 5, 0, 1])  # (0, 5) twice
+    widths = []
+    handle = get_module(model, n_layers(model) - 1, "mlp").register_forward_pre_hook(
+        lambda m, a: widths.append(a[0].shape[:2]))
+    try:
+        h1 = hidden.clone().requires_grad_(True)
+        got = run_from_block(model, start, h1, past, past_len, suffix_len, read=(rows, cols))
+        h2 = hidden.clone().requires_grad_(True)
+        full = run_from_block(model, start, h2, past, past_len, suffix_len)
+    finally:
+        handle.remove()
+    want = torch.stack([logits[r, past_len[r] + c] for r, c in zip(rows.tolist(), cols.tolist())])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if start < n_layers(model):
+        assert widths[0] == (1, 5) and widths[1] == (3, M)  # 5 unique pairs, then the ordinary run
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
+    (got * weights).sum().backward()
+    (full[rows, cols] * weights).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=1e-4)
+    assert count_hooks(model) == 0 and not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    assert len(_blocks(model)) == n_layers(model)
