@@ -184,7 +184,7 @@ def test_exercise_checks_accept_solutions_and_reject_mistakes():
 
     case = {"requested_rewrite": {**REQUEST, "target_true": {"str": "Asia"}}}
     assert ex.check_efficacy(efficacy, model, tokenizer, case)
-    assert ex.check_efficacy(lambda *a: (_ for _ in ()).throw(NotImplementedError), model, tokenizer, case) is False
+    assert ex.check_efficacy(lambda *a: (_ for _ in ()).throw(NotImplementedError), model, tokenizer, case) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: checks that ROME, FT and the metrics run where the model is")
