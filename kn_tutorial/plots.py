@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from .lazy import lazy_exports
 
@@ -265,6 +266,8 @@ def plot_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], x: Sequence
         for label, at in (vlines or {}).items():
             ax.axvline(at, color="grey", ls=":", lw=0.8, label=label)
         ax.set_xscale("log" if logx else "linear")
+        if not logx and all(float(v).is_integer() for v in x):  # layers, steps: no ticks at 2.5
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yscale("log" if logy else "linear")
         ax.set_xlabel(xlabel)
         ax.set_title(title, fontsize="medium")

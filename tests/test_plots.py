@@ -201,3 +201,10 @@ def test_horizontal_bars_notes_each_bar_and_keeps_the_order():
     with pytest.raises(ValueError, match="empty"):
         horizontal_bars({})
     plt.close("all")
+
+
+def test_plot_panels_puts_integer_x_on_integer_ticks():
+    axes = plot_panels({"p": {"a": [float(i) for i in range(12)]}}, list(range(12)), panel_size=(3, 2.8))
+    axes[0].figure.canvas.draw()
+    assert all(float(t).is_integer() for t in axes[0].get_xticks())
+    plt.close("all")
