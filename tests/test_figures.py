@@ -78,3 +78,72 @@ def test_figure_problems_catches_each_fault():
     code_after = _figure(good)
     code_after["cells"][1]["cell_type"] = "code"
     assert figure_problems(code_after)                                             # caption is not markdown
+
+
+RAW_DRAWING = re.compile(r"\b(?:ax|axes|axs)(?:\[[^\]]*\])*\.(bar|barh|plot|scatter|semilogy|loglog|imshow|hist|errorbar|"
+                         r"fill_between|pcolormesh|matshow)\(")
+
+
+def raw_drawing(notebook: dict) -> list[str]:
+    """Figure cells that draw with matplotlib themselves instead of calling a package plot function
+    (reference lines and shading on top of a package figure, such as axhline or axvspan, are fine)."""
+    found = []
+    for index, cell in enumerate(notebook["cells"]):
+        if cell["cell_type"] != "code" or not any("image/png" in out.get("data", {}) for out in cell.get("outputs", [])):
+            continue
+        calls = sorted(set(RAW_DRAWING.findall("".join(cell["source"]))))
+        if calls:
+            found.append(f"figure cell {index} (id {cell.get('id')}) draws with {calls}: use or add a function in "
+                         f"kn_tutorial.plots / plots_editing")
+    return found
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_every_figure_is_drawn_by_a_package_function(path):
+    found = raw_drawing(json.loads(path.read_text(encoding="utf-8")))
+    assert not found, "\n".join(found)
+
+
+def test_raw_drawing_is_found():
+    cell = {"cell_type": "code", "id": "x", "source": ["fig, ax = plt.subplots()\n", "ax.bar([1], [2])\n"],
+            "outputs": [{"data": {"image/png": "..."}}]}
+    assert raw_drawing({"cells": [cell]})
+    cell["source"] = ["plot_by_layer(series, range(3), ax=ax)\n", "ax.axhline(0)\n"]
+    assert not raw_drawing({"cells": [cell]})
+
+
+def _plain(text: str) -> str:
+    """Markdown reduced to what an alt attribute holds: no $, backticks or *, spaces collapsed."""
+    return re.sub(r"\s+", " ", text.replace("$", "").replace("`", "").replace("*", "")).strip().rstrip(".")
+
+
+def alt_mismatches(notebook: dict) -> list[str]:
+    """Figures whose HTML alt text (metadata.mystnb.image.alt) is not the caption's 'Alt text:' paragraph."""
+    found, cells = [], notebook["cells"]
+    for index, cell in enumerate(cells[:-1]):
+        if cell["cell_type"] != "code" or not any("image/png" in out.get("data", {}) for out in cell.get("outputs", [])):
+            continue
+        caption = "".join(cells[index + 1]["source"])
+        if "Alt text:" not in caption:
+            continue  # test_every_figure_has_caption_and_alt_text names it
+        shown = caption.split("Alt text:", 1)[1].strip().split("\n\n")[0]
+        alt = cell.get("metadata", {}).get("mystnb", {}).get("image", {}).get("alt", "")
+        if _plain(alt) != _plain(shown):
+            found.append(f"figure cell {index} (id {cell.get('id')}): the HTML alt text differs from the caption's: "
+                         f"{alt[:80]!r} vs {shown[:80]!r}")
+    return found
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_the_html_alt_text_is_the_captions(path):
+    found = alt_mismatches(json.loads(path.read_text(encoding="utf-8")))
+    assert not found, "\n".join(found)
+
+
+def test_a_stale_alt_text_is_found():
+    figure = {"cell_type": "code", "id": "f", "metadata": {"mystnb": {"image": {"alt": "Layers 0 to 7."}}},
+              "source": [], "outputs": [{"data": {"image/png": "..."}}]}
+    caption = {"cell_type": "markdown", "source": ["*Figure 1. A trace.* Alt text: Layers 0 to 11.\n\nMore text."]}
+    assert alt_mismatches({"cells": [figure, caption]})
+    figure["metadata"]["mystnb"]["image"]["alt"] = "Layers 0 to 11"
+    assert not alt_mismatches({"cells": [figure, caption]})
