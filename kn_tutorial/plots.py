@@ -245,7 +245,7 @@ def plot_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], x: Sequence
     each series a line with markers (matplotlib keywords per label in `styles`, e.g. a dashed
     control, or `{"marker": ""}` for a plain line). `hlines`/`vlines` are labelled grey reference lines drawn in every panel; `floor` lifts
     values below it to it (zeros on a log axis). One legend, to the right of the last panel, so no
-    line is covered. Returns the Axes."""
+    line is covered (none for a single line). Returns the Axes."""
     if not panels:
         raise ValueError("panels is empty: give {panel title: {series label: values}}")
     if axes is None:
@@ -274,7 +274,9 @@ def plot_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], x: Sequence
         if ylim is not None:
             ax.set_ylim(*ylim)
     axes[0].set_ylabel(ylabel)
-    axes[-1].legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    labels = {label for series in panels.values() for label in series} | set(hlines or {}) | set(vlines or {})
+    if len(labels) > 1:  # one line needs no legend: the title and the y label name it
+        axes[-1].legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return axes
 
 

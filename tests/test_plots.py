@@ -208,3 +208,11 @@ def test_plot_panels_puts_integer_x_on_integer_ticks():
     axes[0].figure.canvas.draw()
     assert all(float(t).is_integer() for t in axes[0].get_xticks())
     plt.close("all")
+
+
+def test_plot_panels_draws_one_legend_only_when_there_is_more_than_one_line():
+    axes = plot_panels({"loss": {"training loss": [1.0, 0.8]}}, [1, 2])
+    assert axes[-1].get_legend() is None
+    axes = plot_panels({"p": {"a": [1.0, 2.0]}}, [1, 2], hlines={"goal": 1.5})
+    assert axes[-1].get_legend() is not None
+    plt.close("all")
