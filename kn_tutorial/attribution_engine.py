@@ -19,7 +19,12 @@ literally, and the tests hold the engines to it.
    backward pass (Σ_l (L − l − 1) block-rows instead of L²). Masks and positions are
    built for the single input row and broadcast; if a model rejects that, a warning says
    so and engine="flat" (every row runs every block) takes over.
-4. Precision. Parameters are frozen while it runs (autograd computes no weight gradients),
+4. GPT-2 written out. On a plain GPT2LMHeadModel (`_plain_gpt2`) the clean pass and the
+   "grow" rows run as the block's tensor operations on the weights rather than through the
+   modules: the prompt's cached keys and values are one tensor per block shared by every row
+   (never repeated into the batch nor differentiated), the clean row's block inputs come from
+   the clean pass, and a one-token suffix runs as 2-D rows. Other models use the modules.
+5. Precision. Parameters are frozen while it runs (autograd computes no weight gradients),
    and the gradient is taken of P / P(clean), rescaled after, so float16 models do not
    underflow.
 """
@@ -221,6 +226,157 @@ def _run_rows_grow(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor
 ENGINES = {"grow": _run_rows_grow, "flat": _run_rows_flat}
 
 
+# --------------------------------------------------------------------------------------
+# GPT-2 written out: the "grow" engine without the module machinery
+# --------------------------------------------------------------------------------------
+# At Atlas's size (d_model 192, a one-token suffix) a fact is a few hundred small kernels and
+# Hugging Face's per-module work (hooks, masks, cache objects, the KV cache repeated into every
+# block's batch and its gradient computed and dropped) costs as much as the arithmetic. For a
+# plain GPT2LMHeadModel the same computation is written out below on the weight tensors: the
+# same operations (layer norm, Conv1D as x @ W + b, softmax attention scaled by 1/sqrt(d_head),
+# the tanh GELU of `models.fused_activations`), so the numbers agree to float rounding. The
+# cached tokens' keys and values are one [heads, q, d_head] tensor per block shared by every row
+# (never repeated, never differentiated), and the clean prompt's block inputs come from the clean
+# pass, so no clean row runs in the batch. Any other model, or a GPT-2 with hooks or other
+# attention settings, takes the module path above (`_clean_pass`, `_run_rows_grow`).
+
+def _plain_gpt2(model) -> bool:
+    """Whether `model` is a GPT2LMHeadModel that the written-out forward computes exactly: eval
+    mode, "gelu_new", attention scaled by 1/sqrt(d_head) only, no cross-attention, an unbiased
+    unembedding, and no forward hooks anywhere (they would be bypassed)."""
+    if type(model).__name__ != "GPT2LMHeadModel" or model.training:
+        return False
+    c = model.config
+    if (c.activation_function != "gelu_new" or not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx
+            or c.reorder_and_upcast_attn or getattr(c, "add_cross_attention", False)
+            or model.lm_head.bias is not None):
+        return False
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return False
+    return not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+
+
+def _ln(x: Tensor, norm) -> Tensor:
+    return torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _conv1d(x: Tensor, conv) -> Tensor:
+    """transformers' Conv1D: x @ W + b with W [in, out]."""
+    if x.dim() == 2:
+        return torch.addmm(conv.bias, x, conv.weight)
+    return torch.addmm(conv.bias, x.reshape(-1, x.shape[-1]), conv.weight).view(*x.shape[:-1], -1)
+
+
+def _gpt2_mlp(block, h: Tensor) -> tuple[Tensor, Tensor]:
+    """The block's second half on h (the residual after attention): (output, key activations)."""
+    keys = torch.nn.functional.gelu(_conv1d(_ln(h, block.ln_2), block.mlp.c_fc), approximate="tanh")
+    return h + _conv1d(keys, block.mlp.c_proj), keys
+
+
+def _gpt2_block(block, h: Tensor, n_head: int, past=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One GPT-2 block on h [n, s, d], causal over its s tokens; past: (keys [heads, d_head, q],
+    values [heads, q, d_head]) of q earlier tokens shared by every row, or None. Returns
+    (output, key activations [n, s, d_ff], k, v), k and v [n, heads, s, d_head]."""
+    n, s, d = h.shape
+    dh = d // n_head
+    qkv = _conv1d(_ln(h, block.ln_1), block.attn.c_attn)
+    query, key, value = (t.view(n, s, n_head, dh).transpose(1, 2) for t in qkv.split(d, dim=2))
+    if past is None:
+        attended = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
+    else:
+        past_kt, past_v = past
+        scores = torch.cat([torch.einsum("nhsd,hdq->nhsq", query, past_kt), query @ key.transpose(-1, -2)], -1)
+        q = past_kt.shape[2]
+        causal = torch.ones(s, s, dtype=torch.bool, device=h.device).triu(1)
+        scores = scores.masked_fill(torch.nn.functional.pad(causal, (q, 0)), torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores * dh ** -0.5, dim=-1)
+        attended = torch.einsum("nhsq,hqd->nhsd", weights[..., :q], past_v) + weights[..., q:] @ value
+    h = h + _conv1d(attended.transpose(1, 2).reshape(n, s, d), block.attn.c_proj)
+    return (*_gpt2_mlp(block, h), key, value)
+
+
+def _gpt2_block_one_token(block, h: Tensor, n_head: int, past) -> Tensor:
+    """`_gpt2_block` for one new token per row (the usual suffix: a one-token answer at the last
+    position), h [n, d] -> [n, d], laid out heads-first so each product is one batched matrix
+    product per head rather than one tiny product per row and head."""
+    n, d = h.shape
+    dh = d // n_head
+    past_kt, past_v = past  # [heads, d_head, q], [heads, q, d_head]
+    query, key, value = _conv1d(_ln(h, block.ln_1), block.attn.c_attn).view(n, 3, n_head, dh).permute(1, 2, 0, 3)
+    own = (query * key).sum(-1, keepdim=True)  # [heads, n, 1]
+    weights = torch.softmax(torch.cat([query @ past_kt, own], dim=-1) * dh ** -0.5, dim=-1)
+    q = past_kt.shape[2]
+    attended = torch.baddbmm(weights[..., q:] * value, weights[..., :q], past_v)  # [heads, n, d_head]
+    h = h + _conv1d(attended.transpose(0, 1).reshape(n, d), block.attn.c_proj)
+    return _gpt2_mlp(block, h)[0]
+
+
+@torch.no_grad()
+def _gpt2_clean_pass(model, query: _Query, layers: list[int]):
+    """`_clean_pass` written out: w̄ [L, d_ff], P(target), the cached keys (transposed) and
+    values of tokens 0..q-1 per block (None when q = 0), and every block's input at tokens q..
+    with the last block's output appended ([n_layers + 1, s', d])."""
+    transformer, n_head = model.transformer, model.config.n_head
+    seq = query.seq
+    h = (transformer.wte(seq) + transformer.wpe(torch.arange(len(seq), device=seq.device)))[None]
+    past, states, keys = [], [], []
+    for block in transformer.h:
+        states.append(h[0, query.q:])
+        h, key_act, k, v = _gpt2_block(block, h, n_head)
+        keys.append(key_act[0, query.q])
+        past.append((k[0, :, :query.q].transpose(1, 2).contiguous(), v[0, :, :query.q]) if query.q > 0 else None)
+    states.append(h[0, query.q:])
+    logits = model.lm_head(_ln(h[:, query.predict_at], transformer.ln_f))  # [1, T, vocab]
+    picked = torch.log_softmax(logits.float(), dim=-1)[0].gather(-1, query.targets[:, None])
+    w_bar = torch.stack([keys[layer] for layer in layers])
+    return w_bar, picked.sum().exp(), past, torch.stack(states)
+
+
+def _gpt2_run_rows(model, query: _Query, past, states: Tensor, w_bar: Tensor, row_layer: Tensor,
+                   row_alpha: Tensor, layers: list[int], grad: bool, p_ref: float = 1.0):
+    """`_run_rows_grow` written out for GPT-2 (same contract): the rows of layer l start at block
+    l + 1 from the clean state there (`states`), shifted at q by W (α w̄ − w̄)."""
+    transformer, n_head = model.transformer, model.config.n_head
+    blocks = torch.tensor(layers, device=row_layer.device)[row_layer]
+    order = torch.argsort(blocks, stable=True)
+    counts = {int(l): int(n) for l, n in zip(*blocks.unique(return_counts=True))}
+    position = {layer: j for j, layer in enumerate(layers)}
+    L = len(transformer.h)
+    one_token = states.shape[1] == 1 and query.q > 0
+    leaves, first = {}, 0
+    for layer in sorted(counts):
+        rows = order[first:first + counts[layer]]
+        leaves[layer] = (row_alpha[rows].to(w_bar.dtype)[:, None] * w_bar[position[layer]][None, :]).detach().requires_grad_(grad)
+        first += counts[layer]
+    with torch.set_grad_enabled(grad):
+        h = None
+        for block in range(min(counts) + 1, L + 1):
+            layer = block - 1
+            if layer in leaves:
+                shift = (leaves[layer] - w_bar[position[layer]][None]) @ mlp_out_weight(model, layer).T  # [n, d]
+                clean = states[block]  # [s', d]
+                if one_token:
+                    new = clean + shift.to(clean.dtype)
+                else:
+                    new = torch.cat([(clean[:1] + shift.to(clean.dtype))[:, None], clean[None, 1:].expand(len(shift), -1, -1)], 1)
+                h = new if h is None else torch.cat([h, new])
+            if block < L:
+                if one_token:
+                    h = _gpt2_block_one_token(transformer.h[block], h, n_head, past[block])
+                else:
+                    h = _gpt2_block(transformer.h[block], h, n_head, past[block])[0]
+        logits = model.lm_head(_ln(h, transformer.ln_f))  # [b, s', vocab] ([b, vocab] for one token)
+        probs = _target_prob(logits[:, None] if one_token else logits, query, offset=query.q)
+    out_probs = torch.empty_like(probs)
+    out_probs[order] = probs.detach()
+    if not grad:
+        return out_probs, None
+    grads = torch.autograd.grad((probs / p_ref).sum(), [leaves[layer] for layer in leaves])
+    row_grads = torch.empty(len(row_layer), w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
+    row_grads[order] = torch.cat(grads).float() * p_ref
+    return out_probs, row_grads
+
+
 def _memory_budget(device: torch.device) -> int:
     """Bytes the rows of one pass may use: 1 GiB on CPU; a quarter of the free memory on a GPU."""
     if device.type == "cuda":
@@ -284,7 +440,11 @@ def _path_gradients(model, query: _Query, layers: list[int], alphas: Tensor, bat
 
 def _path_gradients_fused(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None,
                           engine: str) -> tuple[Tensor, Tensor]:
-    w_bar, p_clean, cache = _clean_pass(model, query, layers)
+    written_out = engine == "grow" and _plain_gpt2(model)
+    if written_out:
+        w_bar, p_clean, past, states = _gpt2_clean_pass(model, query, layers)
+    else:
+        w_bar, p_clean, cache = _clean_pass(model, query, layers)
     # Gradients of P / P(clean), rescaled after: in float16 the gradients of a small P would
     # underflow (the loss-scaling trick of mixed-precision training); exact in float32.
     p_ref = max(float(p_clean), 1e-30)
@@ -294,8 +454,12 @@ def _path_gradients_fused(model, query: _Query, layers: list[int], alphas: Tenso
     grads = torch.zeros(len(layers), len(alphas), w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
     for start in range(0, len(row_layer), chunk):
         rows = slice(start, start + chunk)
-        _, row_grads = _engine(engine)(model, query, cache, w_bar, row_layer[rows], row_alpha[rows], layers,
-                                        grad=True, p_ref=p_ref)
+        if written_out:
+            _, row_grads = _gpt2_run_rows(model, query, past, states, w_bar, row_layer[rows], row_alpha[rows],
+                                          layers, grad=True, p_ref=p_ref)
+        else:
+            _, row_grads = _engine(engine)(model, query, cache, w_bar, row_layer[rows], row_alpha[rows], layers,
+                                            grad=True, p_ref=p_ref)
         grads[row_layer[rows], row_step[rows]] = row_grads
     return w_bar.float(), grads
 

@@ -73,6 +73,36 @@ def test_batched_equals_naive_loop_on_atlas():
     assert type(model) not in A._GROW_FAILED, "the grow engine fell back to flat"
 
 
+def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
+    """GPT-2 takes the written-out forward (attribution_engine._gpt2_run_rows), unless a hook is
+    installed; the module path stays right for it too. One-token and several-token suffixes."""
+    from kn_tutorial import attribution_engine as E
+    from kn_tutorial.models import load_model
+    atlas = load_model("atlas")
+    for (model, tok), target, position in ((tiny_lm("gpt2"), TARGET, -1), (tiny_lm("gpt2"), TARGET, 2),
+                                            (atlas, " Asia", -1), (atlas, " Asia", 3)):
+        assert E._plain_gpt2(model)
+        naive = A.integrated_gradients_naive(model, tok, PROMPT, target, steps=3, position=position)
+        scale = naive.abs().max()
+        calls, run_rows = [], E._gpt2_run_rows
+        with monkeypatch.context() as m:
+            m.setattr(E, "_gpt2_run_rows", lambda *a, **k: calls.append(1) or run_rows(*a, **k))
+            written = A.integrated_gradients(model, tok, PROMPT, target, steps=3, position=position, layers=[0, 1])
+        assert calls, "the written-out GPT-2 path did not run"
+        with monkeypatch.context() as m:
+            m.setattr(E, "_plain_gpt2", lambda model: False)
+            module = A.integrated_gradients(model, tok, PROMPT, target, steps=3, position=position)
+        torch.testing.assert_close(written / scale, naive[[0, 1]] / scale, rtol=0, atol=1e-5)
+        torch.testing.assert_close(module / scale, naive / scale, rtol=0, atol=1e-5)
+    model, tok = tiny_lm("gpt2")
+    handle = model.transformer.h[0].register_forward_hook(lambda module, args, out: None)
+    assert not E._plain_gpt2(model)  # a hook would be bypassed: the module path runs
+    handle.remove()
+    assert E._plain_gpt2(model)
+    model.train()
+    assert not E._plain_gpt2(model)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eager_attention_also_matches(family):
     """Eager attention builds an explicit mask tensor: the "grow" engine must broadcast it."""
@@ -188,6 +218,7 @@ def test_grow_falls_back_to_flat_with_a_warning(monkeypatch):
         raise RuntimeError("the mask does not broadcast")
     from kn_tutorial import attribution_engine  # the fallback lives in the engine
 
+    monkeypatch.setattr(attribution_engine, "_plain_gpt2", lambda model: False)  # the module path
     monkeypatch.setattr(attribution_engine, "_run_rows_grow", broken)
     monkeypatch.setattr(attribution_engine, "_GROW_FAILED", set())
     with pytest.warns(UserWarning, match="engine='flat'"):
