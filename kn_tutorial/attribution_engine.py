@@ -213,12 +213,18 @@ def _run_rows_grow(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor
             stack.callback(handle.remove)
         logits = model(**kwargs).logits  # [1 + b, s', vocab]
         probs = _target_prob(logits[1:], query, offset=query.q)  # [b], in batch order
+    return _in_row_order(probs, order, grad, leaves, len(row_layer), w_bar, p_ref)
+
+
+def _in_row_order(probs, order, grad: bool, leaves: dict, n_rows: int, w_bar, p_ref):
+    """The rows' probabilities (and, with `grad`, their gradients with respect to the scaled
+    activations, one row each) put back from the engine's batch order into row order."""
     out_probs = torch.empty_like(probs)
     out_probs[order] = probs.detach()
     if not grad:
         return out_probs, None
     grads = torch.autograd.grad((probs / p_ref).sum(), [leaves[layer] for layer in leaves])
-    row_grads = torch.empty(len(row_layer), w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
+    row_grads = torch.empty(n_rows, w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
     row_grads[order] = torch.cat(grads).float() * p_ref
     return out_probs, row_grads
 
@@ -367,14 +373,7 @@ def _gpt2_run_rows(model, query: _Query, past, states: Tensor, w_bar: Tensor, ro
                     h = _gpt2_block(transformer.h[block], h, n_head, past[block])[0]
         logits = model.lm_head(_ln(h, transformer.ln_f))  # [b, s', vocab] ([b, vocab] for one token)
         probs = _target_prob(logits[:, None] if one_token else logits, query, offset=query.q)
-    out_probs = torch.empty_like(probs)
-    out_probs[order] = probs.detach()
-    if not grad:
-        return out_probs, None
-    grads = torch.autograd.grad((probs / p_ref).sum(), [leaves[layer] for layer in leaves])
-    row_grads = torch.empty(len(row_layer), w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
-    row_grads[order] = torch.cat(grads).float() * p_ref
-    return out_probs, row_grads
+    return _in_row_order(probs, order, grad, leaves, len(row_layer), w_bar, p_ref)
 
 
 def _memory_budget(device: torch.device) -> int:
