@@ -164,6 +164,22 @@ def _join_hook(join):
     return pre_hook
 
 
+def _rows_by_layer(layers: list[int], row_layer: Tensor, row_alpha: Tensor, w_bar: Tensor, grad: bool):
+    """The rows grouped by the layer they scale, in the order they join the batch (block by block):
+    (order [b], {layer: number of rows}, {layer: index into w_bar}, {layer: scaled keys α w̄ [n, d_ff],
+    the leaves the gradient is taken with respect to})."""
+    blocks = torch.tensor(layers, device=row_layer.device)[row_layer]  # [b] absolute layer of each row
+    order = torch.argsort(blocks, stable=True)
+    counts = {int(l): int(n) for l, n in zip(*blocks.unique(return_counts=True))}
+    position = {layer: j for j, layer in enumerate(layers)}
+    leaves, first = {}, 0
+    for layer in sorted(counts):
+        rows = order[first:first + counts[layer]]
+        leaves[layer] = (row_alpha[rows].to(w_bar.dtype)[:, None] * w_bar[position[layer]][None, :]).detach().requires_grad_(grad)
+        first += counts[layer]
+    return order, counts, position, leaves
+
+
 def _run_rows_grow(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor, row_alpha: Tensor,
                    layers: list[int], grad: bool, p_ref: float = 1.0) -> tuple[Tensor, Tensor | None]:
     """Same contract as `_run_rows_flat`, without computing what does not depend on α.
@@ -178,18 +194,9 @@ def _run_rows_grow(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor
     broadcast over the batch (built for the single input row); the KV cache of each block is
     repeated to that block's batch size.
     """
-    blocks = torch.tensor(layers, device=row_layer.device)[row_layer]  # [b] absolute layer of each row
-    order = torch.argsort(blocks, stable=True)  # rows join block by block
-    counts = {int(l): int(n) for l, n in zip(*blocks.unique(return_counts=True))}
+    order, counts, position, leaves = _rows_by_layer(layers, row_layer, row_alpha, w_bar, grad)
     suffix = query.seq[query.q:]  # [s'] the tokens that depend on α
-    dtype = w_bar.dtype
-    position = {layer: j for j, layer in enumerate(layers)}
     L = n_layers(model)
-    leaves, first = {}, 0  # layer -> scaled keys [n, d_ff] of its rows (batch rows 1 + first ..)
-    for layer in sorted(counts):
-        rows = order[first:first + counts[layer]]
-        leaves[layer] = (row_alpha[rows].to(dtype)[:, None] * w_bar[position[layer]][None, :]).detach().requires_grad_(grad)
-        first += counts[layer]
 
     def joiner(layer: int):
         scaled, clean_key = leaves[layer], w_bar[position[layer]]
@@ -343,17 +350,9 @@ def _gpt2_run_rows(model, query: _Query, past, states: Tensor, w_bar: Tensor, ro
     """`_run_rows_grow` written out for GPT-2 (same contract): the rows of layer l start at block
     l + 1 from the clean state there (`states`), shifted at q by W (α w̄ − w̄)."""
     transformer, n_head = model.transformer, model.config.n_head
-    blocks = torch.tensor(layers, device=row_layer.device)[row_layer]
-    order = torch.argsort(blocks, stable=True)
-    counts = {int(l): int(n) for l, n in zip(*blocks.unique(return_counts=True))}
-    position = {layer: j for j, layer in enumerate(layers)}
+    order, counts, position, leaves = _rows_by_layer(layers, row_layer, row_alpha, w_bar, grad)
     L = len(transformer.h)
     one_token = states.shape[1] == 1 and query.q > 0
-    leaves, first = {}, 0
-    for layer in sorted(counts):
-        rows = order[first:first + counts[layer]]
-        leaves[layer] = (row_alpha[rows].to(w_bar.dtype)[:, None] * w_bar[position[layer]][None, :]).detach().requires_grad_(grad)
-        first += counts[layer]
     with torch.set_grad_enabled(grad):
         h = None
         for block in range(min(counts) + 1, L + 1):
