@@ -40,7 +40,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from .hooks import Recorder, patch
-from .kv_cache import cache_keyword, output_cache
+from .kv_cache import block_pairs, broadcast_cache, cache_keyword, output_cache
 from .models import d_ff, d_model, final_norm, fused_activations, get_block, get_device, mlp_out_weight, n_layers
 from .validate import require_positive_int
 
@@ -96,18 +96,9 @@ def _clean_pass(model, query: _Query, layers: list[int]):
     w_bar = torch.stack([rec[site][0, query.q] for site in sites])  # [L, d_ff]
     cache = None
     if query.q > 0:
-        cache = DynamicCache(ddp_cache_data=[(layer_cache.keys[:, :, :query.q], layer_cache.values[:, :, :query.q])
-                                             for layer_cache in output_cache(out).layers])
+        cache = DynamicCache(ddp_cache_data=[(keys[:, :, :query.q], values[:, :, :query.q])
+                                             for keys, values in block_pairs(output_cache(out))])
     return w_bar, _target_prob(out.logits, query)[0], cache
-
-
-def _repeated_cache(cache, rows_per_block: list[int]):
-    """A new DynamicCache holding `cache`'s keys and values of block b broadcast to rows_per_block[b]
-    rows (expanded views, not copies: each block's attention concatenates them with its new
-    keys and values into a fresh tensor, so `cache` itself is never written)."""
-    return DynamicCache(ddp_cache_data=[
-        (layer_cache.keys.expand(n, -1, -1, -1), layer_cache.values.expand(n, -1, -1, -1))
-        for layer_cache, n in zip(cache.layers, rows_per_block)])
 
 
 def _run_rows_flat(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor, row_alpha: Tensor,
@@ -209,7 +200,7 @@ def _run_rows_grow(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor
 
     past = None
     if cache is not None:  # block b runs the clean row and the rows of the layers below b
-        past = _repeated_cache(cache, [1 + sum(n for l, n in counts.items() if l < block) for block in range(L)])
+        past = broadcast_cache(block_pairs(cache), [1 + sum(n for l, n in counts.items() if l < block) for block in range(L)])
     kwargs = {"input_ids": suffix[None], "use_cache": past is not None}
     if past is not None:
         kwargs[cache_keyword(model)] = past

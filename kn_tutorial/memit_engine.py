@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from .hooks import Recorder, patch
-from .kv_cache import cache_keyword, output_cache
+from .kv_cache import block_pairs, broadcast_cache, cache_keyword, output_cache
 from .models import final_norm, fused_activations, get_block, get_device, n_layers
 from .rome_engine import decay_term, kl_per_row
 from .scoring import pad_rows, target_ids
@@ -118,16 +118,14 @@ def compute_keys_and_residuals(model, tokenizer, requests: list, groups: list[li
                 past = DynamicCache()
                 _run_through(model, top, input_ids=torch.tensor([cut[0][:shared]], device=device),
                              use_cache=True, **{cache_keyword(model): past})
-                past = [(layer_cache.keys, layer_cache.values) for layer_cache in past.layers]
+                past = block_pairs(past)
             for start in range(0, len(members), batch_size):
                 chunk = range(start, min(start + batch_size, len(members)))
                 input_ids, mask = pad_rows([cut[j][shared:] for j in chunk], tokenizer.eos_token_id, device)
                 kwargs = {}
                 if past is not None:
                     n = len(chunk)
-                    kwargs = {cache_keyword(model): DynamicCache(ddp_cache_data=[
-                                  (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in past]),
-                              "use_cache": True}
+                    kwargs = {cache_keyword(model): broadcast_cache(past, n), "use_cache": True}
                     mask = torch.cat([mask.new_ones(n, shared), mask], 1)
                 with Recorder(model, sites) as rec:
                     _run_through(model, top, input_ids=input_ids, attention_mask=mask, **kwargs)
@@ -164,8 +162,7 @@ def _first_pass(model, rows: list[list[int]], partition: list[int], lookup: list
             with Recorder(model, [("hidden", layer)]) as rec:
                 model(input_ids=torch.tensor([members[0][:shared]], device=device), use_cache=True, **{kw: past})
             shared_hidden = rec[("hidden", layer)].expand(n, -1, -1)
-            kwargs = {kw: DynamicCache(ddp_cache_data=[(c.keys.expand(n, -1, -1, -1), c.values.expand(n, -1, -1, -1))
-                                                       for c in past.layers])}
+            kwargs = {kw: broadcast_cache(block_pairs(past), n)}
         input_ids, mask = pad_rows([row[shared:] for row in members], pad_id, device)
         if shared > 0:
             mask = torch.cat([mask.new_ones(n, shared), mask], 1)

@@ -87,3 +87,19 @@ def test_objective_options_default_to_the_papers_code_and_stop_nll_still_works()
         again = dataclasses.replace(memit.MemitHparams(layers=(1,)), stop_nll=0.3)
     assert (again.stop_on, again.stop_threshold) == ("nll", 0.3)
     assert dataclasses.replace(old, stop_threshold=0.1).stop_threshold == 0.1  # mapped once, not again
+
+
+def test_broadcast_cache_repeats_one_rows_keys_and_values():
+    import torch
+
+    from kn_tutorial.kv_cache import block_pairs, broadcast_cache
+
+    pairs = [(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)) for _ in range(2)]
+    cache = broadcast_cache(pairs, [5, 1])
+    (k0, v0), (k1, _) = block_pairs(cache)
+    assert k0.shape == (5, 2, 3, 4) and k1.shape == (1, 2, 3, 4)
+    assert all(torch.equal(k0[r], pairs[0][0][0]) and torch.equal(v0[r], pairs[0][1][0]) for r in range(5))
+    before = pairs[0][0].clone()
+    k0.add_(1.0)  # what a forward pass writes into the cache never reaches the row it came from
+    assert torch.equal(pairs[0][0], before)
+    assert block_pairs(broadcast_cache(pairs, 3))[1][1].shape[0] == 3
