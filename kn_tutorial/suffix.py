@@ -154,30 +154,42 @@ def _join_hook(new_rows: Tensor):
     return pre_hook
 
 
-def _last_position_mlp(model: nn.Module, width: int):
-    """Hooks making the last block's MLP run on the last position only (a context manager's
-    callbacks): its input [b, width, d] is cut to [b, 1, d], and its output is put back at the
-    last position of a [b, width, d] tensor of zeros. The MLP reads and writes one position
-    (there is no mixing across positions in it), and after the last block only the last
-    position is read (logits_to_keep=1), so the logits are those of the full block; the other
-    positions of the last block's output are not the model's and nothing reads them."""
+def _last_block_mlp_on(model: nn.Module, width: int, cut_input, put_output, caller: str):
+    """Hooks making the last block's MLP run on some positions only (a context manager's
+    callbacks): cut_input(x) cuts its input [b, width, d] to those positions, and its output is
+    put back there, put_output(full, out), in a [b, width, d] tensor of zeros. An MLP reads and
+    writes each position alone (no mixing across positions), and after the last block only
+    those positions are read, so their logits are those of the full block; the other positions
+    of the last block's output are not the model's and nothing reads them."""
     mlp = get_module(model, n_layers(model) - 1, "mlp")
+    batch = {}
 
     def cut(module, args, kwargs):
         if not args:  # every family in models.ARCHS calls its MLP with the hidden states as the one argument
-            raise RuntimeError(f"{type(module).__name__} was called without a positional input; "
-                               "the last-position shortcut of suffix.run_rows_from_blocks does not know this MLP")
-        return (args[0][:, -1:], *args[1:]), kwargs
+            raise RuntimeError(f"{type(module).__name__} was called without a positional input; {caller} "
+                               "does not know this MLP")
+        batch["b"] = args[0].shape[0]
+        return (cut_input(args[0]), *args[1:]), kwargs
 
     def widen(module, args, output):
         out = output[0] if isinstance(output, tuple) else output
-        full = out.new_zeros(out.shape[0], width, out.shape[-1])
-        full[:, -1:] = out
+        full = put_output(out.new_zeros(batch["b"], width, out.shape[-1]), out)
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     handles = [mlp.register_forward_pre_hook(cut, with_kwargs=True, prepend=True),
                mlp.register_forward_hook(widen, prepend=True)]  # before any hook on "mlp_out", which sees [b, width, d]
     return [handle.remove for handle in handles]
+
+
+def _last_position_mlp(model: nn.Module, width: int):
+    """The last block's MLP on the last position only: its input is cut to [b, 1, d] (logits_to_keep=1
+    reads nothing else)."""
+    def put(full: Tensor, out: Tensor) -> Tensor:
+        full[:, -1:] = out
+        return full
+
+    return _last_block_mlp_on(model, width, lambda x: x[:, -1:], put,
+                              "the last-position shortcut of suffix.run_rows_from_blocks")
 
 
 def run_rows_from_blocks(model: nn.Module, starts: Tensor, hidden: Tensor, past: list | None, past_len: int,
@@ -277,27 +289,7 @@ def _run_reading(model: nn.Module, start: int, hidden: Tensor, past: list | None
 
 
 def _read_positions(model: nn.Module, rows: Tensor, cols: Tensor, width: int):
-    """Hooks making the last block's MLP run on the positions (rows[i], cols[i]) only (unique
-    pairs): its input [b, width, d] is cut to [1, n, d], and its output is put back at those
-    positions of a [b, width, d] tensor of zeros (the other positions of the last block's output
-    are not the model's, and only the final norm at these positions reads them). Returns the
-    callbacks removing the hooks."""
-    mlp = get_module(model, n_layers(model) - 1, "mlp")
-    batch = {}
-
-    def cut(module, args, kwargs):
-        if not args:
-            raise RuntimeError(f"{type(module).__name__} was called without a positional input; "
-                               "suffix.run_from_block(read=...) does not know this MLP")
-        batch["b"] = args[0].shape[0]
-        return (args[0][rows, cols][None], *args[1:]), kwargs
-
-    def widen(module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        full = out.new_zeros(batch["b"], width, out.shape[-1])
-        full = full.index_put((rows, cols), out[0])
-        return (full, *output[1:]) if isinstance(output, tuple) else full
-
-    handles = [mlp.register_forward_pre_hook(cut, with_kwargs=True, prepend=True),
-               mlp.register_forward_hook(widen, prepend=True)]
-    return [handle.remove for handle in handles]
+    """The last block's MLP on the positions (rows[i], cols[i]) only (unique pairs): its input is
+    cut to [1, n, d] (only the final norm at these positions reads its output)."""
+    return _last_block_mlp_on(model, width, lambda x: x[rows, cols][None],
+                              lambda full, out: full.index_put((rows, cols), out[0]), "suffix.run_from_block(read=...)")
