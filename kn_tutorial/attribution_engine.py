@@ -19,7 +19,7 @@ literally, and the tests hold the engines to it.
    backward pass (Σ_l (L − l − 1) block-rows instead of L²). Masks and positions are
    built for the single input row and broadcast; if a model rejects that, a warning says
    so and engine="flat" (every row runs every block) takes over.
-4. GPT-2 written out. On a plain GPT2LMHeadModel (`_plain_gpt2`) the clean pass and the
+4. GPT-2 written out. On a plain GPT2LMHeadModel (`gpt2_written`) the clean pass and the
    "grow" rows run as the block's tensor operations on the weights rather than through the
    modules: the prompt's cached keys and values are one tensor per block shared by every row
    (never repeated into the batch nor differentiated), the clean row's block inputs come from
@@ -42,6 +42,8 @@ from transformers import DynamicCache
 from .hooks import Recorder, patch
 from .kv_cache import block_pairs, broadcast_cache, cache_keyword, output_cache
 from .models import d_ff, d_model, final_norm, fused_activations, get_block, get_device, mlp_out_weight, n_layers
+from . import gpt2_written as written
+from .gpt2_written import is_plain_gpt2
 from .validate import require_positive_int
 
 
@@ -233,87 +235,11 @@ ENGINES = {"grow": _run_rows_grow, "flat": _run_rows_flat}
 # --------------------------------------------------------------------------------------
 # GPT-2 written out: the "grow" engine without the module machinery
 # --------------------------------------------------------------------------------------
-# At Atlas's size (d_model 192, a one-token suffix) a fact is a few hundred small kernels and
-# Hugging Face's per-module work (hooks, masks, cache objects, the KV cache repeated into every
-# block's batch and its gradient computed and dropped) costs as much as the arithmetic. For a
-# plain GPT2LMHeadModel the same computation is written out below on the weight tensors: the
-# same operations (layer norm, Conv1D as x @ W + b, softmax attention scaled by 1/sqrt(d_head),
-# the tanh GELU of `models.fused_activations`), so the numbers agree to float rounding. The
-# cached tokens' keys and values are one [heads, q, d_head] tensor per block shared by every row
-# (never repeated, never differentiated), and the clean prompt's block inputs come from the clean
-# pass, so no clean row runs in the batch. Any other model, or a GPT-2 with hooks or other
-# attention settings, takes the module path above (`_clean_pass`, `_run_rows_grow`).
-
-def _plain_gpt2(model) -> bool:
-    """Whether `model` is a GPT2LMHeadModel that the written-out forward computes exactly: eval
-    mode, "gelu_new", attention scaled by 1/sqrt(d_head) only, no cross-attention, an unbiased
-    unembedding, and no forward hooks anywhere (they would be bypassed)."""
-    if type(model).__name__ != "GPT2LMHeadModel" or model.training:
-        return False
-    c = model.config
-    if (c.activation_function != "gelu_new" or not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx
-            or c.reorder_and_upcast_attn or getattr(c, "add_cross_attention", False)
-            or model.lm_head.bias is not None):
-        return False
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
-        return False
-    return not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
-
-
-def _ln(x: Tensor, norm) -> Tensor:
-    return torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-def _conv1d(x: Tensor, conv) -> Tensor:
-    """transformers' Conv1D: x @ W + b with W [in, out]."""
-    if x.dim() == 2:
-        return torch.addmm(conv.bias, x, conv.weight)
-    return torch.addmm(conv.bias, x.reshape(-1, x.shape[-1]), conv.weight).view(*x.shape[:-1], -1)
-
-
-def _gpt2_mlp(block, h: Tensor) -> tuple[Tensor, Tensor]:
-    """The block's second half on h (the residual after attention): (output, key activations)."""
-    keys = torch.nn.functional.gelu(_conv1d(_ln(h, block.ln_2), block.mlp.c_fc), approximate="tanh")
-    return h + _conv1d(keys, block.mlp.c_proj), keys
-
-
-def _gpt2_block(block, h: Tensor, n_head: int, past=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One GPT-2 block on h [n, s, d], causal over its s tokens; past: (keys [heads, d_head, q],
-    values [heads, q, d_head]) of q earlier tokens shared by every row, or None. Returns
-    (output, key activations [n, s, d_ff], k, v), k and v [n, heads, s, d_head]."""
-    n, s, d = h.shape
-    dh = d // n_head
-    qkv = _conv1d(_ln(h, block.ln_1), block.attn.c_attn)
-    query, key, value = (t.view(n, s, n_head, dh).transpose(1, 2) for t in qkv.split(d, dim=2))
-    if past is None:
-        attended = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
-    else:
-        past_kt, past_v = past
-        scores = torch.cat([torch.einsum("nhsd,hdq->nhsq", query, past_kt), query @ key.transpose(-1, -2)], -1)
-        q = past_kt.shape[2]
-        causal = torch.ones(s, s, dtype=torch.bool, device=h.device).triu(1)
-        scores = scores.masked_fill(torch.nn.functional.pad(causal, (q, 0)), torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores * dh ** -0.5, dim=-1)
-        attended = torch.einsum("nhsq,hqd->nhsd", weights[..., :q], past_v) + weights[..., q:] @ value
-    h = h + _conv1d(attended.transpose(1, 2).reshape(n, s, d), block.attn.c_proj)
-    return (*_gpt2_mlp(block, h), key, value)
-
-
-def _gpt2_block_one_token(block, h: Tensor, n_head: int, past) -> Tensor:
-    """`_gpt2_block` for one new token per row (the usual suffix: a one-token answer at the last
-    position), h [n, d] -> [n, d], laid out heads-first so each product is one batched matrix
-    product per head rather than one tiny product per row and head."""
-    n, d = h.shape
-    dh = d // n_head
-    past_kt, past_v = past  # [heads, d_head, q], [heads, q, d_head]
-    query, key, value = _conv1d(_ln(h, block.ln_1), block.attn.c_attn).view(n, 3, n_head, dh).permute(1, 2, 0, 3)
-    own = (query * key).sum(-1, keepdim=True)  # [heads, n, 1]
-    weights = torch.softmax(torch.cat([query @ past_kt, own], dim=-1) * dh ** -0.5, dim=-1)
-    q = past_kt.shape[2]
-    attended = torch.baddbmm(weights[..., q:] * value, weights[..., :q], past_v)  # [heads, n, d_head]
-    h = h + _conv1d(attended.transpose(0, 1).reshape(n, d), block.attn.c_proj)
-    return _gpt2_mlp(block, h)[0]
-
+# The operations are `gpt2_written`'s. The cached tokens' keys and values are one
+# [heads, q, d_head] tensor per block shared by every row (never repeated, never
+# differentiated), and the clean prompt's block inputs come from the clean pass, so no clean
+# row runs in the batch. Any other model, or a GPT-2 with hooks or other attention settings,
+# takes the module path above (`_clean_pass`, `_run_rows_grow`).
 
 @torch.no_grad()
 def _gpt2_clean_pass(model, query: _Query, layers: list[int]):
@@ -326,11 +252,11 @@ def _gpt2_clean_pass(model, query: _Query, layers: list[int]):
     past, states, keys = [], [], []
     for block in transformer.h:
         states.append(h[0, query.q:])
-        h, key_act, k, v = _gpt2_block(block, h, n_head)
+        h, key_act, k, v = written.block(block, h, n_head)
         keys.append(key_act[0, query.q])
         past.append((k[0, :, :query.q].transpose(1, 2).contiguous(), v[0, :, :query.q]) if query.q > 0 else None)
     states.append(h[0, query.q:])
-    logits = model.lm_head(_ln(h[:, query.predict_at], transformer.ln_f))  # [1, T, vocab]
+    logits = model.lm_head(written.layer_norm(h[:, query.predict_at], transformer.ln_f))  # [1, T, vocab]
     picked = torch.log_softmax(logits.float(), dim=-1)[0].gather(-1, query.targets[:, None])
     w_bar = torch.stack([keys[layer] for layer in layers])
     return w_bar, picked.sum().exp(), past, torch.stack(states)
@@ -358,10 +284,10 @@ def _gpt2_run_rows(model, query: _Query, past, states: Tensor, w_bar: Tensor, ro
                 h = new if h is None else torch.cat([h, new])
             if block < L:
                 if one_token:
-                    h = _gpt2_block_one_token(transformer.h[block], h, n_head, past[block])
+                    h = written.block_one_token(transformer.h[block], h, n_head, past[block])
                 else:
-                    h = _gpt2_block(transformer.h[block], h, n_head, past[block])[0]
-        logits = model.lm_head(_ln(h, transformer.ln_f))  # [b, s', vocab] ([b, vocab] for one token)
+                    h = written.block(transformer.h[block], h, n_head, past[block])[0]
+        logits = model.lm_head(written.layer_norm(h, transformer.ln_f))  # [b, s', vocab] ([b, vocab] for one token)
         probs = _target_prob(logits[:, None] if one_token else logits, query, offset=query.q)
     return _in_row_order(probs, order, grad, leaves, len(row_layer), w_bar, p_ref)
 
@@ -429,7 +355,7 @@ def _path_gradients(model, query: _Query, layers: list[int], alphas: Tensor, bat
 
 def _path_gradients_fused(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None,
                           engine: str) -> tuple[Tensor, Tensor]:
-    written_out = engine == "grow" and _plain_gpt2(model)
+    written_out = engine == "grow" and is_plain_gpt2(model)
     if written_out:
         w_bar, p_clean, past, states = _gpt2_clean_pass(model, query, layers)
     else:

@@ -81,7 +81,7 @@ def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
     atlas = load_model("atlas")
     for (model, tok), target, position in ((tiny_lm("gpt2"), TARGET, -1), (tiny_lm("gpt2"), TARGET, 2),
                                             (atlas, " Asia", -1), (atlas, " Asia", 3)):
-        assert E._plain_gpt2(model)
+        assert E.is_plain_gpt2(model)
         naive = A.integrated_gradients_naive(model, tok, PROMPT, target, steps=3, position=position)
         scale = naive.abs().max()
         calls, run_rows = [], E._gpt2_run_rows
@@ -90,17 +90,17 @@ def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
             written = A.integrated_gradients(model, tok, PROMPT, target, steps=3, position=position, layers=[0, 1])
         assert calls, "the written-out GPT-2 path did not run"
         with monkeypatch.context() as m:
-            m.setattr(E, "_plain_gpt2", lambda model: False)
+            m.setattr(E, "is_plain_gpt2", lambda model: False)
             module = A.integrated_gradients(model, tok, PROMPT, target, steps=3, position=position)
         torch.testing.assert_close(written / scale, naive[[0, 1]] / scale, rtol=0, atol=1e-5)
         torch.testing.assert_close(module / scale, naive / scale, rtol=0, atol=1e-5)
     model, tok = tiny_lm("gpt2")
     handle = model.transformer.h[0].register_forward_hook(lambda module, args, out: None)
-    assert not E._plain_gpt2(model)  # a hook would be bypassed: the module path runs
+    assert not E.is_plain_gpt2(model)  # a hook would be bypassed: the module path runs
     handle.remove()
-    assert E._plain_gpt2(model)
+    assert E.is_plain_gpt2(model)
     model.train()
-    assert not E._plain_gpt2(model)
+    assert not E.is_plain_gpt2(model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -218,7 +218,7 @@ def test_grow_falls_back_to_flat_with_a_warning(monkeypatch):
         raise RuntimeError("the mask does not broadcast")
     from kn_tutorial import attribution_engine  # the fallback lives in the engine
 
-    monkeypatch.setattr(attribution_engine, "_plain_gpt2", lambda model: False)  # the module path
+    monkeypatch.setattr(attribution_engine, "is_plain_gpt2", lambda model: False)  # the module path
     monkeypatch.setattr(attribution_engine, "_run_rows_grow", broken)
     monkeypatch.setattr(attribution_engine, "_GROW_FAILED", set())
     with pytest.warns(UserWarning, match="engine='flat'"):

@@ -55,6 +55,7 @@ RULES: list[tuple[str, int]] = [
     ("kn_tutorial.validate", PLUMBING),
     ("kn_tutorial.kv_cache", PLUMBING),
     ("kn_tutorial.suffix", PLUMBING),
+    ("kn_tutorial.gpt2_written", PLUMBING),     # GPT-2's block written out on its weights (the fast paths)
     ("kn_tutorial.hyperparams", PLUMBING),
     ("kn_tutorial.memnet.model", PLUMBING),
     ("kn_tutorial.*_display", BOOK),             # figures, HTML and explorers of a method (above it)
