@@ -85,3 +85,69 @@ def block_one_token(block, h: Tensor, n_head: int, past) -> Tensor:
     attended = torch.baddbmm(weights[..., q:] * value, weights[..., :q], past_v)  # [heads, n, d_head]
     h = h + conv1d(attended.transpose(0, 1).reshape(n, d), block.attn.c_proj)
     return mlp(block, h)[0]
+
+
+def _attention_rows(block, h: Tensor, n_head: int, past, last_only: bool) -> Tensor:
+    """The attention output (after c_proj) of the suffix h [n, s, d] whose tokens come after the P
+    cached tokens of past = (keys, values) [>= n, heads, P, d_head] (one cache row per row; None:
+    P = 0). Causal: suffix token i reads the P cached tokens and suffix tokens 0..i. last_only:
+    only the last suffix token's output, [n, 1, d]."""
+    n, s, d = h.shape
+    dh = d // n_head
+    query, key, value = (t.view(n, s, n_head, dh).transpose(1, 2)
+                         for t in conv1d(layer_norm(h, block.ln_1), block.attn.c_attn).split(d, dim=2))
+    P = 0
+    if past is not None:
+        P = past[0].shape[2]
+        key, value = torch.cat([past[0][:n], key], 2), torch.cat([past[1][:n], value], 2)
+    if last_only:
+        query, mask = query[:, :, -1:], None  # the last token reads every token
+    elif s == 1:
+        mask = None
+    else:
+        mask = torch.ones(s, P + s, dtype=torch.bool, device=h.device).tril(P)
+    attended = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    return conv1d(attended.transpose(1, 2).reshape(n, query.shape[2], d), block.attn.c_proj)
+
+
+def rows_from_blocks(model, starts: Tensor, hidden: Tensor, past: list | None, writes: dict) -> Tensor:
+    """`suffix.run_rows_from_blocks(..., last_only=True)` written out, with the patches as `writes`.
+
+    Row r starts at block starts[r] (ascending) from hidden[r] [M, d], its input of that block at
+    the suffix tokens; past: per block (keys, values) [R, heads, P, d_head] of the P tokens
+    before the suffix (None below starts[0]), or None when P = 0. writes: {(site, layer):
+    (rows, pos, values [N, d])} with site "attn_out", "mlp_out" or "hidden" (hooks.HOOK_POINTS):
+    activation[rows[i], pos[i]] = values[i] in block `layer`, for rows present there. Returns
+    the last suffix token's logits, [R, vocab]. In the last block only the last token is
+    computed after the attention's keys and values (nothing else is read), so writes there at
+    other positions change nothing and are skipped.
+    """
+    transformer, n_head = model.transformer, model.config.n_head
+    L = len(transformer.h)
+    first = int(starts[0])
+    present = torch.searchsorted(starts, torch.arange(L + 1, device=starts.device), right=True).tolist()
+    h = hidden[:present[first]]
+
+    def write(act: Tensor, site: str, layer: int, last: bool) -> Tensor:
+        if (site, layer) not in writes:
+            return act
+        rows, pos, values = writes[(site, layer)]
+        if last:
+            keep = pos == hidden.shape[1] - 1
+            rows, pos, values = rows[keep], torch.zeros_like(pos[keep]), values[keep]
+        act[rows, pos] = values.to(act.dtype)
+        return act
+
+    for layer in range(first, L + 1):
+        if layer > first and present[layer] > present[layer - 1]:
+            joining = hidden[present[layer - 1]:present[layer]]
+            h = torch.cat([h, joining[:, -1:] if layer == L else joining])  # past the last block: one token
+        if layer == L:
+            break
+        block, last = transformer.h[layer], layer == L - 1
+        attn = write(_attention_rows(block, h, n_head, None if past is None else past[layer], last), "attn_out", layer, last)
+        h = (h[:, -1:] if last else h) + attn
+        out = conv1d(torch.nn.functional.gelu(conv1d(layer_norm(h, block.ln_2), block.mlp.c_fc), approximate="tanh"),
+                     block.mlp.c_proj)
+        h = write(h + write(out, "mlp_out", layer, last), "hidden", layer, last)
+    return model.lm_head(layer_norm(h[:, -1], transformer.ln_f))

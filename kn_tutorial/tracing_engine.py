@@ -23,6 +23,14 @@ maps its kinds onto them and checks the input. None of this changes the numbers;
 5. The last block. Only the last position's logits are read, and an MLP works on each
    position alone, so the last block's MLP runs on the last position only (its attention
    still on every position, which the last one reads): suffix.run_rows_from_blocks(last_only=True).
+6. GPT-2 written out. On a plain GPT2LMHeadModel (`gpt2_written.is_plain_gpt2`) the restored
+   rows run as the block's tensor operations on the weights (`gpt2_written.rows_from_blocks`),
+   the restorations written into the activations directly instead of through hooks, and in
+   the last block only the last token's query, attention output and MLP are computed. A row
+   whose first restoration is an attention output at layer l starts at block l + 1: the
+   attention of the other tokens reads block l's input, which nothing changed, so block l
+   changes only at the restored tokens, whose output is their MLP after the restored
+   attention output. Other models, and a GPT-2 with hooks, run the modules (points 1-5).
 """
 from __future__ import annotations
 
@@ -33,6 +41,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import gpt2_written
+from .gpt2_written import is_plain_gpt2
 from .hooks import Recorder, patch
 from .kv_cache import output_cache
 from .models import embedding_matrix, get_device, n_layers
@@ -142,13 +152,17 @@ def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_sit
                   clean_states, frozen_states, corrupted_kv, corrupted_inputs, corrupted_states)
 
 
-def _first_blocks(restore: Tensor, site: str, frozen: Tensor | None) -> Tensor:
+def _first_blocks(restore: Tensor, site: str, frozen: Tensor | None, fold_attention: bool = False) -> Tensor:
     """[R] the first block each row has to run: the lowest layer it restores or freezes, L when it
     changes nothing; one higher for a hidden state or an MLP output of layer l, which changes only
-    the output of block l at its token (the MLP output is added last), i.e. the input of block l + 1."""
+    the output of block l at its token (the MLP output is added last), i.e. the input of block l + 1.
+    fold_attention: one higher for an attention output of layer l too (no row freezes anything):
+    the caller computes block l's output at the restored tokens (GPT-2: its MLP after the
+    restored attention output; the attention of the other tokens reads block l's input, unchanged)."""
     R, L, _ = restore.shape
     first = lambda mask: torch.where(mask.any(1), mask.int().argmax(1), L)  # noqa: E731  [R]
-    start = first(restore.any(-1)) + (1 if site in ("hidden", "mlp_out") else 0)
+    later = site in ("hidden", "mlp_out") or (site == "attn_out" and fold_attention and frozen is None)
+    start = first(restore.any(-1)) + (1 if later else 0)
     if frozen is not None:
         start = torch.minimum(start, first(frozen.any(-1)))
     return start.clamp(max=L)
@@ -180,7 +194,9 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     row_prompt, row_sample = row_prompt.to(device), row_sample.to(device)
     restore = restore[:, :, start:].to(device)
     frozen = None if frozen is None else frozen[:, :, start:].to(device)
-    first_block = _first_blocks(restore, site, frozen)
+    written = is_plain_gpt2(model)  # GPT-2 written out on its weights (gpt2_written), else the modules
+    fold = written and site == "attn_out" and frozen is None  # rows start after their first restored attention
+    first_block = _first_blocks(restore, site, frozen, fold_attention=fold)
     order = torch.argsort(first_block, stable=True)  # rows join the pass at their first block
     steps = (T - start) * (L - first_block[order]).clamp(min=1)  # (token, block) steps of each row
     budget = batch_size * T * L  # as many steps as batch_size full rows
@@ -206,24 +222,33 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
                 shift = (group.clean_states[s - 1][p[at_s[rows]], start + pos]
                          - group.corrupted_states[s - 1][cached[at_s[rows]], start + pos])
                 hidden[at_s[rows], pos] += shift.to(hidden.dtype)
+            if fold and s > 0:  # block s - 1 at the tokens whose attention output it restores
+                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
+                mid = (group.corrupted_inputs[s - 1][cached[at_s[rows]], start + pos]
+                       + group.clean_states[s - 1][p[at_s[rows]], start + pos].to(hidden.dtype))
+                hidden[at_s[rows], pos] = gpt2_written.mlp(model.transformer.h[s - 1], mid)[0]
         past = None
         if start > 0:  # the corrupted runs' keys and values of tokens 0..start-1
             first = int(starts[0])
             past = [None if layer < first else (keys[cached, :, :start], values[cached, :, :start])
                     for layer, (keys, values) in enumerate(group.corrupted_kv)]
-        with ExitStack() as stack:
-            for layer in range(int(starts[0]), L):
-                present = starts <= layer  # the rows in the pass at this block (a prefix of the chunk)
-                rows, pos = (restore[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
+        writes = {}  # (site, layer) -> (rows, pos, values) for the rows in the pass at that block
+        for layer in range(int(starts[0]), L):
+            present = starts <= layer  # the rows in the pass at this block (a prefix of the chunk)
+            rows, pos = (restore[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
+            if len(rows):
+                writes[(site, layer)] = (rows, pos, group.clean_states[layer][p[rows], start + pos])
+            if frozen is not None:
+                rows, pos = (frozen[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
                 if len(rows):
-                    values = group.clean_states[layer][p[rows], start + pos]  # [N, d]
-                    stack.enter_context(patch(model, site, layer, _writer(rows, pos, values)))
-                if frozen is not None:
-                    rows, pos = (frozen[chunk, layer] & present[:, None]).nonzero(as_tuple=True)
-                    if len(rows):
-                        values = group.frozen_states[layer][p[rows], j[rows], start + pos]
-                        stack.enter_context(patch(model, sever_site, layer, _writer(rows, pos, values)))
-            logits = run_rows_from_blocks(model, starts, hidden, past, start, last_only=True)
+                    writes[(sever_site, layer)] = (rows, pos, group.frozen_states[layer][p[rows], j[rows], start + pos])
+        if written:
+            logits = gpt2_written.rows_from_blocks(model, starts, hidden, past, writes)
+        else:
+            with ExitStack() as stack:
+                for (at, layer), (rows, pos, values) in writes.items():
+                    stack.enter_context(patch(model, at, layer, _writer(rows, pos, values)))
+                logits = run_rows_from_blocks(model, starts, hidden, past, start, last_only=True)
         out[chunk] = torch.softmax(logits.float(), -1).gather(1, group.targets[p][:, None])[:, 0]
         if bar is not None:
             bar.update(len(chunk))

@@ -290,3 +290,55 @@ def test_trace_equals_the_package_naive_trace_on_atlas(kind, window, sever):
     naive = tracing.trace_naive(model, tokenizer, prompt, subject, kind=kind, samples=2, window=window, sever=sever)
     assert fast.span[0] > 0  # some tokens before the subject
     torch.testing.assert_close(fast.by_sample, naive, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "atlas"])
+def test_written_out_gpt2_and_module_path_agree(model_name, monkeypatch):
+    """On a plain GPT-2 the restored rows run written out (gpt2_written.rows_from_blocks; an
+    attention restoration folded into its block's MLP, so the row starts one block later);
+    with a hook on the model, or forced off, they run through the modules. Both give the same
+    cells, for the grid of every kind and for restore_states masks restoring several tokens
+    and layers at once (the fold then covers several tokens)."""
+    from kn_tutorial import gpt2_written, tracing_engine
+    if model_name == "atlas":
+        from kn_tutorial.models import load_model
+        model, tokenizer = load_model("atlas")
+    else:
+        model, tokenizer = tiny_lm("gpt2")
+    assert gpt2_written.is_plain_gpt2(model)
+    ids, span = tracing._encode(tokenizer, "In short, " + PROMPT, SUBJECT, None)
+    L, T = n_layers(model), len(ids)
+    masks = torch.zeros(3, L, T, dtype=torch.bool)
+    masks[0, 1, span[0]:span[1]] = True                 # every subject token at one layer
+    masks[1, 0:2, span[1] - 1] = True                    # one token at two layers
+    masks[2, 1, [span[0], T - 1]] = True                 # the first subject token and the last token
+    masks[2, L - 1, T - 1] = True
+
+    def run():
+        calls.clear()
+        out = {kind: tracing.trace(model, tokenizer, "In short, " + PROMPT, SUBJECT, "Asia", kind=kind,
+                                   samples=2, window=3 if kind == "attn" else 1).by_sample for kind in tracing.KINDS}
+        out.update({f"restore {kind}": restore(kind) for kind in tracing.KINDS})
+        return out
+
+    def restore(kind):
+        return tracing.restore_states(model, torch.tensor(ids), span, masks, kind=kind, samples=2, batch_size=4)["probs"]
+
+    calls, rows_from_blocks = [], gpt2_written.rows_from_blocks
+    monkeypatch.setattr(gpt2_written, "rows_from_blocks", lambda *a, **k: calls.append(1) or rows_from_blocks(*a, **k))
+    written = run()
+    assert calls, "the written-out path did not run on a plain GPT-2"
+    with monkeypatch.context() as m:
+        m.setattr(tracing_engine, "is_plain_gpt2", lambda model: False)
+        module = run()
+    assert not calls
+    handle = get_block(model, 0).register_forward_hook(lambda *args: None)
+    try:
+        assert not gpt2_written.is_plain_gpt2(model)
+        hooked = run()  # a hook would be bypassed by the written-out path: the modules run
+        assert not calls
+    finally:
+        handle.remove()
+    for key in written:
+        torch.testing.assert_close(written[key], module[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(hooked[key], module[key], rtol=0, atol=0, msg=key)
