@@ -12,8 +12,12 @@ settings, takes the module path.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+_C2 = 2 * math.sqrt(2 / math.pi)
 
 
 def is_plain_gpt2(model) -> bool:
@@ -87,67 +91,146 @@ def block_one_token(block, h: Tensor, n_head: int, past) -> Tensor:
     return mlp(block, h)[0]
 
 
-def _attention_rows(block, h: Tensor, n_head: int, past, last_only: bool) -> Tensor:
-    """The attention output (after c_proj) of the suffix h [n, s, d] whose tokens come after the P
-    cached tokens of past = (keys, values) [>= n, heads, P, d_head] (one cache row per row; None:
-    P = 0). Causal: suffix token i reads the P cached tokens and suffix tokens 0..i. last_only:
-    only the last suffix token's output, [n, 1, d]."""
-    n, s, d = h.shape
-    dh = d // n_head
-    query, key, value = (t.view(n, s, n_head, dh).transpose(1, 2)
-                         for t in conv1d(layer_norm(h, block.ln_1), block.attn.c_attn).split(d, dim=2))
-    P = 0
-    if past is not None:
-        P = past[0].shape[2]
-        key, value = torch.cat([past[0][:n], key], 2), torch.cat([past[1][:n], value], 2)
-    if last_only:
-        query, mask = query[:, :, -1:], None  # the last token reads every token
-    elif s == 1:
-        mask = None
-    else:
-        mask = torch.ones(s, P + s, dtype=torch.bool, device=h.device).tril(P)
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    Without gradients on a CPU it is computed as x sigmoid(2 sqrt(2/pi) x (1 + 0.044715 x^2)), the
+    same function (0.5 (1 + tanh z) = sigmoid(2 z)) in place on one buffer: about twice as fast
+    as torch's fused tanh kernel on CPU, whose tanh is slow, and as accurate (both within 5e-7 of
+    float64). With gradients, or on another device, torch's fused kernel."""
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    return (x * x).mul_(0.044715 * _C2).add_(_C2).mul_(x).sigmoid_().mul_(x)
+
+
+def _heads(x: Tensor, n_head: int) -> Tensor:
+    """[n, s, d] -> [n, heads, s, d_head]."""
+    n, s, d = x.shape
+    return x.view(n, s, n_head, d // n_head).transpose(1, 2)
+
+
+def _attention_output(block, query: Tensor, key: Tensor, value: Tensor, causal_from: int | None) -> Tensor:
+    """c_proj of softmax(q kᵀ / sqrt(d_head)) v, for q [n, heads, s, d_head] and k, v [n, heads, P + s, d_head]
+    (the s queries are the last s tokens). causal_from = P: query i reads keys 0..P + i; None:
+    every query reads every key (one query, the last token). Returns [n, s, d]."""
+    n, _, s, _ = query.shape
+    mask = None
+    if causal_from is not None and s > 1:
+        mask = torch.ones(s, causal_from + s, dtype=torch.bool, device=query.device).tril(causal_from)
     attended = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-    return conv1d(attended.transpose(1, 2).reshape(n, query.shape[2], d), block.attn.c_proj)
+    return conv1d(attended.transpose(1, 2).reshape(n, s, -1), block.attn.c_proj)
 
 
-def rows_from_blocks(model, starts: Tensor, hidden: Tensor, past: list | None, writes: dict) -> Tensor:
+def _mlp_output(block, h: Tensor) -> Tensor:
+    """The MLP's output (site "mlp_out") on the residual h after attention."""
+    return conv1d(gelu_tanh(conv1d(layer_norm(h, block.ln_2), block.mlp.c_fc)), block.mlp.c_proj)
+
+
+@torch.no_grad()
+def forward_recorded(model, input_ids: Tensor, added: Tensor | None = None, record: tuple[str, ...] = ()) -> dict:
+    """The model on input_ids [B, T], with `added` [B, T, d] added to the input of block 0 (causal
+    tracing's noise) when given. Returns {"logits": [B, vocab] of the last token} and, per name
+    in `record`, a list over blocks: "resid_pre" (the input of each block, then the last block's
+    output: L + 1 tensors [B, T, d]), "attn_out", "mlp_out", "hidden" ([B, T, d], hooks.HOOK_POINTS),
+    "kv" ((keys, values) [B, heads, T, d_head]) and "qkv" (c_attn's output [B, T, 3 d])."""
+    transformer, n_head = model.transformer, model.config.n_head
+    B, T = input_ids.shape
+    h = transformer.wte(input_ids) + transformer.wpe(torch.arange(T, device=input_ids.device))[None]
+    if added is not None:
+        h = h + added.to(h.dtype)
+    out = {name: [] for name in record}
+    for block in transformer.h:
+        out.get("resid_pre", []).append(h)
+        qkv = conv1d(layer_norm(h, block.ln_1), block.attn.c_attn)
+        query, key, value = (_heads(t, n_head) for t in qkv.split(h.shape[-1], dim=2))
+        attn = _attention_output(block, query, key, value, causal_from=0)
+        mid = h + attn
+        mlp_out = _mlp_output(block, mid)
+        h = mid + mlp_out
+        for name, value_ in (("qkv", qkv), ("kv", (key, value)), ("attn_out", attn), ("mlp_out", mlp_out), ("hidden", h)):
+            out.get(name, []).append(value_)
+    out.get("resid_pre", []).append(h)
+    out["logits"] = model.lm_head(layer_norm(h[:, -1], transformer.ln_f))
+    return out
+
+
+def rows_from_blocks(model, starts: Tensor, hidden: Tensor, writes: dict, source: Tensor | None = None,
+                     past: list | None = None, first_qkv: list | None = None, changed: Tensor | None = None) -> Tensor:
     """`suffix.run_rows_from_blocks(..., last_only=True)` written out, with the patches as `writes`.
 
-    Row r starts at block starts[r] (ascending) from hidden[r] [M, d], its input of that block at
-    the suffix tokens; past: per block (keys, values) [R, heads, P, d_head] of the P tokens
+    Every row is a variant of a recorded run (`source` [R]: which one) on the M suffix tokens.
+    Row r starts at block starts[r] (ascending) from hidden[r] [M, d], its input of that block;
+    past: per block (keys, values) [N, heads, P, d_head] of the recorded runs at the P tokens
     before the suffix (None below starts[0]), or None when P = 0. writes: {(site, layer):
     (rows, pos, values [N, d])} with site "attn_out", "mlp_out" or "hidden" (hooks.HOOK_POINTS):
-    activation[rows[i], pos[i]] = values[i] in block `layer`, for rows present there. Returns
-    the last suffix token's logits, [R, vocab]. In the last block only the last token is
-    computed after the attention's keys and values (nothing else is read), so writes there at
+    activation[rows[i], pos[i]] = values[i] in block `layer`, for rows present there.
+
+    first_qkv: per block [N, M, 3 d], the recorded runs' c_attn output at the suffix tokens, with
+    changed [R, M] bool: where a row's input of its first block differs from its recorded run's.
+    A row's queries, keys and values in its first block are then its run's, computed only at
+    the changed tokens (a layer norm and a projection act on each token alone).
+
+    Returns the last suffix token's logits, [R, vocab]. In the last block only the last token's
+    query, attention output and MLP are computed (nothing else is read), so writes there at
     other positions change nothing and are skipped.
     """
     transformer, n_head = model.transformer, model.config.n_head
     L = len(transformer.h)
+    M, d = hidden.shape[1], hidden.shape[2]
     first = int(starts[0])
     present = torch.searchsorted(starts, torch.arange(L + 1, device=starts.device), right=True).tolist()
-    h = hidden[:present[first]]
 
     def write(act: Tensor, site: str, layer: int, last: bool) -> Tensor:
         if (site, layer) not in writes:
             return act
         rows, pos, values = writes[(site, layer)]
         if last:
-            keep = pos == hidden.shape[1] - 1
+            keep = pos == M - 1
             rows, pos, values = rows[keep], torch.zeros_like(pos[keep]), values[keep]
         act[rows, pos] = values.to(act.dtype)
         return act
 
+    h = None
     for layer in range(first, L + 1):
-        if layer > first and present[layer] > present[layer - 1]:
-            joining = hidden[present[layer - 1]:present[layer]]
-            h = torch.cat([h, joining[:, -1:] if layer == L else joining])  # past the last block: one token
-        if layer == L:
+        low, high = (0 if layer == first else present[layer - 1]), present[layer]
+        joining = hidden[low:high] if high > low else None
+        if layer == L:  # rows that only change the final norm's input
+            if joining is not None:
+                h = joining if h is None else torch.cat([h, joining[:, -1:]])
             break
         block, last = transformer.h[layer], layer == L - 1
-        attn = write(_attention_rows(block, h, n_head, None if past is None else past[layer], last), "attn_out", layer, last)
+        weight, bias = block.attn.c_attn.weight, block.attn.c_attn.bias
+        parts = []  # (q, k, v) of the rows in the pass, then of the rows joining here
+        if h is not None:
+            x = layer_norm(h, block.ln_1)
+            if last:  # keys and values of every token, the query of the last one
+                kv = conv1d_parts(x, weight[:, d:], bias[d:])
+                parts.append((conv1d_parts(x[:, -1:], weight[:, :d], bias[:d]), *kv.split(d, dim=2)))
+            else:
+                parts.append(conv1d(x, block.attn.c_attn).split(d, dim=2))
+        if joining is not None:
+            if first_qkv is not None:
+                qkv = first_qkv[layer][source[low:high]]
+                rows, pos = changed[low:high].nonzero(as_tuple=True)
+                if len(rows):
+                    qkv[rows, pos] = conv1d(layer_norm(joining[rows, pos], block.ln_1), block.attn.c_attn)
+            else:
+                qkv = conv1d(layer_norm(joining, block.ln_1), block.attn.c_attn)
+            query, key, value = qkv.split(d, dim=2)
+            parts.append((query[:, -1:] if last else query, key, value))
+            h = joining if h is None else torch.cat([h, joining])
+        query, key, value = (_heads(torch.cat(t) if len(parts) > 1 else t[0], n_head) for t in zip(*parts))
+        P = 0
+        if past is not None:
+            P = past[layer][0].shape[2]
+            rows = source[:len(h)]
+            key, value = torch.cat([past[layer][0][rows], key], 2), torch.cat([past[layer][1][rows], value], 2)
+        attn = write(_attention_output(block, query, key, value, None if last else P), "attn_out", layer, last)
         h = (h[:, -1:] if last else h) + attn
-        out = conv1d(torch.nn.functional.gelu(conv1d(layer_norm(h, block.ln_2), block.mlp.c_fc), approximate="tanh"),
-                     block.mlp.c_proj)
-        h = write(h + write(out, "mlp_out", layer, last), "hidden", layer, last)
+        h = write(h + write(_mlp_output(block, h), "mlp_out", layer, last), "hidden", layer, last)
     return model.lm_head(layer_norm(h[:, -1], transformer.ln_f))
+
+
+def conv1d_parts(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """x @ weight + bias for a slice of a Conv1D's output columns (weight [in, k], bias [k])."""
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)

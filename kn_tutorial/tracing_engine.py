@@ -23,10 +23,13 @@ maps its kinds onto them and checks the input. None of this changes the numbers;
 5. The last block. Only the last position's logits are read, and an MLP works on each
    position alone, so the last block's MLP runs on the last position only (its attention
    still on every position, which the last one reads): suffix.run_rows_from_blocks(last_only=True).
-6. GPT-2 written out. On a plain GPT2LMHeadModel (`gpt2_written.is_plain_gpt2`) the restored
-   rows run as the block's tensor operations on the weights (`gpt2_written.rows_from_blocks`),
-   the restorations written into the activations directly instead of through hooks, and in
-   the last block only the last token's query, attention output and MLP are computed. A row
+6. GPT-2 written out. On a plain GPT2LMHeadModel (`gpt2_written.is_plain_gpt2`) the clean and
+   corrupted runs (`gpt2_written.forward_recorded`) and the restored rows
+   (`gpt2_written.rows_from_blocks`) run as the block's tensor operations on the weights, the
+   restorations written into the activations directly instead of through hooks. In its first
+   block a row reads its corrupted run's queries, keys and values except at the tokens its
+   restoration changed; in the last block only the last token's query, attention output and
+   MLP are computed. A row
    whose first restoration is an attention output at layer l starts at block l + 1: the
    attention of the other tokens reads block l's input, which nothing changed, so block l
    changes only at the restored tokens, whose output is their MLP after the restored
@@ -67,6 +70,7 @@ class _Group:
     corrupted_kv: list[tuple[Tensor, Tensor]]  # per layer (keys, values) of the corrupted runs, rows (i, j)
     corrupted_inputs: list[Tensor]  # L+1 x [n*S, T, d_model]: input of block l (l = L: of the final norm)
     corrupted_states: list[Tensor] | None  # site "mlp_out": L x [n*S, T, d_model] corrupted MLP outputs, else None
+    corrupted_qkv: list[Tensor] | None = None  # GPT-2 written out: L x [n*S, T, 3 d_model] c_attn outputs, else None
 
     @property
     def samples(self) -> int:
@@ -106,10 +110,15 @@ def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_sit
     device, dtype = get_device(model), embedding_matrix(model).dtype
     L, (n, T) = n_layers(model), input_ids.shape
     input_ids = input_ids.to(device)
+    written = is_plain_gpt2(model)  # GPT-2 written out on its weights (gpt2_written), else the modules
     clean_probs, states, top = [], [[] for _ in range(L)], []
     for sl in _chunks(n, batch_size):
-        with Recorder(model, [(site, layer) for layer in range(L)]) as rec:
-            logits = model(input_ids=input_ids[sl], use_cache=False, logits_to_keep=1).logits[:, -1]
+        if written:
+            run = gpt2_written.forward_recorded(model, input_ids[sl], record=(site,))
+            logits, rec = run["logits"], {(site, layer): state for layer, state in enumerate(run[site])}
+        else:
+            with Recorder(model, [(site, layer) for layer in range(L)]) as rec:
+                logits = model(input_ids=input_ids[sl], use_cache=False, logits_to_keep=1).logits[:, -1]
         probs = torch.softmax(logits.float(), dim=-1)  # [chunk, vocab]
         chosen = targets[sl].to(device)
         chosen = torch.where(chosen < 0, probs.argmax(-1), chosen)
@@ -128,10 +137,20 @@ def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_sit
 
     row_prompt = torch.arange(n, device=device).repeat_interleave(samples)  # rows (i, j), j fastest
     row_sample = torch.arange(samples, device=device).repeat(n)
-    corrupted, frozen, kv, inputs = [], [[] for _ in range(L)], [], []
+    corrupted, frozen, kv, inputs, qkv = [], [[] for _ in range(L)], [], [], []
     mlp_sites = [("mlp_out", layer) for layer in range(L)] if site == "mlp_out" else []
     for sl in _chunks(n * samples, batch_size):
         p, j = row_prompt[sl], row_sample[sl]
+        if written:
+            record = ("resid_pre", "kv", "qkv") + (("mlp_out",) if mlp_sites else ()) + (() if sever_site is None else (sever_site,))
+            run = gpt2_written.forward_recorded(model, input_ids[p], eps[p, j], record)
+            corrupted.append(torch.softmax(run["logits"].float(), -1).gather(1, targets[p][:, None])[:, 0])
+            kv.append(run["kv"])
+            qkv.append(run["qkv"])
+            inputs.append(run["resid_pre"] + run.get("mlp_out", []))
+            for layer in range(L if sever_site is not None else 0):
+                frozen[layer].append(run[sever_site][layer])
+            continue
         with ExitStack() as stack:
             stack.enter_context(patch(model, "resid_pre", 0, lambda x, e=eps[p, j]: x + e))
             inputs_rec = stack.enter_context(Recorder(model, _INPUT_SITES(L) + mlp_sites))
@@ -148,8 +167,9 @@ def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_sit
     corrupted_kv = [(torch.cat([c[i][0] for c in kv]), torch.cat([c[i][1] for c in kv])) for i in range(len(kv[0]))]
     recorded = [torch.cat([c[i] for c in inputs]) for i in range(len(inputs[0]))]
     corrupted_inputs, corrupted_states = recorded[:L + 1], (recorded[L + 1:] if site == "mlp_out" else None)
+    corrupted_qkv = [torch.cat([c[i] for c in qkv]) for i in range(L)] if written else None
     return _Group(input_ids, targets, eps, torch.cat(clean_probs), torch.cat(corrupted).view(n, samples),
-                  clean_states, frozen_states, corrupted_kv, corrupted_inputs, corrupted_states)
+                  clean_states, frozen_states, corrupted_kv, corrupted_inputs, corrupted_states, corrupted_qkv)
 
 
 def _first_blocks(restore: Tensor, site: str, frozen: Tensor | None, fold_attention: bool = False) -> Tensor:
@@ -228,7 +248,9 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
                        + group.clean_states[s - 1][p[at_s[rows]], start + pos].to(hidden.dtype))
                 hidden[at_s[rows], pos] = gpt2_written.mlp(model.transformer.h[s - 1], mid)[0]
         past = None
-        if start > 0:  # the corrupted runs' keys and values of tokens 0..start-1
+        if written:  # the corrupted runs' keys and values of tokens 0..start-1, read by row (cached)
+            past = None if start == 0 else [(keys[:, :, :start], values[:, :, :start]) for keys, values in group.corrupted_kv]
+        elif start > 0:  # the same, one copy per row
             first = int(starts[0])
             past = [None if layer < first else (keys[cached, :, :start], values[cached, :, :start])
                     for layer, (keys, values) in enumerate(group.corrupted_kv)]
@@ -243,7 +265,12 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
                 if len(rows):
                     writes[(sever_site, layer)] = (rows, pos, group.frozen_states[layer][p[rows], j[rows], start + pos])
         if written:
-            logits = gpt2_written.rows_from_blocks(model, starts, hidden, past, writes)
+            # a row's queries, keys and values in its first block are its corrupted run's except at
+            # the tokens whose input the restoration changed (its restored tokens at the layer below)
+            changed = restore[chunk, (starts - 1).clamp(min=0)] & (starts > 0)[:, None]
+            first_qkv = [x[:, start:] for x in group.corrupted_qkv]
+            logits = gpt2_written.rows_from_blocks(model, starts, hidden, writes, source=cached, past=past,
+                                                   first_qkv=first_qkv, changed=changed)
         else:
             with ExitStack() as stack:
                 for (at, layer), (rows, pos, values) in writes.items():
