@@ -200,14 +200,15 @@ def rows_from_blocks(model, starts: Tensor, hidden: Tensor, writes: dict, source
             break
         block, last = transformer.h[layer], layer == L - 1
         weight, bias = block.attn.c_attn.weight, block.attn.c_attn.bias
-        parts = []  # (q, k, v) of the rows in the pass, then of the rows joining here
+        parts = []  # c_attn's output for the rows in the pass, then for the rows joining here
+        split = last and h is not None  # rows in the pass at the last block: keys and values, one query
         if h is not None:
             x = layer_norm(h, block.ln_1)
-            if last:  # keys and values of every token, the query of the last one
+            if split:
                 kv = conv1d_parts(x, weight[:, d:], bias[d:])
-                parts.append((conv1d_parts(x[:, -1:], weight[:, :d], bias[:d]), *kv.split(d, dim=2)))
+                query_last = conv1d_parts(x[:, -1:], weight[:, :d], bias[:d])
             else:
-                parts.append(conv1d(x, block.attn.c_attn).split(d, dim=2))
+                parts.append(conv1d(x, block.attn.c_attn))
         if joining is not None:
             if first_qkv is not None:
                 qkv = first_qkv[layer][source[low:high]]
@@ -216,10 +217,18 @@ def rows_from_blocks(model, starts: Tensor, hidden: Tensor, writes: dict, source
                     qkv[rows, pos] = conv1d(layer_norm(joining[rows, pos], block.ln_1), block.attn.c_attn)
             else:
                 qkv = conv1d(layer_norm(joining, block.ln_1), block.attn.c_attn)
-            query, key, value = qkv.split(d, dim=2)
-            parts.append((query[:, -1:] if last else query, key, value))
+            parts.append(qkv)
             h = joining if h is None else torch.cat([h, joining])
-        query, key, value = (_heads(torch.cat(t) if len(parts) > 1 else t[0], n_head) for t in zip(*parts))
+        if split:
+            if parts:  # rows joining at the last block
+                kv = torch.cat([kv, parts[0][..., d:]])
+                query_last = torch.cat([query_last, parts[0][:, -1:, :d]])
+            query, key, value = query_last, *kv.split(d, dim=2)
+        else:
+            query, key, value = (torch.cat(parts) if len(parts) > 1 else parts[0]).split(d, dim=2)
+            if last:
+                query = query[:, -1:]
+        query, key, value = _heads(query, n_head), _heads(key, n_head), _heads(value, n_head)
         P = 0
         if past is not None:
             P = past[layer][0].shape[2]

@@ -65,12 +65,13 @@ class _Group:
     noise: Tensor                # [n, S, T, d_model] on the model's device and dtype
     clean_prob: Tensor           # [n]
     corrupted_prob: Tensor       # [n, S]
-    clean_states: list[Tensor]   # L x [n, T, d_model], the restored site
+    clean_states: Tensor         # [L, n, T, d_model], the restored site
     frozen_states: list[Tensor] | None  # L x [n, S, T, d_model] corrupted sever site, or None
     corrupted_kv: list[tuple[Tensor, Tensor]]  # per layer (keys, values) of the corrupted runs, rows (i, j)
-    corrupted_inputs: list[Tensor]  # L+1 x [n*S, T, d_model]: input of block l (l = L: of the final norm)
-    corrupted_states: list[Tensor] | None  # site "mlp_out": L x [n*S, T, d_model] corrupted MLP outputs, else None
-    corrupted_qkv: list[Tensor] | None = None  # GPT-2 written out: L x [n*S, T, 3 d_model] c_attn outputs, else None
+    corrupted_inputs: Tensor     # [L+1, n*S, T, d_model]: input of block l (l = L: of the final norm)
+    corrupted_states: Tensor | None  # site "mlp_out": [L, n*S, T, d_model] corrupted MLP outputs, else None
+    written: bool = False        # GPT-2 written out (gpt2_written.is_plain_gpt2 when prepared)
+    corrupted_qkv: list[Tensor] | None = None  # written: L x [n*S, T, 3 d_model] c_attn outputs, else None
 
     @property
     def samples(self) -> int:
@@ -130,7 +131,7 @@ def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_sit
     if not bool(torch.isfinite(torch.cat(clean_probs)).all()):
         raise NonFiniteEditError(f"the clean run's probabilities are not finite ({nonfinite_cause(model)}); "
                                  "nothing can be traced")
-    clean_states = [torch.cat(s) for s in states]  # L x [n, T, d]
+    clean_states = torch.stack([torch.cat(s) for s in states])  # [L, n, T, d]
 
     eps = corrupt(input_ids).to(device=device, dtype=dtype)  # [n, S, T, d]
     samples = eps.shape[1]
@@ -166,10 +167,11 @@ def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_sit
     frozen_states = None if sever_site is None else [torch.cat(f).view(n, samples, T, -1) for f in frozen]
     corrupted_kv = [(torch.cat([c[i][0] for c in kv]), torch.cat([c[i][1] for c in kv])) for i in range(len(kv[0]))]
     recorded = [torch.cat([c[i] for c in inputs]) for i in range(len(inputs[0]))]
-    corrupted_inputs, corrupted_states = recorded[:L + 1], (recorded[L + 1:] if site == "mlp_out" else None)
+    corrupted_inputs = torch.stack(recorded[:L + 1])
+    corrupted_states = torch.stack(recorded[L + 1:]) if site == "mlp_out" else None
     corrupted_qkv = [torch.cat([c[i] for c in qkv]) for i in range(L)] if written else None
     return _Group(input_ids, targets, eps, torch.cat(clean_probs), torch.cat(corrupted).view(n, samples),
-                  clean_states, frozen_states, corrupted_kv, corrupted_inputs, corrupted_states, corrupted_qkv)
+                  clean_states, frozen_states, corrupted_kv, corrupted_inputs, corrupted_states, written, corrupted_qkv)
 
 
 def _first_blocks(restore: Tensor, site: str, frozen: Tensor | None, fold_attention: bool = False) -> Tensor:
@@ -214,7 +216,7 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     row_prompt, row_sample = row_prompt.to(device), row_sample.to(device)
     restore = restore[:, :, start:].to(device)
     frozen = None if frozen is None else frozen[:, :, start:].to(device)
-    written = is_plain_gpt2(model)  # GPT-2 written out on its weights (gpt2_written), else the modules
+    written = group.written and is_plain_gpt2(model)  # GPT-2 written out on its weights, else the modules
     fold = written and site == "attn_out" and frozen is None  # rows start after their first restored attention
     first_block = _first_blocks(restore, site, frozen, fold_attention=fold)
     order = torch.argsort(first_block, stable=True)  # rows join the pass at their first block
@@ -229,24 +231,24 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
         starts = first_block[chunk]
         p, j = row_prompt[chunk], row_sample[chunk]
         cached = p * group.samples + j
-        hidden = torch.empty(len(chunk), T - start, group.corrupted_inputs[0].shape[-1],
-                             dtype=group.corrupted_inputs[0].dtype, device=device)
-        for s in starts.unique().tolist():
-            at_s = (starts == s).nonzero()[:, 0]
-            hidden[at_s] = group.corrupted_inputs[s][cached[at_s], start:]
-            if site == "hidden" and s > 0:  # restored hidden states of layer s - 1 are the input of block s
-                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
-                hidden[at_s[rows], pos] = group.clean_states[s - 1][p[at_s[rows]], start + pos].to(hidden.dtype)
-            if site == "mlp_out" and s > 0:  # a restored MLP output of layer s - 1 moves block s's input by clean - corrupted
-                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
-                shift = (group.clean_states[s - 1][p[at_s[rows]], start + pos]
-                         - group.corrupted_states[s - 1][cached[at_s[rows]], start + pos])
-                hidden[at_s[rows], pos] += shift.to(hidden.dtype)
-            if fold and s > 0:  # block s - 1 at the tokens whose attention output it restores
-                rows, pos = restore[chunk[at_s], s - 1].nonzero(as_tuple=True)
-                mid = (group.corrupted_inputs[s - 1][cached[at_s[rows]], start + pos]
-                       + group.clean_states[s - 1][p[at_s[rows]], start + pos].to(hidden.dtype))
-                hidden[at_s[rows], pos] = gpt2_written.mlp(model.transformer.h[s - 1], mid)[0]
+        # each row's input of its first block: its corrupted run's, changed at the tokens it restores
+        # in the layer below (a hidden state written in; an MLP output's clean - corrupted added;
+        # a folded attention output: that block's output there, see _first_blocks)
+        hidden = group.corrupted_inputs[starts, cached, start:]                      # [R, T - start, d]
+        below = (starts - 1).clamp(min=0)
+        changed = restore[chunk, below] & (starts > 0)[:, None]                      # [R, T - start]
+        rows, pos = changed.nonzero(as_tuple=True)
+        if len(rows) and site == "hidden":
+            hidden[rows, pos] = group.clean_states[below[rows], p[rows], start + pos].to(hidden.dtype)
+        elif len(rows) and site == "mlp_out":
+            hidden[rows, pos] += (group.clean_states[below[rows], p[rows], start + pos]
+                                  - group.corrupted_states[below[rows], cached[rows], start + pos]).to(hidden.dtype)
+        elif len(rows) and fold:
+            mid = (group.corrupted_inputs[below[rows], cached[rows], start + pos]
+                   + group.clean_states[below[rows], p[rows], start + pos].to(hidden.dtype))
+            for layer in below[rows].unique().tolist():
+                at = below[rows] == layer
+                hidden[rows[at], pos[at]] = gpt2_written.mlp(model.transformer.h[layer], mid[at])[0]
         past = None
         if written:  # the corrupted runs' keys and values of tokens 0..start-1, read by row (cached)
             past = None if start == 0 else [(keys[:, :, :start], values[:, :, :start]) for keys, values in group.corrupted_kv]
@@ -266,8 +268,7 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
                     writes[(sever_site, layer)] = (rows, pos, group.frozen_states[layer][p[rows], j[rows], start + pos])
         if written:
             # a row's queries, keys and values in its first block are its corrupted run's except at
-            # the tokens whose input the restoration changed (its restored tokens at the layer below)
-            changed = restore[chunk, (starts - 1).clamp(min=0)] & (starts > 0)[:, None]
+            # the tokens whose input the restoration changed (`changed`)
             first_qkv = [x[:, start:] for x in group.corrupted_qkv]
             logits = gpt2_written.rows_from_blocks(model, starts, hidden, writes, source=cached, past=past,
                                                    first_qkv=first_qkv, changed=changed)
