@@ -100,7 +100,8 @@ def gelu_tanh(x: Tensor) -> Tensor:
     float64). With gradients, or on another device, torch's fused kernel."""
     if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
         return torch.nn.functional.gelu(x, approximate="tanh")
-    return (x * x).mul_(0.044715 * _C2).add_(_C2).mul_(x).sigmoid_().mul_(x)
+    c = torch.full((), _C2, dtype=x.dtype)
+    return torch.addcmul(c, x, x, value=0.044715 * _C2).mul_(x).sigmoid_().mul_(x)
 
 
 def _heads(x: Tensor, n_head: int) -> Tensor:
@@ -124,6 +125,11 @@ def _attention_output(block, query: Tensor, key: Tensor, value: Tensor, causal_f
 def _mlp_output(block, h: Tensor) -> Tensor:
     """The MLP's output (site "mlp_out") on the residual h after attention."""
     return conv1d(gelu_tanh(conv1d(layer_norm(h, block.ln_2), block.mlp.c_fc)), block.mlp.c_proj)
+
+
+def block_after_attention(block, h: Tensor) -> Tensor:
+    """The block's output from h, the residual after its attention: h + its MLP's output."""
+    return h + _mlp_output(block, h)
 
 
 @torch.no_grad()
@@ -211,7 +217,7 @@ def rows_from_blocks(model, starts: Tensor, hidden: Tensor, writes: dict, source
                 parts.append(conv1d(x, block.attn.c_attn))
         if joining is not None:
             if first_qkv is not None:
-                qkv = first_qkv[layer][source[low:high]]
+                qkv = first_qkv[layer].index_select(0, source[low:high])
                 rows, pos = changed[low:high].nonzero(as_tuple=True)
                 if len(rows):
                     qkv[rows, pos] = conv1d(layer_norm(joining[rows, pos], block.ln_1), block.attn.c_attn)
@@ -233,7 +239,8 @@ def rows_from_blocks(model, starts: Tensor, hidden: Tensor, writes: dict, source
         if past is not None:
             P = past[layer][0].shape[2]
             rows = source[:len(h)]
-            key, value = torch.cat([past[layer][0][rows], key], 2), torch.cat([past[layer][1][rows], value], 2)
+            key = torch.cat([past[layer][0].index_select(0, rows), key], 2)
+            value = torch.cat([past[layer][1].index_select(0, rows), value], 2)
         attn = write(_attention_output(block, query, key, value, None if last else P), "attn_out", layer, last)
         h = (h[:, -1:] if last else h) + attn
         h = write(h + write(_mlp_output(block, h), "mlp_out", layer, last), "hidden", layer, last)

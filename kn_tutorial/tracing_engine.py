@@ -216,7 +216,7 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     row_prompt, row_sample = row_prompt.to(device), row_sample.to(device)
     restore = restore[:, :, start:].to(device)
     frozen = None if frozen is None else frozen[:, :, start:].to(device)
-    written = group.written and is_plain_gpt2(model)  # GPT-2 written out on its weights, else the modules
+    written = group.written  # GPT-2 written out on its weights (checked when the runs were prepared), else the modules
     fold = written and site == "attn_out" and frozen is None  # rows start after their first restored attention
     first_block = _first_blocks(restore, site, frozen, fold_attention=fold)
     order = torch.argsort(first_block, stable=True)  # rows join the pass at their first block
@@ -248,10 +248,11 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
                    + group.clean_states[below[rows], p[rows], start + pos].to(hidden.dtype))
             for layer in below[rows].unique().tolist():
                 at = below[rows] == layer
-                hidden[rows[at], pos[at]] = gpt2_written.mlp(model.transformer.h[layer], mid[at])[0]
+                hidden[rows[at], pos[at]] = gpt2_written.block_after_attention(model.transformer.h[layer], mid[at])
         past = None
         if written:  # the corrupted runs' keys and values of tokens 0..start-1, read by row (cached)
-            past = None if start == 0 else [(keys[:, :, :start], values[:, :, :start]) for keys, values in group.corrupted_kv]
+            past = None if start == 0 else [(keys[:, :, :start].contiguous(), values[:, :, :start].contiguous())
+                                            for keys, values in group.corrupted_kv]
         elif start > 0:  # the same, one copy per row
             first = int(starts[0])
             past = [None if layer < first else (keys[cached, :, :start], values[cached, :, :start])
@@ -269,7 +270,7 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
         if written:
             # a row's queries, keys and values in its first block are its corrupted run's except at
             # the tokens whose input the restoration changed (`changed`)
-            first_qkv = [x[:, start:] for x in group.corrupted_qkv]
+            first_qkv = [x[:, start:].contiguous() for x in group.corrupted_qkv]
             logits = gpt2_written.rows_from_blocks(model, starts, hidden, writes, source=cached, past=past,
                                                    first_qkv=first_qkv, changed=changed)
         else:
