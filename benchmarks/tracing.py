@@ -5,6 +5,8 @@ three ways, each in a fresh subprocess so that its peak memory is its own:
 
     ours-per-fact  kn_tutorial.tracing.trace, one call per (fact, kind)
     ours-batched   kn_tutorial.tracing.average_effects over all facts (prompts of one length share batches)
+    ours-modules   the same, with GPT-2's written-out path off (gpt2_written): every block through
+                   the Hugging Face modules and hooks, as for the other families
     naive          one forward pass per (sample, token, layer), hooks installed around each pass
 
 Peak memory: resource.getrusage's ru_maxrss of the subprocess (it includes the Python, torch and
@@ -93,7 +95,10 @@ def run_part(args) -> dict:
                                              batch_size=args.batch_size).scores.tolist()
                  for i, (p, s, o) in enumerate(facts) for kind in tracing.KINDS}
         result["grids"] = grids
-    elif args.part == "ours-batched":
+    elif args.part in ("ours-batched", "ours-modules"):
+        if args.part == "ours-modules":
+            from kn_tutorial import tracing_engine
+            tracing_engine.is_plain_gpt2 = lambda model: False  # this subprocess only
         summary = tracing.average_effects(model, tokenizer, facts, samples=args.samples, batch_size=args.batch_size)
         result["aie_mlp_last_subject"] = summary["effects"]["mlp"][2].tolist()
     elif args.part == "naive":
@@ -128,7 +133,7 @@ def main() -> None:
         return
 
     results = {}
-    for part in ("ours-per-fact", "ours-batched", "naive"):
+    for part in ("ours-per-fact", "ours-batched", "ours-modules", "naive"):
         cmd = [sys.executable, __file__, "--part", part] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "part" and v is not None]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "KN_PROGRESS": "0"})
@@ -149,9 +154,13 @@ def main() -> None:
         "model": args.model, "device": ours["device"], "threads": ours["threads"], "facts": args.facts,
         "samples": args.samples, "kinds": list(tracing.KINDS), "naive_facts_measured": args.naive_facts,
         "seconds": {"ours_per_fact": ours["seconds"], "ours_batched": results["ours-batched"]["seconds"],
-                    "naive": naive_full},
+                    "ours_modules": results["ours-modules"]["seconds"], "naive": naive_full},
         "speedup_per_fact": naive_full / ours["seconds"],
         "speedup_batched": naive_full / results["ours-batched"]["seconds"],
+        "written_out_vs_modules": results["ours-modules"]["seconds"] / results["ours-batched"]["seconds"],
+        "max_abs_difference_modules_vs_written": max(
+            abs(a - b) for a, b in zip(results["ours-modules"]["aie_mlp_last_subject"],
+                                       results["ours-batched"]["aie_mlp_last_subject"])),
         "max_abs_difference_naive_vs_ours": worst,
         "peak_memory_mb": {p: {k: v for k, v in r.items() if k.endswith("_mb")} for p, r in results.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
@@ -160,6 +169,8 @@ def main() -> None:
     print(f"naive loop for {args.facts} facts{scaled}: {naive_full:.1f} s")
     print(f"speed-up: {summary['speedup_per_fact']:.1f}x (trace per fact), {summary['speedup_batched']:.1f}x "
           f"(average_effects, facts batched); largest |P_naive - P_ours| = {worst:.2e}")
+    print(f"GPT-2 written out vs through the modules (average_effects): {summary['written_out_vs_modules']:.2f}x; "
+          f"largest AIE difference {summary['max_abs_difference_modules_vs_written']:.1e}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=1))
     print(f"wrote {RESULTS}")

@@ -5,7 +5,7 @@ Hugging Face's per-module work (hooks, masks, cache objects, concatenated caches
 much as the arithmetic. For a plain GPT2LMHeadModel (`is_plain_gpt2`) the methods' fast paths
 (integrated gradients: `attribution_engine`; causal tracing: `tracing_engine`) run the same
 operations written out: layer norm, Conv1D as x @ W + b, softmax attention scaled by
-1/sqrt(d_head) under a causal mask, and the tanh GELU of `models.fused_activations`. The
+1/sqrt(d_head) under a causal mask, and GPT-2's tanh GELU (`gelu_tanh`). The
 numbers agree with the modules to float rounding; each fast path is tested against its
 method's literal definition. Any other model, or a GPT-2 with hooks or other attention
 settings, takes the module path.
