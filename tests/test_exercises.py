@@ -376,3 +376,15 @@ def test_a_correct_float32_answer_passes_at_the_dtypes_tolerance():
 
     with contextlib.redirect_stdout(io.StringIO()):
         assert ex_rome.check_rank_one_update(float32_update) is True
+
+
+@pytest.mark.parametrize("path", msn.chapters(), ids=lambda p: p.name)
+def test_no_check_leaves_a_bare_boolean_under_an_exercise(path):
+    """A stub's check prints its reminder and returns None, so the executed chapter shows the
+    reminder and nothing else; a stray `False` under an exercise means the chapter was executed
+    with an older check (re-execute it)."""
+    for cell in _load(path)["cells"]:
+        for output in cell.get("outputs", []):
+            shown = "".join(output.get("data", {}).get("text/plain", "")).strip()
+            assert shown not in ("True", "False"), (
+                f"{path.name}, cell {cell.get('id')}: a bare {shown} under the cell; re-execute the chapter")
