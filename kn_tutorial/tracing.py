@@ -53,7 +53,7 @@ from .progress import progress_bar
 from .scoring import target_ids
 from .tokens import subject_span
 from .tracing_engine import (  # noqa: F401  (the engine's names stay importable from here)
-    _INPUT_SITES, _chunks, _first_blocks, _Group, _restored_rows, _writer, prepare_runs,
+    _INPUT_SITES, _chunks, _first_blocks, _Group, _restored_rows, _writer, prepare_runs, probability_dtype,
 )
 from .tracing_noise import _check_embeddings, noise_level, subject_noise  # noqa: F401  (re-exported)
 from .validate import check_context
@@ -160,8 +160,8 @@ def restore_states(model, input_ids: Tensor, span: tuple[int, int], restore: Ten
         frozen = (frozen[None] if frozen.dim() == 2 else frozen).expand(M, L, T)[row_mask]
     probs = _restored_rows(model, group, torch.zeros_like(row_mask), row_sample, restore[row_mask],
                            SITE_OF_KIND[kind], None if sever is None else SITE_OF_KIND[sever], frozen, batch_size)
-    return {"probs": probs.float().cpu().view(M, samples), "clean": float(group.clean_prob[0]),
-            "corrupted": group.corrupted_prob[0].float().cpu(), "target": int(group.targets[0])}
+    return {"probs": probs.cpu().view(M, samples), "clean": float(group.clean_prob[0]),
+            "corrupted": group.corrupted_prob[0].cpu(), "target": int(group.targets[0])}
 
 
 # --------------------------------------------------------------------------------------
@@ -252,21 +252,21 @@ def trace_batch(model, input_ids: Tensor, spans: list[tuple[int, int]], targets:
 
         # A state of the last layer reaches the answer only at the last token: elsewhere P_* exactly.
         inert = (row_pos < T - 1) & ~windows[row_layer, :L - 1].any(-1)            # [R]
-        probs = group.corrupted_prob.float().cpu()[row_prompt, row_sample]         # filled where inert
+        probs = group.corrupted_prob.cpu()[row_prompt, row_sample]                 # filled where inert
         with progress_bar(total=int((~inert).sum()), desc=f"tracing {kind}", disable=not show_progress) as bar:
             for t in row_pos[~inert].unique().tolist():  # rows restoring token t start their run at t
                 rows = ((row_pos == t) & ~inert).nonzero()[:, 0]
                 probs[rows] = _restored_rows(model, group, row_prompt[rows], row_sample[rows], restore[rows],
                                              SITE_OF_KIND[kind], None if sever is None else SITE_OF_KIND[sever],
                                              None if frozen is None else frozen[rows], batch_size, bar,
-                                             start=t).float().cpu()
+                                             start=t).cpu()
 
-    corrupted = group.corrupted_prob.float().cpu()                             # [n, S]
-    by_sample = torch.full((n, T, L, samples), float("nan"))
+    corrupted = group.corrupted_prob.cpu()                                     # [n, S]
+    by_sample = torch.full((n, T, L, samples), float("nan"), dtype=corrupted.dtype)  # float64 for a float64 model
     for i, (a, _) in enumerate(spans):
         by_sample[i, :a] = corrupted[i]                                        # untouched by the noise
     by_sample[row_prompt, row_pos, row_layer, row_sample] = probs
-    return Grid(by_sample, group.clean_prob.float().cpu(), corrupted, group.targets.cpu())
+    return Grid(by_sample, group.clean_prob.cpu(), corrupted, group.targets.cpu())
 
 # --------------------------------------------------------------------------------------
 # One prompt
@@ -352,7 +352,9 @@ def trace_naive(model, tokenizer, prompt: str, subject: str, target: str | None 
     input_ids = torch.tensor([ids], device=device)
     site = SITE_OF_KIND[kind]
     with Recorder(model, [(site, layer) for layer in range(L)]) as rec:
-        probs = torch.softmax(model(input_ids=input_ids).logits[0, -1].float(), -1)
+        logits = model(input_ids=input_ids).logits[0, -1]
+        prob = probability_dtype(logits.dtype)
+        probs = torch.softmax(logits.to(prob), -1)
     target_id = _target_id(tokenizer, target)
     target_id = int(probs.argmax()) if target_id < 0 else target_id
     eps = subject_noise(input_ids[0], span, embedding_matrix(model).shape[1], samples, noise_level(model, noise), seed)
@@ -365,7 +367,7 @@ def trace_naive(model, tokenizer, prompt: str, subject: str, target: str | None 
             return act
         return write
 
-    out = torch.zeros(T, L, samples)
+    out = torch.zeros(T, L, samples, dtype=prob)
     for j in range(samples):
         with patch(model, "resid_pre", 0, lambda x, e=eps[j]: x + e):
             frozen = {}
@@ -383,5 +385,5 @@ def trace_naive(model, tokenizer, prompt: str, subject: str, target: str | None 
                             stack.enter_context(patch(model, SITE_OF_KIND[sever], k,
                                                       set_at(t, frozen[(SITE_OF_KIND[sever], k)][0, t])))
                         logits = model(input_ids=input_ids, use_cache=False).logits[0, -1]
-                    out[t, layer, j] = torch.softmax(logits.float(), -1)[target_id].item()
+                    out[t, layer, j] = torch.softmax(logits.to(prob), -1)[target_id].item()
     return out

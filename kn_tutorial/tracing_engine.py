@@ -92,6 +92,12 @@ def _INPUT_SITES(L: int) -> list[tuple[str, int]]:
     return [("resid_pre", layer) for layer in range(L)] + [("hidden", L - 1)]
 
 
+def probability_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype probabilities are computed in: float64 for a float64 model (so that the engine can
+    be held to the literal definition at 1e-9), float32 otherwise (also for float16/bfloat16 models)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _chunks(total: int, batch_size: int):
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -109,6 +115,7 @@ def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_sit
     drawn after the clean run (tracing: subject_noise).
     """
     device, dtype = get_device(model), embedding_matrix(model).dtype
+    prob = probability_dtype(dtype)
     L, (n, T) = n_layers(model), input_ids.shape
     input_ids = input_ids.to(device)
     written = is_plain_gpt2(model)  # GPT-2 written out on its weights (gpt2_written), else the modules
@@ -120,7 +127,7 @@ def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_sit
         else:
             with Recorder(model, [(site, layer) for layer in range(L)]) as rec:
                 logits = model(input_ids=input_ids[sl], use_cache=False, logits_to_keep=1).logits[:, -1]
-        probs = torch.softmax(logits.float(), dim=-1)  # [chunk, vocab]
+        probs = torch.softmax(logits.to(prob), dim=-1)  # [chunk, vocab]
         chosen = targets[sl].to(device)
         chosen = torch.where(chosen < 0, probs.argmax(-1), chosen)
         top.append(chosen)
@@ -145,7 +152,7 @@ def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_sit
         if written:
             record = ("resid_pre", "kv", "qkv") + (("mlp_out",) if mlp_sites else ()) + (() if sever_site is None else (sever_site,))
             run = gpt2_written.forward_recorded(model, input_ids[p], eps[p, j], record)
-            corrupted.append(torch.softmax(run["logits"].float(), -1).gather(1, targets[p][:, None])[:, 0])
+            corrupted.append(torch.softmax(run["logits"].to(prob), -1).gather(1, targets[p][:, None])[:, 0])
             kv.append(run["kv"])
             qkv.append(run["qkv"])
             inputs.append(run["resid_pre"] + run.get("mlp_out", []))
@@ -158,7 +165,7 @@ def prepare_runs(model, input_ids: Tensor, targets: Tensor, site: str, sever_sit
             if sever_site is not None:
                 rec = stack.enter_context(Recorder(model, [(sever_site, layer) for layer in range(L)]))
             out = model(input_ids=input_ids[p], use_cache=True, logits_to_keep=1)
-        corrupted.append(torch.softmax(out.logits[:, -1].float(), -1).gather(1, targets[p][:, None])[:, 0])
+        corrupted.append(torch.softmax(out.logits[:, -1].to(prob), -1).gather(1, targets[p][:, None])[:, 0])
         kv.append([(keys, values) for keys, values, *_ in output_cache(out)])
         inputs.append([inputs_rec[site] for site in _INPUT_SITES(L) + mlp_sites])
         if sever_site is not None:
@@ -222,7 +229,8 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     order = torch.argsort(first_block, stable=True)  # rows join the pass at their first block
     steps = (T - start) * (L - first_block[order]).clamp(min=1)  # (token, block) steps of each row
     budget = batch_size * T * L  # as many steps as batch_size full rows
-    out = torch.zeros(len(row_prompt), device=device)
+    prob = group.clean_prob.dtype  # probability_dtype of the model's
+    out = torch.zeros(len(row_prompt), device=device, dtype=prob)
     begin = 0
     while begin < len(order):
         end = begin + max(1, int((steps[begin:].cumsum(0) <= budget).sum()))
@@ -278,7 +286,7 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
                 for (at, layer), (rows, pos, values) in writes.items():
                     stack.enter_context(patch(model, at, layer, _writer(rows, pos, values)))
                 logits = run_rows_from_blocks(model, starts, hidden, past, start, last_only=True)
-        out[chunk] = torch.softmax(logits.float(), -1).gather(1, group.targets[p][:, None])[:, 0]
+        out[chunk] = torch.softmax(logits.to(prob), -1).gather(1, group.targets[p][:, None])[:, 0]
         if bar is not None:
             bar.update(len(chunk))
     return out

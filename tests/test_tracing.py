@@ -342,3 +342,19 @@ def test_written_out_gpt2_and_module_path_agree(model_name, monkeypatch):
     for key in written:
         torch.testing.assert_close(written[key], module[key], rtol=1e-5, atol=1e-6, msg=key)
         torch.testing.assert_close(hooked[key], module[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("kind,window,sever", [("hidden", 1, None), ("mlp", 3, None), ("attn", 1, None),
+                                                ("hidden", 1, "attn")])
+def test_trace_equals_the_naive_trace_in_float64(kind, window, sever):
+    """With the model in float64 every shortcut of the engine (caches, first blocks, the last
+    block on the last token, GPT-2 written out) agrees with the literal definition to 1e-9: the
+    agreement in float32 is float rounding, not an approximation."""
+    from kn_tutorial.models import load_model
+    model, tokenizer = load_model("atlas")
+    model = model.double()
+    prompt, subject = "The capital of Kuwait is", "Kuwait"
+    fast = tracing.trace(model, tokenizer, prompt, subject, kind=kind, samples=2, window=window, sever=sever)
+    naive = tracing.trace_naive(model, tokenizer, prompt, subject, kind=kind, samples=2, window=window, sever=sever)
+    assert fast.by_sample.dtype == naive.dtype == torch.float64
+    torch.testing.assert_close(fast.by_sample, naive, rtol=1e-9, atol=1e-12)
