@@ -244,43 +244,56 @@ ENGINES = {"grow": _run_rows_grow, "flat": _run_rows_flat}
 @torch.no_grad()
 def _gpt2_clean_pass(model, query: _Query, layers: list[int]):
     """`_clean_pass` written out: w̄ [L, d_ff], P(target), the cached keys (transposed) and
-    values of tokens 0..q-1 per block (None when q = 0), and every block's input at tokens q..
-    with the last block's output appended ([n_layers + 1, s', d])."""
+    values of tokens 0..q-1 per block (None when q = 0), every block's input at tokens q..
+    with the last block's output appended ([n_layers + 1, s', d]), and every block's residual
+    after attention at q ([n_layers, d]: the MLP output is added to it)."""
     transformer, n_head = model.transformer, model.config.n_head
     seq = query.seq
     h = (transformer.wte(seq) + transformer.wpe(torch.arange(len(seq), device=seq.device)))[None]
-    past, states, keys = [], [], []
+    past, states, keys, mids = [], [], [], []
     for block in transformer.h:
         states.append(h[0, query.q:])
-        h, key_act, k, v = written.block(block, h, n_head)
+        h, k, v = written.attention(block, h, n_head)
+        mids.append(h[0, query.q])
+        h, key_act = written.mlp(block, h)
         keys.append(key_act[0, query.q])
         past.append((k[0, :, :query.q].transpose(1, 2).contiguous(), v[0, :, :query.q]) if query.q > 0 else None)
     states.append(h[0, query.q:])
     logits = model.lm_head(written.layer_norm(h[:, query.predict_at], transformer.ln_f))  # [1, T, vocab]
     picked = torch.log_softmax(logits.float(), dim=-1)[0].gather(-1, query.targets[:, None])
     w_bar = torch.stack([keys[layer] for layer in layers])
-    return w_bar, picked.sum().exp(), past, torch.stack(states)
+    return w_bar, picked.sum().exp(), past, torch.stack(states), torch.stack(mids)
 
 
-def _gpt2_run_rows(model, query: _Query, past, states: Tensor, w_bar: Tensor, row_layer: Tensor,
+def _joined(model, mids: Tensor, layer: int, scaled: Tensor) -> Tensor:
+    """Block `layer`'s output at q for keys `scaled` [n, d_ff]: its residual after attention plus its MLP
+    output on them (c_proj: W key + b), the operations of the model itself: [n, d]."""
+    c_proj = model.transformer.h[layer].mlp.c_proj
+    return mids[layer] + torch.addmm(c_proj.bias, scaled, c_proj.weight)
+
+
+def _gpt2_run_rows(model, query: _Query, past, states: Tensor, mids: Tensor, w_bar: Tensor, row_layer: Tensor,
                    row_alpha: Tensor, layers: list[int], grad: bool, p_ref: float = 1.0):
     """`_run_rows_grow` written out for GPT-2 (same contract): the rows of layer l start at block
-    l + 1 from the clean state there (`states`), shifted at q by W (α w̄ − w̄)."""
+    l + 1 from the clean state there (`states`) but at q, where block l's output is its residual
+    after attention (`mids`) plus its MLP output on α w̄ (computed, not shifted from the clean
+    output, so that no large clean term is added and taken away again)."""
     transformer, n_head = model.transformer, model.config.n_head
+    one_token = states.shape[1] == 1 and query.q > 0
+    if one_token and grad:
+        return _gpt2_one_token_gradients(model, query, past, mids, w_bar, row_layer, row_alpha, layers, p_ref)
     order, counts, position, leaves = _rows_by_layer(layers, row_layer, row_alpha, w_bar, grad)
     L = len(transformer.h)
-    one_token = states.shape[1] == 1 and query.q > 0
     with torch.set_grad_enabled(grad):
         h = None
         for block in range(min(counts) + 1, L + 1):
             layer = block - 1
             if layer in leaves:
-                shift = (leaves[layer] - w_bar[position[layer]][None]) @ mlp_out_weight(model, layer).T  # [n, d]
-                clean = states[block]  # [s', d]
+                at_q = _joined(model, mids, layer, leaves[layer])  # [n, d]
                 if one_token:
-                    new = clean + shift.to(clean.dtype)
+                    new = at_q
                 else:
-                    new = torch.cat([(clean[:1] + shift.to(clean.dtype))[:, None], clean[None, 1:].expand(len(shift), -1, -1)], 1)
+                    new = torch.cat([at_q[:, None], states[block, None, 1:].expand(len(at_q), -1, -1)], 1)
                 h = new if h is None else torch.cat([h, new])
             if block < L:
                 if one_token:
@@ -290,6 +303,56 @@ def _gpt2_run_rows(model, query: _Query, past, states: Tensor, w_bar: Tensor, ro
         logits = model.lm_head(written.layer_norm(h, transformer.ln_f))  # [b, s', vocab] ([b, vocab] for one token)
         probs = _target_prob(logits[:, None] if one_token else logits, query, offset=query.q)
     return _in_row_order(probs, order, grad, leaves, len(row_layer), w_bar, p_ref)
+
+
+@torch.no_grad()
+def _gpt2_one_token_gradients(model, query: _Query, past, mids: Tensor, w_bar: Tensor, row_layer: Tensor,
+                              row_alpha: Tensor, layers: list[int], p_ref: float):
+    """`_gpt2_run_rows` with grad=True for a one-token suffix (the answer's one token, predicted at
+    q), its backward pass written out: the forward keeps what each block's backward needs
+    (`gpt2_written.block_one_token_saving`), then the gradient of Σ_rows P / p_ref runs down the
+    blocks (`block_one_token_backward`), and the rows of layer l leave it at block l + 1, where
+    they joined, through W (their MLP output W α w̄ + b). The same operations as autograd's,
+    without its graph; tested against the naive loop."""
+    transformer, n_head = model.transformer, model.config.n_head
+    order, counts, position, leaves = _rows_by_layer(layers, row_layer, row_alpha, w_bar, False)
+    L = len(transformer.h)
+    first = min(counts)
+    h, saved = None, []
+    for block in range(first + 1, L + 1):
+        layer = block - 1
+        if layer in leaves:
+            new = _joined(model, mids, layer, leaves[layer])
+            h = new if h is None else torch.cat([h, new])
+        if block < L:
+            h, kept = written.block_one_token_saving(transformer.h[block], h, n_head, past[block])
+            saved.append(kept)
+    ln_f = transformer.ln_f
+    normed, mean_f, rstd_f = torch.native_layer_norm(h, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps)
+    unembed = model.lm_head.weight  # [vocab, d]
+    logprobs = torch.log_softmax((normed @ unembed.T).float(), dim=-1)  # [b, vocab]
+    target = int(query.targets[0])
+    probs = logprobs[:, target].exp()  # [b], in batch order
+    # d(Σ P / p_ref)/d logits = P / p_ref (onehot(target) − softmax)
+    weight = probs / p_ref
+    grad_logits = logprobs.exp().mul_(-weight[:, None])
+    grad_logits[:, target] += weight
+    grad = torch.ops.aten.native_layer_norm_backward(grad_logits.to(unembed.dtype) @ unembed, h, ln_f.normalized_shape,
+                                                     mean_f, rstd_f, ln_f.weight, ln_f.bias, [True, False, False])[0]
+    grads = {}
+    for block in range(L, first, -1):
+        if block < L:
+            grad = written.block_one_token_backward(transformer.h[block], grad, n_head, past[block], saved.pop())
+        layer = block - 1
+        if layer in leaves:
+            n = counts[layer]
+            grads[layer] = grad[-n:] @ transformer.h[layer].mlp.c_proj.weight.T  # [n, d_ff]
+            grad = grad[:-n]
+    row_grads = torch.empty(len(row_layer), w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
+    row_grads[order] = torch.cat([grads[layer] for layer in leaves]).float() * p_ref
+    out_probs = torch.empty_like(probs)
+    out_probs[order] = probs
+    return out_probs, row_grads
 
 
 def _memory_budget(device: torch.device) -> int:
@@ -357,7 +420,7 @@ def _path_gradients_fused(model, query: _Query, layers: list[int], alphas: Tenso
                           engine: str) -> tuple[Tensor, Tensor]:
     written_out = engine == "grow" and is_plain_gpt2(model)
     if written_out:
-        w_bar, p_clean, past, states = _gpt2_clean_pass(model, query, layers)
+        w_bar, p_clean, past, states, mids = _gpt2_clean_pass(model, query, layers)
     else:
         w_bar, p_clean, cache = _clean_pass(model, query, layers)
     # Gradients of P / P(clean), rescaled after: in float16 the gradients of a small P would
@@ -370,7 +433,7 @@ def _path_gradients_fused(model, query: _Query, layers: list[int], alphas: Tenso
     for start in range(0, len(row_layer), chunk):
         rows = slice(start, start + chunk)
         if written_out:
-            _, row_grads = _gpt2_run_rows(model, query, past, states, w_bar, row_layer[rows], row_alpha[rows],
+            _, row_grads = _gpt2_run_rows(model, query, past, states, mids, w_bar, row_layer[rows], row_alpha[rows],
                                           layers, grad=True, p_ref=p_ref)
         else:
             _, row_grads = _engine(engine)(model, query, cache, w_bar, row_layer[rows], row_alpha[rows], layers,

@@ -53,6 +53,12 @@ def block(block, h: Tensor, n_head: int, past=None) -> tuple[Tensor, Tensor, Ten
     """One GPT-2 block on h [n, s, d], causal over its s tokens; past: (keys [heads, d_head, q],
     values [heads, q, d_head]) of q earlier tokens shared by every row, or None. Returns
     (output, key activations [n, s, d_ff], k, v), k and v [n, heads, s, d_head]."""
+    mid, key, value = attention(block, h, n_head, past)
+    return (*mlp(block, mid), key, value)
+
+
+def attention(block, h: Tensor, n_head: int, past=None) -> tuple[Tensor, Tensor, Tensor]:
+    """`block`'s first half: (h plus the attention output [n, s, d], k, v [n, heads, s, d_head])."""
     n, s, d = h.shape
     dh = d // n_head
     qkv = conv1d(layer_norm(h, block.ln_1), block.attn.c_attn)
@@ -67,8 +73,58 @@ def block(block, h: Tensor, n_head: int, past=None) -> tuple[Tensor, Tensor, Ten
         scores = scores.masked_fill(torch.nn.functional.pad(causal, (q, 0)), torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores * dh ** -0.5, dim=-1)
         attended = torch.einsum("nhsq,hqd->nhsd", weights[..., :q], past_v) + weights[..., q:] @ value
-    h = h + conv1d(attended.transpose(1, 2).reshape(n, s, d), block.attn.c_proj)
-    return (*mlp(block, h), key, value)
+    return h + conv1d(attended.transpose(1, 2).reshape(n, s, d), block.attn.c_proj), key, value
+
+
+def block_one_token_saving(block, h: Tensor, n_head: int, past) -> tuple[Tensor, tuple]:
+    """`block_one_token` run without autograd, returning (output [n, d], what
+    `block_one_token_backward` needs): the same operations, for a caller that takes the gradient
+    with respect to h itself (the block's weights are constants)."""
+    n, d = h.shape
+    dh = d // n_head
+    past_kt, past_v = past  # [heads, d_head, q], [heads, q, d_head]
+    ln_1 = block.ln_1
+    normed, mean_1, rstd_1 = torch.native_layer_norm(h, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps)
+    query, key, value = torch.addmm(block.attn.c_attn.bias, normed, block.attn.c_attn.weight).view(n, 3, n_head, dh).permute(1, 2, 0, 3)
+    own = (query * key).sum(-1, keepdim=True)  # [heads, n, 1]
+    weights = torch.softmax(torch.cat([query @ past_kt, own], dim=-1) * dh ** -0.5, dim=-1)
+    q = past_kt.shape[2]
+    attended = torch.baddbmm(weights[..., q:] * value, weights[..., :q], past_v)  # [heads, n, d_head]
+    mid = torch.addmm(h, attended.transpose(0, 1).reshape(n, d), block.attn.c_proj.weight).add_(block.attn.c_proj.bias)
+    ln_2 = block.ln_2
+    normed, mean_2, rstd_2 = torch.native_layer_norm(mid, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps)
+    pre = torch.addmm(block.mlp.c_fc.bias, normed, block.mlp.c_fc.weight)  # [n, d_ff]
+    keys = torch.nn.functional.gelu(pre, approximate="tanh")
+    out = torch.addmm(mid, keys, block.mlp.c_proj.weight).add_(block.mlp.c_proj.bias)
+    return out, (h, mean_1, rstd_1, query, key, value, weights, mid, mean_2, rstd_2, pre)
+
+
+def block_one_token_backward(block, grad_out: Tensor, n_head: int, past, saved: tuple) -> Tensor:
+    """The gradient with respect to h [n, d] of `block_one_token_saving`, given the gradient
+    grad_out [n, d] with respect to its output; the chain rule written out, each step the
+    backward kernel autograd would call (weights, biases and the cached past are constants)."""
+    h, mean_1, rstd_1, query, key, value, weights, mid, mean_2, rstd_2, pre = saved
+    n, d = h.shape
+    dh = d // n_head
+    past_kt, past_v = past
+    q = past_kt.shape[2]
+    mask = [True, False, False]
+    grad_keys = grad_out @ block.mlp.c_proj.weight.T  # [n, d_ff]
+    grad_pre = torch.ops.aten.gelu_backward(grad_keys, pre, approximate="tanh")
+    ln_2 = block.ln_2
+    grad_mid = torch.ops.aten.native_layer_norm_backward(grad_pre @ block.mlp.c_fc.weight.T, mid, ln_2.normalized_shape,
+                                                         mean_2, rstd_2, ln_2.weight, ln_2.bias, mask)[0].add_(grad_out)
+    grad_att = (grad_mid @ block.attn.c_proj.weight.T).view(n, n_head, dh).transpose(0, 1)  # [heads, n, d_head]
+    grad_weights = torch.cat([grad_att @ past_v.transpose(1, 2), (grad_att * value).sum(-1, keepdim=True)], dim=-1)
+    grad_scores = torch.ops.aten._softmax_backward_data(grad_weights, weights, -1, weights.dtype).mul_(dh ** -0.5)
+    grad_qkv = torch.stack([
+        torch.baddbmm(grad_scores[..., q:] * key, grad_scores[..., :q], past_kt.transpose(1, 2)),  # query
+        grad_scores[..., q:] * query,  # key
+        weights[..., q:] * grad_att,  # value
+    ]).permute(2, 0, 1, 3).reshape(n, 3 * d)
+    ln_1 = block.ln_1
+    return torch.ops.aten.native_layer_norm_backward(grad_qkv @ block.attn.c_attn.weight.T, h, ln_1.normalized_shape,
+                                                     mean_1, rstd_1, ln_1.weight, ln_1.bias, mask)[0].add_(grad_mid)
 
 
 def block_one_token(block, h: Tensor, n_head: int, past) -> Tensor:

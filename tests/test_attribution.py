@@ -103,6 +103,28 @@ def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
     assert not E.is_plain_gpt2(model)
 
 
+def test_one_token_backward_written_out_matches_naive(monkeypatch):
+    """A one-token answer scaled at the last prompt token (the usual query) takes the GPT-2 path
+    whose backward pass is written out (attribution_engine._gpt2_one_token_gradients): against
+    the naive loop, 1e-5, for every Riemann rule (α = 1 or 0 among the steps, or neither), in
+    chunks that split a layer's rows, and with a subset of the layers."""
+    from kn_tutorial import attribution_engine as E
+    from kn_tutorial.models import load_model
+    calls, run = [], E._gpt2_one_token_gradients
+    monkeypatch.setattr(E, "_gpt2_one_token_gradients", lambda *a, **k: calls.append(1) or run(*a, **k))
+    tiny, atlas = tiny_lm("gpt2"), load_model("atlas")
+    for (model, tok), rule, steps, batch_size, layers in (
+            (tiny, "right", 4, None, None), (tiny, "left", 4, 3, None), (tiny, "midpoint", 3, None, [1]),
+            (atlas, "right", 4, None, None), (atlas, "left", 3, 7, None), (atlas, "midpoint", 3, 5, [0, 6, 11])):
+        naive = A.integrated_gradients_naive(model, tok, PROMPT, " Asia", steps=steps, rule=rule, layers=layers)
+        calls.clear()
+        fast = A.integrated_gradients(model, tok, PROMPT, " Asia", steps=steps, rule=rule, batch_size=batch_size,
+                                      layers=layers)
+        assert calls, "the written-out backward did not run"
+        scale = naive.abs().max()
+        torch.testing.assert_close(fast / scale, naive / scale, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eager_attention_also_matches(family):
     """Eager attention builds an explicit mask tensor: the "grow" engine must broadcast it."""
