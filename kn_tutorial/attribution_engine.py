@@ -22,8 +22,11 @@ literally, and the tests hold the engines to it.
 4. GPT-2 written out. On a plain GPT2LMHeadModel (`gpt2_written`) the clean pass and the
    "grow" rows run as the block's tensor operations on the weights rather than through the
    modules: the prompt's cached keys and values are one tensor per block shared by every row
-   (never repeated into the batch nor differentiated), the clean row's block inputs come from
-   the clean pass, and a one-token suffix runs as 2-D rows. Other models use the modules.
+   (never repeated into the batch nor differentiated), and the clean row's block inputs come
+   from the clean pass. For a one-token suffix (the usual query: a one-token answer scaled at
+   the last prompt token) one pass does it all: the prompt's tokens, the clean row and the rows
+   share each block's matrix products, the backward pass is written out too (no autograd
+   graph), and the clean row is every layer's row α = 1. Other models use the modules.
 5. Precision. Parameters are frozen while it runs (autograd computes no weight gradients),
    and the gradient is taken of P / P(clean), rescaled after, so float16 models do not
    underflow.
@@ -274,14 +277,12 @@ def _joined(model, mids: Tensor, layer: int, scaled: Tensor) -> Tensor:
 
 def _gpt2_run_rows(model, query: _Query, past, states: Tensor, mids: Tensor, w_bar: Tensor, row_layer: Tensor,
                    row_alpha: Tensor, layers: list[int], grad: bool, p_ref: float = 1.0):
-    """`_run_rows_grow` written out for GPT-2 (same contract): the rows of layer l start at block
-    l + 1 from the clean state there (`states`) but at q, where block l's output is its residual
-    after attention (`mids`) plus its MLP output on α w̄ (computed, not shifted from the clean
-    output, so that no large clean term is added and taken away again)."""
+    """`_run_rows_grow` written out for GPT-2 (same contract), for a suffix of several tokens (one
+    token: `_gpt2_one_token_path`): the rows of layer l start at block l + 1 from the clean state
+    there (`states`) but at q, where block l's output is its residual after attention (`mids`)
+    plus its MLP output on α w̄ (computed, not shifted from the clean output, so that no large
+    clean term is added and taken away again)."""
     transformer, n_head = model.transformer, model.config.n_head
-    one_token = states.shape[1] == 1 and query.q > 0
-    if one_token and grad:
-        return _gpt2_one_token_gradients(model, query, past, mids, w_bar, row_layer, row_alpha, layers, p_ref)
     order, counts, position, leaves = _rows_by_layer(layers, row_layer, row_alpha, w_bar, grad)
     L = len(transformer.h)
     with torch.set_grad_enabled(grad):
@@ -290,69 +291,115 @@ def _gpt2_run_rows(model, query: _Query, past, states: Tensor, mids: Tensor, w_b
             layer = block - 1
             if layer in leaves:
                 at_q = _joined(model, mids, layer, leaves[layer])  # [n, d]
-                if one_token:
-                    new = at_q
-                else:
-                    new = torch.cat([at_q[:, None], states[block, None, 1:].expand(len(at_q), -1, -1)], 1)
+                new = torch.cat([at_q[:, None], states[block, None, 1:].expand(len(at_q), -1, -1)], 1)
                 h = new if h is None else torch.cat([h, new])
             if block < L:
-                if one_token:
-                    h = written.block_one_token(transformer.h[block], h, n_head, past[block])
-                else:
-                    h = written.block(transformer.h[block], h, n_head, past[block])[0]
-        logits = model.lm_head(written.layer_norm(h, transformer.ln_f))  # [b, s', vocab] ([b, vocab] for one token)
-        probs = _target_prob(logits[:, None] if one_token else logits, query, offset=query.q)
+                h = written.block(transformer.h[block], h, n_head, past[block])[0]
+        logits = model.lm_head(written.layer_norm(h, transformer.ln_f))  # [b, s', vocab]
+        probs = _target_prob(logits, query, offset=query.q)
     return _in_row_order(probs, order, grad, leaves, len(row_layer), w_bar, p_ref)
 
 
+def _gpt2_one_token(query: _Query) -> bool:
+    """Whether the suffix after the cache is one token (the answer is one token, scaled at the
+    last prompt token): the case `_gpt2_one_token_path` runs."""
+    return len(query.seq) - query.q == 1 and query.q > 0
+
+
 @torch.no_grad()
-def _gpt2_one_token_gradients(model, query: _Query, past, mids: Tensor, w_bar: Tensor, row_layer: Tensor,
-                              row_alpha: Tensor, layers: list[int], p_ref: float):
-    """`_gpt2_run_rows` with grad=True for a one-token suffix (the answer's one token, predicted at
-    q), its backward pass written out: the forward keeps what each block's backward needs
-    (`gpt2_written.block_one_token_saving`), then the gradient of Σ_rows P / p_ref runs down the
-    blocks (`block_one_token_backward`), and the rows of layer l leave it at block l + 1, where
-    they joined, through W (their MLP output W α w̄ + b). The same operations as autograd's,
-    without its graph; tested against the naive loop."""
-    transformer, n_head = model.transformer, model.config.n_head
-    order, counts, position, leaves = _rows_by_layer(layers, row_layer, row_alpha, w_bar, False)
+def _gpt2_one_token_pass(model, query: _Query, layers: list[int], row_layer: Tensor, row_alpha: Tensor,
+                         w_bar: Tensor | None, clean_rows: bool):
+    """Integrated gradients' rows for a one-token suffix on GPT-2 in one forward and one backward
+    pass, both written out (`gpt2_written.block_prompt_and_rows`, `block_one_token_backward`).
+
+    One matrix per block holds the prompt's first q tokens, the clean row at q (the unmodified
+    prompt's last token) and the rows (layer, α) that have joined: those of layer l join at block
+    l + 1 as block l's residual after attention at q plus its MLP output on α w̄ (w̄: the clean
+    row's key activations at block l, computed in the same pass; `w_bar` when given, e.g. by the
+    first chunk). The prompt tokens give every row the same keys and values and need no gradient.
+    The gradient of Σ P / P(clean) (P(clean): the clean row's) then runs down the blocks for the
+    clean row and the rows; a row leaves at the block it joined, through W (its MLP output W α w̄ + b).
+    The clean row is the row α = 1 of every layer; with `clean_rows`, its gradient at each block
+    l + 1 gives theirs.
+
+    Returns (w̄ [L, d_ff], gradients of the given rows [b, d_ff] float32 in row order, the
+    gradients for α = 1 [L, d_ff] float32 or None)."""
+    transformer, n_head, q = model.transformer, model.config.n_head, query.q
+    blocks = torch.tensor(layers, device=row_layer.device)[row_layer]  # [b] absolute layer of each row
+    order = torch.argsort(blocks, stable=True)
+    counts = {int(l): int(n) for l, n in zip(*blocks.unique(return_counts=True))}
+    alpha_sorted = row_alpha[order]
+    position = {layer: j for j, layer in enumerate(layers)}
     L = len(transformer.h)
-    first = min(counts)
-    h, saved = None, []
-    for block in range(first + 1, L + 1):
-        layer = block - 1
-        if layer in leaves:
-            new = _joined(model, mids, layer, leaves[layer])
-            h = new if h is None else torch.cat([h, new])
+    lowest = min(layers) if clean_rows else min(counts, default=L)
+    keys_at_q, pasts, saved, first = [], [], [], 0
+    h = transformer.wte(query.seq) + transformer.wpe(torch.arange(q + 1, device=query.seq.device))  # [q + 1, d]
+    for block in range(L + 1):
+        if block - 1 in counts:  # the rows of layer block - 1 join
+            layer, n = block - 1, counts[block - 1]
+            scale = alpha_sorted[first:first + n].to(h.dtype)[:, None]
+            clean_key = keys_at_q[layer] if w_bar is None else w_bar[position[layer]]
+            c_proj = transformer.h[layer].mlp.c_proj
+            h = torch.cat([h, torch.addmm(c_proj.bias, scale * clean_key, c_proj.weight).add_(mid_at_q)])
+            first += n
         if block < L:
-            h, kept = written.block_one_token_saving(transformer.h[block], h, n_head, past[block])
+            h, mid, keys, past, kept = written.block_prompt_and_rows(transformer.h[block], h, q, n_head)
+            keys_at_q.append(keys[q])
+            mid_at_q = mid[q]
+            pasts.append(past)
             saved.append(kept)
+    if w_bar is None:
+        w_bar = torch.stack([keys_at_q[layer] for layer in layers])
+    h = h[q:]  # [1 + b, d]: the clean row, then the rows in join order
     ln_f = transformer.ln_f
     normed, mean_f, rstd_f = torch.native_layer_norm(h, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps)
     unembed = model.lm_head.weight  # [vocab, d]
-    logprobs = torch.log_softmax((normed @ unembed.T).float(), dim=-1)  # [b, vocab]
+    logprobs = torch.log_softmax((normed @ unembed.T).float(), dim=-1)  # [1 + b, vocab]
     target = int(query.targets[0])
-    probs = logprobs[:, target].exp()  # [b], in batch order
-    # d(Σ P / p_ref)/d logits = P / p_ref (onehot(target) − softmax)
+    probs = logprobs[:, target].exp()
+    # Gradients of P / P(clean), rescaled after (as `_path_gradients_fused`): d(Σ P / p_ref)/d logits = P / p_ref (onehot − softmax)
+    p_ref = max(float(probs[0]), 1e-30)
     weight = probs / p_ref
     grad_logits = logprobs.exp().mul_(-weight[:, None])
     grad_logits[:, target] += weight
     grad = torch.ops.aten.native_layer_norm_backward(grad_logits.to(unembed.dtype) @ unembed, h, ln_f.normalized_shape,
                                                      mean_f, rstd_f, ln_f.weight, ln_f.bias, [True, False, False])[0]
-    grads = {}
-    for block in range(L, first, -1):
+    grads, clean_grads = [], {}
+    for block in range(L, lowest, -1):
         if block < L:
-            grad = written.block_one_token_backward(transformer.h[block], grad, n_head, past[block], saved.pop())
+            grad = written.block_one_token_backward(transformer.h[block], grad, n_head, pasts[block], saved[block])
         layer = block - 1
-        if layer in leaves:
-            n = counts[layer]
-            grads[layer] = grad[-n:] @ transformer.h[layer].mlp.c_proj.weight.T  # [n, d_ff]
-            grad = grad[:-n]
+        c_proj_t = transformer.h[layer].mlp.c_proj.weight.T  # [d, d_ff]: d(W k + b)/dk
+        if layer in counts:
+            grads.append(grad[-counts[layer]:] @ c_proj_t)
+            grad = grad[:-counts[layer]]
+        if clean_rows and layer in position:
+            clean_grads[layer] = grad[0] @ c_proj_t
     row_grads = torch.empty(len(row_layer), w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
-    row_grads[order] = torch.cat([grads[layer] for layer in leaves]).float() * p_ref
-    out_probs = torch.empty_like(probs)
-    out_probs[order] = probs
-    return out_probs, row_grads
+    if grads:
+        row_grads[order] = torch.cat(grads[::-1]).float() * p_ref
+    alpha_one = torch.stack([clean_grads[layer] for layer in layers]).float() * p_ref if clean_rows else None
+    return w_bar, row_grads, alpha_one
+
+
+def _gpt2_one_token_path(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None):
+    """`_path_gradients_fused` for a one-token suffix on GPT-2 (`_gpt2_one_token_pass`): the steps
+    α = 1 are the clean row's, the other rows go in chunks of `batch_size`."""
+    one = alphas == 1.0
+    rest = alphas[~one]
+    row_layer, row_alpha = _row_plan(len(layers), rest, alphas.device)
+    row_step = torch.arange(len(alphas), device=alphas.device)[~one].repeat(len(layers))  # [rows] index of α
+    chunk = batch_size or _default_batch_size(model, query, max(len(row_layer), 1))
+    grads = torch.zeros(len(layers), len(alphas), d_ff(model), dtype=torch.float32, device=query.seq.device)
+    w_bar = None
+    for start in range(0, max(len(row_layer), 1), chunk):
+        rows = slice(start, start + chunk)
+        w_bar, row_grads, alpha_one = _gpt2_one_token_pass(model, query, layers, row_layer[rows], row_alpha[rows],
+                                                           w_bar, clean_rows=start == 0 and bool(one.any()))
+        grads[row_layer[rows], row_step[rows]] = row_grads
+        if alpha_one is not None:
+            grads[:, one] = alpha_one[:, None]
+    return w_bar.float(), grads
 
 
 def _memory_budget(device: torch.device) -> int:
@@ -419,6 +466,8 @@ def _path_gradients(model, query: _Query, layers: list[int], alphas: Tensor, bat
 def _path_gradients_fused(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None,
                           engine: str) -> tuple[Tensor, Tensor]:
     written_out = engine == "grow" and is_plain_gpt2(model)
+    if written_out and _gpt2_one_token(query):
+        return _gpt2_one_token_path(model, query, layers, alphas.to(query.seq.device), batch_size)
     if written_out:
         w_bar, p_clean, past, states, mids = _gpt2_clean_pass(model, query, layers)
     else:

@@ -76,33 +76,41 @@ def attention(block, h: Tensor, n_head: int, past=None) -> tuple[Tensor, Tensor,
     return h + conv1d(attended.transpose(1, 2).reshape(n, s, d), block.attn.c_proj), key, value
 
 
-def block_one_token_saving(block, h: Tensor, n_head: int, past) -> tuple[Tensor, tuple]:
-    """`block_one_token` run without autograd, returning (output [n, d], what
-    `block_one_token_backward` needs): the same operations, for a caller that takes the gradient
-    with respect to h itself (the block's weights are constants)."""
-    n, d = h.shape
+def block_prompt_and_rows(block, h: Tensor, q: int, n_head: int) -> tuple[Tensor, Tensor, Tensor, tuple, tuple]:
+    """One block, without autograd, on h [q + n, d]: rows 0..q-1 are a prompt's first q tokens
+    (causal among themselves), and each of the n rows after them is one token at position q
+    that attends to those q tokens and to itself (`block_one_token`'s rows, with the prompt in
+    the same matrix products). Returns (output, residual after attention, key activations
+    [q + n, d_ff], the q tokens' (keys transposed [heads, d_head, q], values [heads, q, d_head]),
+    what `block_one_token_backward` needs for the n rows)."""
+    m, d = h.shape
     dh = d // n_head
-    past_kt, past_v = past  # [heads, d_head, q], [heads, q, d_head]
-    ln_1 = block.ln_1
+    ln_1, ln_2 = block.ln_1, block.ln_2
     normed, mean_1, rstd_1 = torch.native_layer_norm(h, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps)
-    query, key, value = torch.addmm(block.attn.c_attn.bias, normed, block.attn.c_attn.weight).view(n, 3, n_head, dh).permute(1, 2, 0, 3)
+    qkv = torch.addmm(block.attn.c_attn.bias, normed, block.attn.c_attn.weight)  # [q + n, 3 d]
+    prompt_q, prompt_k, prompt_v = qkv[:q].view(q, 3, n_head, dh).permute(1, 2, 0, 3)  # [heads, q, d_head]
+    query, key, value = qkv[q:].view(m - q, 3, n_head, dh).permute(1, 2, 0, 3)  # [heads, n, d_head]
+    past = (prompt_k.transpose(1, 2), prompt_v)
     own = (query * key).sum(-1, keepdim=True)  # [heads, n, 1]
-    weights = torch.softmax(torch.cat([query @ past_kt, own], dim=-1) * dh ** -0.5, dim=-1)
-    q = past_kt.shape[2]
-    attended = torch.baddbmm(weights[..., q:] * value, weights[..., :q], past_v)  # [heads, n, d_head]
-    mid = torch.addmm(h, attended.transpose(0, 1).reshape(n, d), block.attn.c_proj.weight).add_(block.attn.c_proj.bias)
-    ln_2 = block.ln_2
+    weights = torch.softmax(torch.cat([query @ past[0], own], dim=-1) * dh ** -0.5, dim=-1)
+    attended = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(prompt_q[None], prompt_k[None], prompt_v[None], is_causal=True)[0],
+        torch.baddbmm(weights[..., q:] * value, weights[..., :q], prompt_v),
+    ], dim=1)  # [heads, q + n, d_head]
+    mid = torch.addmm(h, attended.transpose(0, 1).reshape(m, d), block.attn.c_proj.weight).add_(block.attn.c_proj.bias)
     normed, mean_2, rstd_2 = torch.native_layer_norm(mid, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps)
-    pre = torch.addmm(block.mlp.c_fc.bias, normed, block.mlp.c_fc.weight)  # [n, d_ff]
+    pre = torch.addmm(block.mlp.c_fc.bias, normed, block.mlp.c_fc.weight)  # [q + n, d_ff]
     keys = torch.nn.functional.gelu(pre, approximate="tanh")
     out = torch.addmm(mid, keys, block.mlp.c_proj.weight).add_(block.mlp.c_proj.bias)
-    return out, (h, mean_1, rstd_1, query, key, value, weights, mid, mean_2, rstd_2, pre)
+    saved = (h[q:], mean_1[q:], rstd_1[q:], query, key, value, weights, mid[q:], mean_2[q:], rstd_2[q:], pre[q:])
+    return out, mid, keys, past, saved
 
 
 def block_one_token_backward(block, grad_out: Tensor, n_head: int, past, saved: tuple) -> Tensor:
-    """The gradient with respect to h [n, d] of `block_one_token_saving`, given the gradient
-    grad_out [n, d] with respect to its output; the chain rule written out, each step the
-    backward kernel autograd would call (weights, biases and the cached past are constants)."""
+    """The gradient with respect to the n rows of h of `block_prompt_and_rows` (its last `past`
+    and `saved`), given the gradient grad_out [n, d] with respect to their output; the chain rule
+    written out, each step the backward kernel autograd would call (weights, biases and the
+    prompt's keys and values are constants: they do not depend on the rows)."""
     h, mean_1, rstd_1, query, key, value, weights, mid, mean_2, rstd_2, pre = saved
     n, d = h.shape
     dh = d // n_head

@@ -74,8 +74,8 @@ def test_batched_equals_naive_loop_on_atlas():
 
 
 def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
-    """GPT-2 takes the written-out forward (attribution_engine._gpt2_run_rows), unless a hook is
-    installed; the module path stays right for it too. One-token and several-token suffixes."""
+    """GPT-2 takes the written-out forward (attribution_engine._gpt2_run_rows, or
+    _gpt2_one_token_pass for a one-token suffix), unless a hook is installed; the module path stays right for it too. One-token and several-token suffixes."""
     from kn_tutorial import attribution_engine as E
     from kn_tutorial.models import load_model
     atlas = load_model("atlas")
@@ -84,9 +84,10 @@ def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
         assert E.is_plain_gpt2(model)
         naive = A.integrated_gradients_naive(model, tok, PROMPT, target, steps=3, position=position)
         scale = naive.abs().max()
-        calls, run_rows = [], E._gpt2_run_rows
+        calls, run_rows, one_token = [], E._gpt2_run_rows, E._gpt2_one_token_pass
         with monkeypatch.context() as m:
             m.setattr(E, "_gpt2_run_rows", lambda *a, **k: calls.append(1) or run_rows(*a, **k))
+            m.setattr(E, "_gpt2_one_token_pass", lambda *a, **k: calls.append(1) or one_token(*a, **k))
             written = A.integrated_gradients(model, tok, PROMPT, target, steps=3, position=position, layers=[0, 1])
         assert calls, "the written-out GPT-2 path did not run"
         with monkeypatch.context() as m:
@@ -105,16 +106,18 @@ def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
 
 def test_one_token_backward_written_out_matches_naive(monkeypatch):
     """A one-token answer scaled at the last prompt token (the usual query) takes the GPT-2 path
-    whose backward pass is written out (attribution_engine._gpt2_one_token_gradients): against
-    the naive loop, 1e-5, for every Riemann rule (α = 1 or 0 among the steps, or neither), in
-    chunks that split a layer's rows, and with a subset of the layers."""
+    whose forward and backward passes are written out, the prompt in the same pass
+    (attribution_engine._gpt2_one_token_pass): against the naive loop, 1e-5, for every Riemann
+    rule (α = 1, the clean row's, or 0 among the steps, or neither), one step, in chunks that
+    split a layer's rows, and with a subset of the layers."""
     from kn_tutorial import attribution_engine as E
     from kn_tutorial.models import load_model
-    calls, run = [], E._gpt2_one_token_gradients
-    monkeypatch.setattr(E, "_gpt2_one_token_gradients", lambda *a, **k: calls.append(1) or run(*a, **k))
+    calls, run = [], E._gpt2_one_token_pass
+    monkeypatch.setattr(E, "_gpt2_one_token_pass", lambda *a, **k: calls.append(1) or run(*a, **k))
     tiny, atlas = tiny_lm("gpt2"), load_model("atlas")
     for (model, tok), rule, steps, batch_size, layers in (
             (tiny, "right", 4, None, None), (tiny, "left", 4, 3, None), (tiny, "midpoint", 3, None, [1]),
+            (tiny, "right", 1, None, None), (tiny, "right", 3, 2, [1, 0]),
             (atlas, "right", 4, None, None), (atlas, "left", 3, 7, None), (atlas, "midpoint", 3, 5, [0, 6, 11])):
         naive = A.integrated_gradients_naive(model, tok, PROMPT, " Asia", steps=steps, rule=rule, layers=layers)
         calls.clear()
