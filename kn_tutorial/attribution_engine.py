@@ -307,41 +307,39 @@ def _gpt2_one_token(query: _Query) -> bool:
 
 
 @torch.no_grad()
-def _gpt2_one_token_pass(model, query: _Query, layers: list[int], row_layer: Tensor, row_alpha: Tensor,
-                         w_bar: Tensor | None, clean_rows: bool):
+def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor, rows: list[tuple[int, int]],
+                         w_bar: Tensor | None, clean_rows: bool, grads: Tensor) -> Tensor:
     """Integrated gradients' rows for a one-token suffix on GPT-2 in one forward and one backward
     pass, both written out (`gpt2_written.block_prompt_and_rows`, `block_one_token_backward`).
 
+    rows: (index into `layers`, index into `alphas`) pairs, those of each layer in step order.
     One matrix per block holds the prompt's first q tokens, the clean row at q (the unmodified
-    prompt's last token) and the rows (layer, α) that have joined: those of layer l join at block
-    l + 1 as block l's residual after attention at q plus its MLP output on α w̄ (w̄: the clean
-    row's key activations at block l, computed in the same pass; `w_bar` when given, e.g. by the
-    first chunk). The prompt tokens give every row the same keys and values and need no gradient.
-    The gradient of Σ P / P(clean) (P(clean): the clean row's) then runs down the blocks for the
-    clean row and the rows; a row leaves at the block it joined, through W (its MLP output W α w̄ + b).
-    The clean row is the row α = 1 of every layer; with `clean_rows`, its gradient at each block
-    l + 1 gives theirs.
+    prompt's last token) and the rows that have joined: those of layer l join at block l + 1 as
+    block l's residual after attention at q plus its MLP output on α w̄ (w̄: the clean row's key
+    activations at block l, computed in the same pass; `w_bar` when given, e.g. by the first
+    chunk). The prompt tokens give every row the same keys and values and need no gradient. The
+    gradient of Σ P / P(clean) (P(clean): the clean row's) then runs down the blocks for the
+    clean row and the rows, and a row of layer l leaves at block l, where its gradient with
+    respect to α w̄ is the first product of block l's backward pass (through W of W key + b).
+    The clean row is the row α = 1 of every layer; with `clean_rows`, it gives their gradients.
 
-    Returns (w̄ [L, d_ff], gradients of the given rows [b, d_ff] float32 in row order, the
-    gradients for α = 1 [L, d_ff] float32 or None)."""
+    Writes the gradients (float32) into grads[layer index, step index, :] for the given rows
+    (and every layer's steps α = 1 with `clean_rows`); returns w̄ [L, d_ff]."""
     transformer, n_head, q = model.transformer, model.config.n_head, query.q
-    blocks = torch.tensor(layers, device=row_layer.device)[row_layer]  # [b] absolute layer of each row
-    order = torch.argsort(blocks, stable=True)
-    counts = {int(l): int(n) for l, n in zip(*blocks.unique(return_counts=True))}
-    alpha_sorted = row_alpha[order]
+    steps: dict[int, list[int]] = {}  # absolute layer -> its rows' step indices, in order
+    for j, k in rows:
+        steps.setdefault(layers[j], []).append(k)
     position = {layer: j for j, layer in enumerate(layers)}
     L = len(transformer.h)
-    lowest = min(layers) if clean_rows else min(counts, default=L)
-    keys_at_q, pasts, saved, first = [], [], [], 0
+    keys_at_q, pasts, saved = [], [], []
     h = transformer.wte(query.seq) + transformer.wpe(torch.arange(q + 1, device=query.seq.device))  # [q + 1, d]
     for block in range(L + 1):
-        if block - 1 in counts:  # the rows of layer block - 1 join
-            layer, n = block - 1, counts[block - 1]
-            scale = alpha_sorted[first:first + n].to(h.dtype)[:, None]
+        if block - 1 in steps:  # the rows of layer block - 1 join
+            layer = block - 1
+            scale = alphas[steps[layer]].to(h.dtype)[:, None]
             clean_key = keys_at_q[layer] if w_bar is None else w_bar[position[layer]]
             c_proj = transformer.h[layer].mlp.c_proj
             h = torch.cat([h, torch.addmm(c_proj.bias, scale * clean_key, c_proj.weight).add_(mid_at_q)])
-            first += n
         if block < L:
             h, mid, keys, past, kept = written.block_prompt_and_rows(transformer.h[block], h, q, n_head)
             keys_at_q.append(keys[q])
@@ -354,51 +352,44 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], row_layer: Ten
     ln_f = transformer.ln_f
     normed, mean_f, rstd_f = torch.native_layer_norm(h, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps)
     unembed = model.lm_head.weight  # [vocab, d]
-    logprobs = torch.log_softmax((normed @ unembed.T).float(), dim=-1)  # [1 + b, vocab]
+    softmax = torch.softmax((normed @ unembed.T).float(), dim=-1)  # [1 + b, vocab]
     target = int(query.targets[0])
-    probs = logprobs[:, target].exp()
+    probs = softmax[:, target].clone()
     # Gradients of P / P(clean), rescaled after (as `_path_gradients_fused`): d(Σ P / p_ref)/d logits = P / p_ref (onehot − softmax)
     p_ref = max(float(probs[0]), 1e-30)
     weight = probs / p_ref
-    grad_logits = logprobs.exp().mul_(-weight[:, None])
+    grad_logits = softmax.mul_(-weight[:, None])
     grad_logits[:, target] += weight
     grad = torch.ops.aten.native_layer_norm_backward(grad_logits.to(unembed.dtype) @ unembed, h, ln_f.normalized_shape,
                                                      mean_f, rstd_f, ln_f.weight, ln_f.bias, [True, False, False])[0]
-    grads, clean_grads = [], {}
-    for block in range(L, lowest, -1):
-        if block < L:
-            grad = written.block_one_token_backward(transformer.h[block], grad, n_head, pasts[block], saved[block])
-        layer = block - 1
-        c_proj_t = transformer.h[layer].mlp.c_proj.weight.T  # [d, d_ff]: d(W k + b)/dk
-        if layer in counts:
-            grads.append(grad[-counts[layer]:] @ c_proj_t)
-            grad = grad[:-counts[layer]]
-        if clean_rows and layer in position:
-            clean_grads[layer] = grad[0] @ c_proj_t
-    row_grads = torch.empty(len(row_layer), w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
-    if grads:
-        row_grads[order] = torch.cat(grads[::-1]).float() * p_ref
-    alpha_one = torch.stack([clean_grads[layer] for layer in layers]).float() * p_ref if clean_rows else None
-    return w_bar, row_grads, alpha_one
+    lowest = min(layers) if clean_rows else min(steps)
+    one = (alphas == 1.0).nonzero().squeeze(1)
+    for block in range(L - 1, lowest - 1, -1):
+        grad_keys = grad @ transformer.h[block].mlp.c_proj.weight.T  # [rows at block's output, d_ff]
+        leaving = len(steps.get(block, ()))
+        if leaving:
+            grads[position[block], steps[block]] = grad_keys[-leaving:].float() * p_ref
+        if clean_rows and block in position:
+            grads[position[block], one] = grad_keys[0].float() * p_ref
+        if block == lowest:
+            break
+        staying = len(grad) - leaving
+        grad = written.block_one_token_backward(transformer.h[block], grad[:staying], grad_keys[:staying], n_head,
+                                                pasts[block], saved[block])
+    return w_bar
 
 
 def _gpt2_one_token_path(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None):
     """`_path_gradients_fused` for a one-token suffix on GPT-2 (`_gpt2_one_token_pass`): the steps
     α = 1 are the clean row's, the other rows go in chunks of `batch_size`."""
-    one = alphas == 1.0
-    rest = alphas[~one]
-    row_layer, row_alpha = _row_plan(len(layers), rest, alphas.device)
-    row_step = torch.arange(len(alphas), device=alphas.device)[~one].repeat(len(layers))  # [rows] index of α
-    chunk = batch_size or _default_batch_size(model, query, max(len(row_layer), 1))
+    others = [k for k, alpha in enumerate(alphas.tolist()) if alpha != 1.0]
+    rows = [(j, k) for j in range(len(layers)) for k in others]
+    chunk = batch_size or _default_batch_size(model, query, max(len(rows), 1))
     grads = torch.zeros(len(layers), len(alphas), d_ff(model), dtype=torch.float32, device=query.seq.device)
     w_bar = None
-    for start in range(0, max(len(row_layer), 1), chunk):
-        rows = slice(start, start + chunk)
-        w_bar, row_grads, alpha_one = _gpt2_one_token_pass(model, query, layers, row_layer[rows], row_alpha[rows],
-                                                           w_bar, clean_rows=start == 0 and bool(one.any()))
-        grads[row_layer[rows], row_step[rows]] = row_grads
-        if alpha_one is not None:
-            grads[:, one] = alpha_one[:, None]
+    for start in range(0, max(len(rows), 1), chunk):
+        w_bar = _gpt2_one_token_pass(model, query, layers, alphas, rows[start:start + chunk], w_bar,
+                                     start == 0 and len(others) < len(alphas), grads)
     return w_bar.float(), grads
 
 

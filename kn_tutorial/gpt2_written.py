@@ -106,18 +106,19 @@ def block_prompt_and_rows(block, h: Tensor, q: int, n_head: int) -> tuple[Tensor
     return out, mid, keys, past, saved
 
 
-def block_one_token_backward(block, grad_out: Tensor, n_head: int, past, saved: tuple) -> Tensor:
+def block_one_token_backward(block, grad_out: Tensor, grad_keys: Tensor, n_head: int, past, saved: tuple) -> Tensor:
     """The gradient with respect to the n rows of h of `block_prompt_and_rows` (its last `past`
-    and `saved`), given the gradient grad_out [n, d] with respect to their output; the chain rule
-    written out, each step the backward kernel autograd would call (weights, biases and the
-    prompt's keys and values are constants: they do not depend on the rows)."""
+    and `saved`), given the gradient grad_out [n, d] with respect to their output and its first
+    step grad_keys = grad_out W_proj^T [n, d_ff] (the gradient with respect to the key
+    activations, which the caller may need for more rows); the chain rule written out, each step
+    the backward kernel autograd would call (weights, biases and the prompt's keys and values
+    are constants: they do not depend on the rows)."""
     h, mean_1, rstd_1, query, key, value, weights, mid, mean_2, rstd_2, pre = saved
     n, d = h.shape
     dh = d // n_head
     past_kt, past_v = past
     q = past_kt.shape[2]
     mask = [True, False, False]
-    grad_keys = grad_out @ block.mlp.c_proj.weight.T  # [n, d_ff]
     grad_pre = torch.ops.aten.gelu_backward(grad_keys, pre, approximate="tanh")
     ln_2 = block.ln_2
     grad_mid = torch.ops.aten.native_layer_norm_backward(grad_pre @ block.mlp.c_fc.weight.T, mid, ln_2.normalized_shape,
