@@ -314,8 +314,8 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
 
     rows: (index into `layers`, index into `alphas`) pairs, those of each layer in step order.
     One matrix per block holds the prompt's first q tokens, the clean row at q (the unmodified
-    prompt's last token) and the rows that have joined: those of layer l join at block l + 1 as
-    block l's residual after attention at q plus its MLP output on α w̄ (w̄: the clean row's key
+    prompt's last token) and the rows that have joined: those of layer l come out of block l as
+    its residual after attention at q plus its MLP output on α w̄ (w̄: the clean row's key
     activations at block l, computed in the same pass; `w_bar` when given, e.g. by the first
     chunk). The prompt tokens give every row the same keys and values and need no gradient. The
     gradient of Σ P / P(clean) (P(clean): the clean row's) then runs down the blocks for the
@@ -333,19 +333,13 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
     L = len(transformer.h)
     keys_at_q, pasts, saved = [], [], []
     h = transformer.wte(query.seq) + transformer.wpe(torch.arange(q + 1, device=query.seq.device))  # [q + 1, d]
-    for block in range(L + 1):
-        if block - 1 in steps:  # the rows of layer block - 1 join
-            layer = block - 1
-            scale = alphas[steps[layer]].to(h.dtype)[:, None]
-            clean_key = keys_at_q[layer] if w_bar is None else w_bar[position[layer]]
-            c_proj = transformer.h[layer].mlp.c_proj
-            h = torch.cat([h, torch.addmm(c_proj.bias, scale * clean_key, c_proj.weight).add_(mid_at_q)])
-        if block < L:
-            h, mid, keys, past, kept = written.block_prompt_and_rows(transformer.h[block], h, q, n_head)
-            keys_at_q.append(keys[q])
-            mid_at_q = mid[q]
-            pasts.append(past)
-            saved.append(kept)
+    for block in range(L):  # the rows of layer l join at block l's output, their keys α w̄ in its last product
+        join = alphas[steps[block]].to(h.dtype) if block in steps else None
+        join_key = None if w_bar is None or join is None else w_bar[position[block]]
+        h, mid, keys, past, kept = written.block_prompt_and_rows(transformer.h[block], h, q, n_head, join, join_key)
+        keys_at_q.append(keys[q])
+        pasts.append(past)
+        saved.append(kept)
     if w_bar is None:
         w_bar = torch.stack([keys_at_q[layer] for layer in layers])
     h = h[q:]  # [1 + b, d]: the clean row, then the rows in join order

@@ -76,15 +76,20 @@ def attention(block, h: Tensor, n_head: int, past=None) -> tuple[Tensor, Tensor,
     return h + conv1d(attended.transpose(1, 2).reshape(n, s, d), block.attn.c_proj), key, value
 
 
-def block_prompt_and_rows(block, h: Tensor, q: int, n_head: int) -> tuple[Tensor, Tensor, Tensor, tuple, tuple]:
+def block_prompt_and_rows(block, h: Tensor, q: int, n_head: int, join: Tensor | None = None,
+                          join_key: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, tuple, tuple]:
     """One block, without autograd, on h [q + n, d]: rows 0..q-1 are a prompt's first q tokens
     (causal among themselves), and each of the n rows after them is one token at position q
     that attends to those q tokens and to itself (`block_one_token`'s rows, with the prompt in
-    the same matrix products). Returns (output, residual after attention, key activations
-    [q + n, d_ff], the q tokens' (keys transposed [heads, d_head, q], values [heads, q, d_head]),
-    what `block_one_token_backward` needs for the n rows)."""
+    the same matrix products). join [j]: j more rows come out of the block, each the row at q
+    with its key activations scaled by join (of join_key [d_ff] when given): their MLP output
+    is computed in the same product as the others' (their residual after attention is row q's).
+    Returns (output [q + n + j, d], residual after attention, key activations [q + n + j, d_ff],
+    the q tokens' (keys transposed [heads, d_head, q], values [heads, q, d_head]), what
+    `block_one_token_backward` needs for the n rows)."""
     m, d = h.shape
     dh = d // n_head
+    out_rows = m + (0 if join is None else len(join))
     ln_1, ln_2 = block.ln_1, block.ln_2
     normed, mean_1, rstd_1 = torch.native_layer_norm(h, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps)
     qkv = torch.addmm(block.attn.c_attn.bias, normed, block.attn.c_attn.weight)  # [q + n, 3 d]
@@ -97,12 +102,17 @@ def block_prompt_and_rows(block, h: Tensor, q: int, n_head: int) -> tuple[Tensor
         torch.nn.functional.scaled_dot_product_attention(prompt_q[None], prompt_k[None], prompt_v[None], is_causal=True)[0],
         torch.baddbmm(weights[..., q:] * value, weights[..., :q], prompt_v),
     ], dim=1)  # [heads, q + n, d_head]
-    mid = torch.addmm(h, attended.transpose(0, 1).reshape(m, d), block.attn.c_proj.weight).add_(block.attn.c_proj.bias)
-    normed, mean_2, rstd_2 = torch.native_layer_norm(mid, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps)
+    mid = h.new_empty(out_rows, d)
+    torch.addmm(h, attended.transpose(0, 1).reshape(m, d), block.attn.c_proj.weight, out=mid[:m]).add_(block.attn.c_proj.bias)
+    normed, mean_2, rstd_2 = torch.native_layer_norm(mid[:m], ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps)
     pre = torch.addmm(block.mlp.c_fc.bias, normed, block.mlp.c_fc.weight)  # [q + n, d_ff]
-    keys = torch.nn.functional.gelu(pre, approximate="tanh")
+    keys = h.new_empty(out_rows, pre.shape[1])
+    torch._C._nn.gelu(pre, approximate="tanh", out=keys[:m])
+    if join is not None:
+        mid[m:] = mid[q]
+        torch.mul(join[:, None], keys[q] if join_key is None else join_key, out=keys[m:])
     out = torch.addmm(mid, keys, block.mlp.c_proj.weight).add_(block.mlp.c_proj.bias)
-    saved = (h[q:], mean_1[q:], rstd_1[q:], query, key, value, weights, mid[q:], mean_2[q:], rstd_2[q:], pre[q:])
+    saved = (h[q:], mean_1[q:], rstd_1[q:], query, key, value, weights, mid[q:m], mean_2[q:], rstd_2[q:], pre[q:])
     return out, mid, keys, past, saved
 
 
