@@ -27,7 +27,7 @@ literally, and the tests hold the engines to it.
    the last prompt token) one pass does it all: the prompt's tokens, the clean row and the rows
    share each block's matrix products, the backward pass is written out too (no autograd
    graph), and the clean row is every layer's row α = 1. Other models use the modules.
-5. Precision. Parameters are frozen while it runs (autograd computes no weight gradients),
+5. Precision. Parameters are frozen while autograd runs (it computes no weight gradients),
    and the gradient is taken of P / P(clean), rescaled after, so float16 models do not
    underflow.
 """
@@ -48,6 +48,7 @@ from .models import d_ff, d_model, final_norm, fused_activations, get_block, get
 from . import gpt2_written as written
 from .gpt2_written import is_plain_gpt2
 from .validate import require_positive_int
+from .weights import frozen
 
 
 # --------------------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
 
 
 def _gpt2_one_token_path(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None):
-    """`_path_gradients_fused` for a one-token suffix on GPT-2 (`_gpt2_one_token_pass`): the steps
+    """`_path_gradients` for a one-token suffix on GPT-2 (`_gpt2_one_token_pass`): the steps
     α = 1 are the clean row's, the other rows go in chunks of `batch_size`."""
     others = [k for k, alpha in enumerate(alphas.tolist()) if alpha != 1.0]
     rows = [(j, k) for j in range(len(layers)) for k in others]
@@ -441,18 +442,20 @@ def _grow_or_flat(model, *args, **kwargs):
 def _path_gradients(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None,
                     engine: str) -> tuple[Tensor, Tensor]:
     """w̄ [L, d_ff] and Σ over the given α of ∂P_x(α w̄^(l))/∂w^(l), accumulated per distinct α:
-    returns (w_bar, grads [L, len(alphas), d_ff]), both float32 on the model's device. GPT-2's
-    GELU runs as one kernel (models.fused_activations: the same numbers to float rounding)."""
+    returns (w_bar, grads [L, len(alphas), d_ff]), both float32 on the model's device. The
+    engines that go through the modules run with the weights frozen (`weights.frozen`: autograd
+    keeps nothing for weight gradients) and GPT-2's GELU as one kernel (models.fused_activations:
+    the same numbers to float rounding)."""
     _check_batch_size(batch_size)
-    with fused_activations(model):
+    if engine == "grow" and _gpt2_one_token(query) and is_plain_gpt2(model):  # no module, no autograd graph
+        return _gpt2_one_token_path(model, query, layers, alphas.to(query.seq.device), batch_size)
+    with frozen(model), fused_activations(model):
         return _path_gradients_fused(model, query, layers, alphas, batch_size, engine)
 
 
 def _path_gradients_fused(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None,
                           engine: str) -> tuple[Tensor, Tensor]:
     written_out = engine == "grow" and is_plain_gpt2(model)
-    if written_out and _gpt2_one_token(query):
-        return _gpt2_one_token_path(model, query, layers, alphas.to(query.seq.device), batch_size)
     if written_out:
         w_bar, p_clean, past, states, mids = _gpt2_clean_pass(model, query, layers)
     else:
