@@ -307,7 +307,7 @@ def _gpt2_one_token(query: _Query) -> bool:
     return len(query.seq) - query.q == 1 and query.q > 0
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor, rows: list[tuple[int, int]],
                          w_bar: Tensor | None, clean_rows: bool, grads: Tensor) -> Tensor:
     """Integrated gradients' rows for a one-token suffix on GPT-2 in one forward and one backward
@@ -385,7 +385,7 @@ def _gpt2_one_token_path(model, query: _Query, layers: list[int], alphas: Tensor
     for start in range(0, max(len(rows), 1), chunk):
         w_bar = _gpt2_one_token_pass(model, query, layers, alphas, rows[start:start + chunk], w_bar,
                                      start == 0 and len(others) < len(alphas), grads)
-    return w_bar.float(), grads
+    return w_bar.float().clone(), grads  # a clone made here is an ordinary tensor, not an inference-mode one
 
 
 def _memory_budget(device: torch.device) -> int:
