@@ -347,14 +347,17 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
     ln_f = transformer.ln_f
     normed, mean_f, rstd_f = torch.native_layer_norm(h, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps)
     unembed = model.lm_head.weight  # [vocab, d]
-    softmax = torch.softmax((normed @ unembed.T).float(), dim=-1)  # [1 + b, vocab]
+    logprobs = torch.log_softmax((normed @ unembed.T).float(), dim=-1)  # [1 + b, vocab]
     target = int(query.targets[0])
-    probs = softmax[:, target].clone()
-    # Gradients of P / P(clean), rescaled after (as `_path_gradients_fused`): d(Σ P / p_ref)/d logits = P / p_ref (onehot − softmax)
+    probs = logprobs[:, target].exp()
+    # Gradients of P / P(clean), rescaled after (as `_path_gradients_fused`), through the kernel
+    # autograd uses for log-softmax (P near 1, a well-learnt fact, leaves few digits in 1 − P:
+    # the same kernel keeps them the same as in the naive loop; an exp(log-softmax) of its own
+    # differed from it by 1e-4 relative in such gradients).
     p_ref = max(float(probs[0]), 1e-30)
-    weight = probs / p_ref
-    grad_logits = softmax.mul_(-weight[:, None])
-    grad_logits[:, target] += weight
+    grad_logprobs = torch.zeros_like(logprobs)
+    grad_logprobs[:, target] = probs / p_ref
+    grad_logits = torch.ops.aten._log_softmax_backward_data(grad_logprobs, logprobs, -1, logprobs.dtype)
     grad = torch.ops.aten.native_layer_norm_backward(grad_logits.to(unembed.dtype) @ unembed, h, ln_f.normalized_shape,
                                                      mean_f, rstd_f, ln_f.weight, ln_f.bias, [True, False, False])[0]
     lowest = min(layers) if clean_rows else min(steps)

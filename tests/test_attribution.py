@@ -107,25 +107,42 @@ def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
 def test_one_token_backward_written_out_matches_naive(monkeypatch):
     """A one-token answer scaled at the last prompt token (the usual query) takes the GPT-2 path
     whose forward and backward passes are written out, the prompt in the same pass
-    (attribution_engine._gpt2_one_token_pass): against the naive loop, 1e-5, for every Riemann
-    rule (α = 1, the clean row's, or 0 among the steps, or neither), one step, in chunks that
-    split a layer's rows, and with a subset of the layers."""
+    (attribution_engine._gpt2_one_token_pass), for every Riemann rule (α = 1, the clean row's, or
+    0 among the steps, or neither), one step, in chunks that split a layer's rows, and with a
+    subset of the layers: against the naive loop on the tiny GPT-2 (1e-5), and on Atlas in
+    float64 (1e-6; the probabilities are float32 in both) and float32 against float64 (1e-5).
+    Atlas's facts are learnt well (P near 1), so the gradients rest on 1 − P and are sensitive
+    to rounding: float32 paths, the naive loop's included, sit up to ~1.5e-5 from float64 on
+    some facts, and a softmax rounded unlike the naive loop's moved them by 1e-4 ("Las Palmas"
+    below, right rule: the regression the float64 check catches)."""
+    import copy
+
     from kn_tutorial import attribution_engine as E
     from kn_tutorial.models import load_model
     calls, run = [], E._gpt2_one_token_pass
     monkeypatch.setattr(E, "_gpt2_one_token_pass", lambda *a, **k: calls.append(1) or run(*a, **k))
     tiny, atlas = tiny_lm("gpt2"), load_model("atlas")
-    for (model, tok), rule, steps, batch_size, layers in (
-            (tiny, "right", 4, None, None), (tiny, "left", 4, 3, None), (tiny, "midpoint", 3, None, [1]),
-            (tiny, "right", 1, None, None), (tiny, "right", 3, 2, [1, 0]),
-            (atlas, "right", 4, None, None), (atlas, "left", 3, 7, None), (atlas, "midpoint", 3, 5, [0, 6, 11])):
-        naive = A.integrated_gradients_naive(model, tok, PROMPT, " Asia", steps=steps, rule=rule, layers=layers)
+    atlas64 = (copy.deepcopy(atlas[0]).double(), atlas[1])
+    palmas = ("Las Palmas de Gran Canaria is located in the continent of", " Europe")
+    for (model, tok), (prompt, target), rule, steps, batch_size, layers, reference, tol in (
+            (tiny, (PROMPT, " Asia"), "right", 4, None, None, tiny, 1e-5),
+            (tiny, (PROMPT, " Asia"), "left", 4, 3, None, tiny, 1e-5),
+            (tiny, (PROMPT, " Asia"), "midpoint", 3, None, [1], tiny, 1e-5),
+            (tiny, (PROMPT, " Asia"), "right", 1, None, None, tiny, 1e-5),
+            (tiny, (PROMPT, " Asia"), "right", 3, 2, [1, 0], tiny, 1e-5),
+            (atlas64, (PROMPT, " Asia"), "right", 4, None, None, atlas64, 1e-6),
+            (atlas64, palmas, "right", 4, None, None, atlas64, 1e-6),
+            (atlas64, palmas, "left", 3, 7, None, atlas64, 1e-6),
+            (atlas64, (PROMPT, " Asia"), "midpoint", 3, 5, [0, 6, 11], atlas64, 1e-6),
+            (atlas, (PROMPT, " Asia"), "right", 4, None, None, atlas64, 1e-5),
+            (atlas, palmas, "midpoint", 3, 7, None, atlas64, 1e-5)):
+        naive = A.integrated_gradients_naive(*reference, prompt, target, steps=steps, rule=rule, layers=layers)
         calls.clear()
-        fast = A.integrated_gradients(model, tok, PROMPT, " Asia", steps=steps, rule=rule, batch_size=batch_size,
+        fast = A.integrated_gradients(model, tok, prompt, target, steps=steps, rule=rule, batch_size=batch_size,
                                       layers=layers)
         assert calls, "the written-out backward did not run"
         scale = naive.abs().max()
-        torch.testing.assert_close(fast / scale, naive / scale, rtol=0, atol=1e-5)
+        torch.testing.assert_close(fast.double() / scale, naive.double() / scale, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
