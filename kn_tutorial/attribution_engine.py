@@ -338,7 +338,7 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
         join = alphas[steps[block]].to(h.dtype) if block in steps else None
         join_key = None if w_bar is None or join is None else w_bar[position[block]]
         h, mid, keys, past, kept = written.block_prompt_and_rows(transformer.h[block], h, q, n_head, join, join_key)
-        keys_at_q.append(keys[q])
+        keys_at_q.append(keys[q].clone())  # a copy: the block's key activations are freed
         pasts.append(past)
         saved.append(kept)
     if w_bar is None:

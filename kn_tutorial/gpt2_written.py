@@ -84,7 +84,7 @@ _GELU_C = (2 / math.pi) ** 0.5  # "gelu_new": 0.5 x (1 + tanh(c (x + 0.044715 x^
 
 def gelu_saving(x: Tensor, out: Tensor) -> Tensor:
     """GPT-2's tanh GELU written as x sigmoid(2 c (x + 0.044715 x^3)) (the same function:
-    0.5 (1 + tanh(z)) = sigmoid(2 z)) into `out`; returns the sigmoid, which `gelu_backward`
+    0.5 (1 + tanh(z)) = sigmoid(2 z)) into `out`; returns the sigmoid, which `gelu_derivative`
     needs. Six passes of cheap kernels: about 1.7x faster on CPU than torch's fused tanh GELU,
     whose tanh is slow, and as accurate (within a few 1e-7 of float64 on Atlas's range)."""
     z = (x * x).mul_(2 * _GELU_C * 0.044715).add_(2 * _GELU_C).mul_(x)  # 2 c (x + 0.044715 x^3)
@@ -93,12 +93,12 @@ def gelu_saving(x: Tensor, out: Tensor) -> Tensor:
     return gate
 
 
-def gelu_backward(grad: Tensor, x: Tensor, gate: Tensor) -> Tensor:
-    """d/dx of x sigmoid(2u), u = c (x + 0.044715 x^3), times grad: sigmoid (1 + x 2u' (1 − sigmoid))
-    with x 2u' = 2 c x (1 + 3 * 0.044715 x^2); gate = sigmoid(2u) from `gelu_saving`. Over 2x
-    faster on CPU than torch's gelu_backward (which recomputes the tanh)."""
+def gelu_derivative(x: Tensor, gate: Tensor) -> Tensor:
+    """d/dx of x sigmoid(2u), u = c (x + 0.044715 x^3): sigmoid (1 + x 2u' (1 − sigmoid)) with
+    x 2u' = 2 c x (1 + 3 * 0.044715 x^2); gate = sigmoid(2u) from `gelu_saving`. Over 2x faster
+    on CPU than torch's gelu_backward (which recomputes the tanh)."""
     slope = (x * x).mul_(6 * _GELU_C * 0.044715).add_(2 * _GELU_C).mul_(x)  # x 2u'
-    return slope.addcmul_(slope, gate, value=-1).add_(1).mul_(gate).mul_(grad)  # in place: no temporary 1 − gate
+    return slope.addcmul_(slope, gate, value=-1).add_(1).mul_(gate)  # in place: no temporary 1 − gate
 
 
 def block_prompt_and_rows(block, h: Tensor, q: int, n_head: int, join: Tensor | None = None,
@@ -137,7 +137,8 @@ def block_prompt_and_rows(block, h: Tensor, q: int, n_head: int, join: Tensor | 
         mid[m:] = mid[q]
         torch.mul(join[:, None], keys[q] if join_key is None else join_key, out=keys[m:])
     out = torch.addmm(mid, keys, block.mlp.c_proj.weight).add_(block.mlp.c_proj.bias)
-    saved = (h[q:], mean_1[q:], rstd_1[q:], query, key, value, weights, mid[q:m], mean_2[q:], rstd_2[q:], pre[q:], gate[q:])
+    slope = gelu_derivative(pre[q:], gate[q:])  # for the backward pass, kept instead of pre and gate
+    saved = (h[q:], mean_1[q:], rstd_1[q:], query, key, value, weights, mid[q:m], mean_2[q:], rstd_2[q:], slope)
     return out, mid, keys, (prompt_k, prompt_v), saved
 
 
@@ -148,13 +149,13 @@ def block_one_token_backward(block, grad_out: Tensor, grad_keys: Tensor, n_head:
     activations, which the caller may need for more rows); the chain rule written out, each step
     the backward kernel autograd would call (weights, biases and the prompt's keys and values
     are constants: they do not depend on the rows)."""
-    h, mean_1, rstd_1, query, key, value, weights, mid, mean_2, rstd_2, pre, gate = saved
+    h, mean_1, rstd_1, query, key, value, weights, mid, mean_2, rstd_2, slope = saved
     n, d = h.shape
     dh = d // n_head
     past_k, past_v = past  # [heads, q, d_head]
     q = past_k.shape[1]
     mask = [True, False, False]
-    grad_pre = gelu_backward(grad_keys, pre, gate)
+    grad_pre = slope * grad_keys
     ln_2 = block.ln_2
     grad_mid = torch.ops.aten.native_layer_norm_backward(grad_pre @ block.mlp.c_fc.weight.T, mid, ln_2.normalized_shape,
                                                          mean_2, rstd_2, ln_2.weight, ln_2.bias, mask)[0].add_(grad_out)
