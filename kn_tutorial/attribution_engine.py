@@ -332,12 +332,12 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
         steps.setdefault(layers[j], []).append(k)
     position = {layer: j for j, layer in enumerate(layers)}
     L = len(transformer.h)
-    keys_at_q, pasts, saved = [], [], []
-    h = transformer.wte(query.seq) + transformer.wpe(torch.arange(q + 1, device=query.seq.device))  # [q + 1, d]
+    keys_at_q, pasts, saved, blocks = [], [], [], list(transformer.h)
+    h = transformer.wte.weight[query.seq] + transformer.wpe.weight[:q + 1]  # [q + 1, d]: the embeddings
     for block in range(L):  # the rows of layer l join at block l's output, their keys α w̄ in its last product
         join = alphas[steps[block]].to(h.dtype) if block in steps else None
         join_key = None if w_bar is None or join is None else w_bar[position[block]]
-        h, mid, keys, past, kept = written.block_prompt_and_rows(transformer.h[block], h, q, n_head, join, join_key)
+        h, mid, keys, past, kept = written.block_prompt_and_rows(blocks[block], h, q, n_head, join, join_key)
         keys_at_q.append(keys[q].clone())  # a copy: the block's key activations are freed
         pasts.append(past)
         saved.append(kept)
@@ -363,7 +363,7 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
     lowest = min(layers) if clean_rows else min(steps)
     one = (alphas == 1.0).nonzero().squeeze(1)
     for block in range(L - 1, lowest - 1, -1):
-        grad_keys = grad @ transformer.h[block].mlp.c_proj.weight.T  # [rows at block's output, d_ff]
+        grad_keys = grad @ blocks[block].mlp.c_proj.weight.T  # [rows at block's output, d_ff]
         leaving = len(steps.get(block, ()))
         if leaving:
             grads[position[block], steps[block]] = grad_keys[-leaving:].float() * p_ref
@@ -372,7 +372,7 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
         if block == lowest:
             break
         staying = len(grad) - leaving
-        grad = written.block_one_token_backward(transformer.h[block], grad[:staying], grad_keys[:staying], n_head,
+        grad = written.block_one_token_backward(blocks[block], grad[:staying], grad_keys[:staying], n_head,
                                                 pasts[block], saved[block])
     return w_bar
 

@@ -116,9 +116,9 @@ def block_prompt_and_rows(block, h: Tensor, q: int, n_head: int, join: Tensor | 
     m, d = h.shape
     dh = d // n_head
     out_rows = m + (0 if join is None else len(join))
-    ln_1, ln_2 = block.ln_1, block.ln_2
+    ln_1, ln_2, attn, mlp = block.ln_1, block.ln_2, block.attn, block.mlp
     normed, mean_1, rstd_1 = torch.native_layer_norm(h, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps)
-    qkv = torch.addmm(block.attn.c_attn.bias, normed, block.attn.c_attn.weight)  # [q + n, 3 d]
+    qkv = torch.addmm(attn.c_attn.bias, normed, attn.c_attn.weight)  # [q + n, 3 d]
     prompt_q, prompt_k, prompt_v = qkv[:q].view(q, 3, n_head, dh).permute(1, 2, 0, 3)  # [heads, q, d_head]
     query, key, value = qkv[q:].view(m - q, 3, n_head, dh).permute(1, 2, 0, 3)  # [heads, n, d_head]
     own = (query * key).sum(-1)[:, None]  # [heads, 1, n]
@@ -128,15 +128,15 @@ def block_prompt_and_rows(block, h: Tensor, q: int, n_head: int, join: Tensor | 
         torch.baddbmm(weights[:, q:].transpose(1, 2) * value, weights[:, :q].transpose(1, 2), prompt_v),
     ], dim=1)  # [heads, q + n, d_head]
     mid = h.new_empty(out_rows, d)
-    torch.addmm(h, attended.transpose(0, 1).reshape(m, d), block.attn.c_proj.weight, out=mid[:m]).add_(block.attn.c_proj.bias)
+    torch.addmm(h, attended.transpose(0, 1).reshape(m, d), attn.c_proj.weight, out=mid[:m]).add_(attn.c_proj.bias)
     normed, mean_2, rstd_2 = torch.native_layer_norm(mid[:m], ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps)
-    pre = torch.addmm(block.mlp.c_fc.bias, normed, block.mlp.c_fc.weight)  # [q + n, d_ff]
+    pre = torch.addmm(mlp.c_fc.bias, normed, mlp.c_fc.weight)  # [q + n, d_ff]
     keys = h.new_empty(out_rows, pre.shape[1])
     gate = gelu_saving(pre, keys[:m])
     if join is not None:
         mid[m:] = mid[q]
         torch.mul(join[:, None], keys[q] if join_key is None else join_key, out=keys[m:])
-    out = torch.addmm(mid, keys, block.mlp.c_proj.weight).add_(block.mlp.c_proj.bias)
+    out = torch.addmm(mid, keys, mlp.c_proj.weight).add_(mlp.c_proj.bias)
     slope = gelu_derivative(pre[q:], gate[q:])  # for the backward pass, kept instead of pre and gate
     saved = (h[q:], mean_1[q:], rstd_1[q:], query, key, value, weights, mid[q:m], mean_2[q:], rstd_2[q:], slope)
     return out, mid, keys, (prompt_k, prompt_v), saved
