@@ -106,7 +106,8 @@ def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
 
 def test_written_gelu_and_its_derivative_are_gpt2s():
     """gpt2_written.gelu_saving / gelu_derivative (x sigmoid(2u), the fast path's GELU) against torch's
-    tanh GELU and its autograd derivative, in float64 over GPT-2's range and beyond."""
+    tanh GELU and its autograd derivative, in float64 over GPT-2's range and beyond, and finite in
+    16-bit floats."""
     from kn_tutorial import gpt2_written as W
     x = torch.linspace(-12, 12, 2001, dtype=torch.float64).requires_grad_(True)
     want = torch.nn.functional.gelu(x, approximate="tanh")
@@ -116,6 +117,15 @@ def test_written_gelu_and_its_derivative_are_gpt2s():
     gate = W.gelu_saving(x.detach(), out)
     torch.testing.assert_close(out, want.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(W.gelu_derivative(x.detach(), gate) * grad, want_grad, rtol=1e-12, atol=1e-14)
+    # 16-bit inputs: computed in float32, so x^3 does not overflow (float16's range ends at 65504)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = torch.linspace(-300, 300, 601).to(dtype)
+        out = torch.empty_like(half)
+        slope = W.gelu_derivative(half, W.gelu_saving(half, out))
+        assert slope.dtype == dtype and torch.isfinite(slope).all() and torch.isfinite(out).all()
+        wide = half.float().requires_grad_(True)
+        (want_slope,) = torch.autograd.grad(torch.nn.functional.gelu(wide, approximate="tanh").sum(), wide)
+        torch.testing.assert_close(slope.float(), want_slope, rtol=1e-2, atol=1e-2)
 
 
 def test_one_token_backward_written_out_matches_naive(monkeypatch):
