@@ -39,7 +39,6 @@ from .models import check_layer, d_ff, get_device, n_layers
 from .progress import progress
 from .scoring import target_ids
 from .validate import NonFiniteEditError, check_context, nonfinite_cause, shorten
-from .weights import frozen
 
 RULES = ("right", "left", "midpoint")
 TARGET_TOKENS = ("all", "first")
@@ -160,11 +159,10 @@ def integrated_gradients(
     _check_batch_size(batch_size)
     device = get_device(model)
     out = []
-    with frozen(model):
-        for p, t in progress(list(zip(prompts, targets)), desc="integrated gradients",
-                             disable=not show_progress or len(prompts) == 1):
-            query = _query(model, tokenizer, p, t, position, target_tokens, device)
-            out.append(_one_fact_ig(model, query, layer_list, alphas, batch_size, engine))
+    for p, t in progress(list(zip(prompts, targets)), desc="integrated gradients",
+                         disable=not show_progress or len(prompts) == 1):
+        query = _query(model, tokenizer, p, t, position, target_tokens, device)
+        out.append(_one_fact_ig(model, query, layer_list, alphas, batch_size, engine))  # weights frozen inside
     result = out[0] if single else torch.stack(out)
     if not bool(torch.isfinite(result).all()):
         cause = nonfinite_cause(model) or "the gradients overflowed: P(target) may be too small"
@@ -232,9 +230,8 @@ def integrated_gradients_ladder(
     distinct = sorted({round(a, 12) for alphas in points.values() for a in alphas.tolist()})
     index = {a: i for i, a in enumerate(distinct)}
     query = _query(model, tokenizer, prompt, target, position, target_tokens, get_device(model))
-    with frozen(model):
-        w_bar, grads = _path_gradients(model, query, layer_list, torch.tensor(distinct, dtype=torch.float64),
-                                       batch_size, engine)
+    w_bar, grads = _path_gradients(model, query, layer_list, torch.tensor(distinct, dtype=torch.float64),
+                                   batch_size, engine)
     out = {}
     for key, alphas in points.items():
         idx = torch.tensor([index[round(a, 12)] for a in alphas.tolist()], device=grads.device)

@@ -74,8 +74,8 @@ def test_batched_equals_naive_loop_on_atlas():
 
 
 def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
-    """GPT-2 takes the written-out forward (attribution_engine._gpt2_run_rows), unless a hook is
-    installed; the module path stays right for it too. One-token and several-token suffixes."""
+    """GPT-2 takes the written-out forward (attribution_engine._gpt2_run_rows, or
+    _gpt2_one_token_pass for a one-token suffix), unless a hook is installed; the module path stays right for it too. One-token and several-token suffixes."""
     from kn_tutorial import attribution_engine as E
     from kn_tutorial.models import load_model
     atlas = load_model("atlas")
@@ -84,9 +84,10 @@ def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
         assert E.is_plain_gpt2(model)
         naive = A.integrated_gradients_naive(model, tok, PROMPT, target, steps=3, position=position)
         scale = naive.abs().max()
-        calls, run_rows = [], E._gpt2_run_rows
+        calls, run_rows, one_token = [], E._gpt2_run_rows, E._gpt2_one_token_pass
         with monkeypatch.context() as m:
             m.setattr(E, "_gpt2_run_rows", lambda *a, **k: calls.append(1) or run_rows(*a, **k))
+            m.setattr(E, "_gpt2_one_token_pass", lambda *a, **k: calls.append(1) or one_token(*a, **k))
             written = A.integrated_gradients(model, tok, PROMPT, target, steps=3, position=position, layers=[0, 1])
         assert calls, "the written-out GPT-2 path did not run"
         with monkeypatch.context() as m:
@@ -101,6 +102,71 @@ def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
     assert E.is_plain_gpt2(model)
     model.train()
     assert not E.is_plain_gpt2(model)
+
+
+def test_written_gelu_and_its_derivative_are_gpt2s():
+    """gpt2_written.gelu_saving / gelu_derivative (x sigmoid(2u), the fast path's GELU) against torch's
+    tanh GELU and its autograd derivative, in float64 over GPT-2's range and beyond, and finite in
+    16-bit floats."""
+    from kn_tutorial import gpt2_written as W
+    x = torch.linspace(-12, 12, 2001, dtype=torch.float64).requires_grad_(True)
+    want = torch.nn.functional.gelu(x, approximate="tanh")
+    grad = torch.randn(2001, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (want_grad,) = torch.autograd.grad(want, x, grad)
+    out = torch.empty_like(want)
+    gate = W.gelu_saving(x.detach(), out)
+    torch.testing.assert_close(out, want.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(W.gelu_derivative(x.detach(), gate) * grad, want_grad, rtol=1e-12, atol=1e-14)
+    # 16-bit inputs: computed in float32, so x^3 does not overflow (float16's range ends at 65504)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = torch.linspace(-300, 300, 601).to(dtype)
+        out = torch.empty_like(half)
+        slope = W.gelu_derivative(half, W.gelu_saving(half, out))
+        assert slope.dtype == dtype and torch.isfinite(slope).all() and torch.isfinite(out).all()
+        wide = half.float().requires_grad_(True)
+        (want_slope,) = torch.autograd.grad(torch.nn.functional.gelu(wide, approximate="tanh").sum(), wide)
+        torch.testing.assert_close(slope.float(), want_slope, rtol=1e-2, atol=1e-2)
+
+
+def test_one_token_backward_written_out_matches_naive(monkeypatch):
+    """A one-token answer scaled at the last prompt token (the usual query) takes the GPT-2 path
+    whose forward and backward passes are written out, the prompt in the same pass
+    (attribution_engine._gpt2_one_token_pass), for every Riemann rule (α = 1, the clean row's, or
+    0 among the steps, or neither), one step, in chunks that split a layer's rows, and with a
+    subset of the layers: against the naive loop on the tiny GPT-2 (1e-5), and on Atlas in
+    float64 (1e-6; the probabilities are float32 in both) and float32 against float64 (1e-5).
+    Atlas's facts are learnt well (P near 1), so the gradients rest on 1 − P and are sensitive
+    to rounding: float32 paths, the naive loop's included, sit up to ~1.5e-5 from float64 on
+    some facts, and a softmax rounded unlike the naive loop's moved them by 1e-4 ("Las Palmas"
+    below, right rule: the regression the float64 check catches)."""
+    import copy
+
+    from kn_tutorial import attribution_engine as E
+    from kn_tutorial.models import load_model
+    calls, run = [], E._gpt2_one_token_pass
+    monkeypatch.setattr(E, "_gpt2_one_token_pass", lambda *a, **k: calls.append(1) or run(*a, **k))
+    tiny, atlas = tiny_lm("gpt2"), load_model("atlas")
+    atlas64 = (copy.deepcopy(atlas[0]).double(), atlas[1])
+    palmas = ("Las Palmas de Gran Canaria is located in the continent of", " Europe")
+    for (model, tok), (prompt, target), rule, steps, batch_size, layers, reference, tol in (
+            (tiny, (PROMPT, " Asia"), "right", 4, None, None, tiny, 1e-5),
+            (tiny, (PROMPT, " Asia"), "left", 4, 3, None, tiny, 1e-5),
+            (tiny, (PROMPT, " Asia"), "midpoint", 3, None, [1], tiny, 1e-5),
+            (tiny, (PROMPT, " Asia"), "right", 1, None, None, tiny, 1e-5),
+            (tiny, (PROMPT, " Asia"), "right", 3, 2, [1, 0], tiny, 1e-5),
+            (atlas64, (PROMPT, " Asia"), "right", 4, None, None, atlas64, 1e-6),
+            (atlas64, palmas, "right", 4, None, None, atlas64, 1e-6),
+            (atlas64, palmas, "left", 3, 7, None, atlas64, 1e-6),
+            (atlas64, (PROMPT, " Asia"), "midpoint", 3, 5, [0, 6, 11], atlas64, 1e-6),
+            (atlas, (PROMPT, " Asia"), "right", 4, None, None, atlas64, 1e-5),
+            (atlas, palmas, "midpoint", 3, 7, None, atlas64, 1e-5)):
+        naive = A.integrated_gradients_naive(*reference, prompt, target, steps=steps, rule=rule, layers=layers)
+        calls.clear()
+        fast = A.integrated_gradients(model, tok, prompt, target, steps=steps, rule=rule, batch_size=batch_size,
+                                      layers=layers)
+        assert calls, "the written-out backward did not run"
+        scale = naive.abs().max()
+        torch.testing.assert_close(fast.double() / scale, naive.double() / scale, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -61,3 +61,14 @@ def test_forward_recorded_equals_the_modules(model_name):
         _close(run["kv"][layer][0], keys)
         _close(run["kv"][layer][1], values)
         _close(run["qkv"][layer][..., d:2 * d], keys.transpose(1, 2).reshape(3, 7, d))
+
+
+def test_gelu_tanh_on_16_bit_inputs():
+    """x^3 overflows float16 above ~40: 16-bit inputs are computed in float32 and come back in their dtype."""
+    x = torch.tensor([-300.0, -50.0, -3.0, -0.5, 0.0, 0.5, 3.0, 50.0, 300.0])
+    want = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.no_grad():
+            got = gpt2_written.gelu_tanh(x.to(dtype))
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=1e-2, atol=1e-3)
