@@ -74,9 +74,10 @@ def test_batched_equals_naive_loop_on_atlas():
 
 
 def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
-    """GPT-2 takes the written-out forward (attribution_engine._gpt2_run_rows, or
+    """GPT-2 takes the written-out forward (attribution_gpt2._gpt2_run_rows, or
     _gpt2_one_token_pass for a one-token suffix), unless a hook is installed; the module path stays right for it too. One-token and several-token suffixes."""
     from kn_tutorial import attribution_engine as E
+    from kn_tutorial import attribution_gpt2 as G
     from kn_tutorial.models import load_model
     atlas = load_model("atlas")
     for (model, tok), target, position in ((tiny_lm("gpt2"), TARGET, -1), (tiny_lm("gpt2"), TARGET, 2),
@@ -84,10 +85,10 @@ def test_written_out_gpt2_and_module_path_both_match_naive(monkeypatch):
         assert E.is_plain_gpt2(model)
         naive = A.integrated_gradients_naive(model, tok, PROMPT, target, steps=3, position=position)
         scale = naive.abs().max()
-        calls, run_rows, one_token = [], E._gpt2_run_rows, E._gpt2_one_token_pass
+        calls, run_rows, one_token = [], E._gpt2_run_rows, G._gpt2_one_token_pass
         with monkeypatch.context() as m:
             m.setattr(E, "_gpt2_run_rows", lambda *a, **k: calls.append(1) or run_rows(*a, **k))
-            m.setattr(E, "_gpt2_one_token_pass", lambda *a, **k: calls.append(1) or one_token(*a, **k))
+            m.setattr(G, "_gpt2_one_token_pass", lambda *a, **k: calls.append(1) or one_token(*a, **k))
             written = A.integrated_gradients(model, tok, PROMPT, target, steps=3, position=position, layers=[0, 1])
         assert calls, "the written-out GPT-2 path did not run"
         with monkeypatch.context() as m:
@@ -131,7 +132,7 @@ def test_written_gelu_and_its_derivative_are_gpt2s():
 def test_one_token_backward_written_out_matches_naive(monkeypatch):
     """A one-token answer scaled at the last prompt token (the usual query) takes the GPT-2 path
     whose forward and backward passes are written out, the prompt in the same pass
-    (attribution_engine._gpt2_one_token_pass), for every Riemann rule (α = 1, the clean row's, or
+    (attribution_gpt2._gpt2_one_token_pass), for every Riemann rule (α = 1, the clean row's, or
     0 among the steps, or neither), one step, in chunks that split a layer's rows, and with a
     subset of the layers: against the naive loop on the tiny GPT-2 (1e-5), and on Atlas in
     float64 (1e-6; the probabilities are float32 in both) and float32 against float64 (1e-5).
@@ -141,10 +142,10 @@ def test_one_token_backward_written_out_matches_naive(monkeypatch):
     below, right rule: the regression the float64 check catches)."""
     import copy
 
-    from kn_tutorial import attribution_engine as E
+    from kn_tutorial import attribution_gpt2 as G
     from kn_tutorial.models import load_model
-    calls, run = [], E._gpt2_one_token_pass
-    monkeypatch.setattr(E, "_gpt2_one_token_pass", lambda *a, **k: calls.append(1) or run(*a, **k))
+    calls, run = [], G._gpt2_one_token_pass
+    monkeypatch.setattr(G, "_gpt2_one_token_pass", lambda *a, **k: calls.append(1) or run(*a, **k))
     tiny, atlas = tiny_lm("gpt2"), load_model("atlas")
     atlas64 = (copy.deepcopy(atlas[0]).double(), atlas[1])
     palmas = ("Las Palmas de Gran Canaria is located in the continent of", " Europe")
