@@ -216,10 +216,9 @@ def _path_gradients(model, query: _Query, layers: list[int], alphas: Tensor, bat
                     engine: str) -> tuple[Tensor, Tensor]:
     """w̄ [L, d_ff] and Σ over the given α of ∂P_x(α w̄^(l))/∂w^(l), accumulated per distinct α:
     returns (w_bar, grads [L, len(alphas), d_ff]), both float32 (float64 for a float64 model:
-    scoring.probability_dtype) on the model's device. The
-    engines that go through the modules run with the weights frozen (`weights.frozen`: autograd
-    keeps nothing for weight gradients) and GPT-2's GELU as one kernel (models.fused_activations:
-    the same numbers to float rounding)."""
+    scoring.probability_dtype) on the model's device. The engines that go through the modules
+    run with the weights frozen (`weights.frozen`: autograd keeps nothing for weight gradients)
+    and GPT-2's GELU as one kernel (models.fused_activations: the same numbers to float rounding)."""
     _check_batch_size(batch_size)
     if engine == "grow" and _gpt2_one_token(query) and is_plain_gpt2(model):  # no module, no autograd graph
         return _gpt2_one_token_path(model, query, layers, alphas.to(query.seq.device), batch_size)
