@@ -37,7 +37,7 @@ from .hooks import Recorder, patch, record, set_neurons
 from .lazy import lazy_exports
 from .models import check_layer, d_ff, get_device, n_layers
 from .progress import progress
-from .scoring import target_ids
+from .scoring import probability_dtype, target_ids
 from .validate import NonFiniteEditError, check_context, nonfinite_cause, shorten
 
 RULES = ("right", "left", "midpoint")
@@ -136,7 +136,8 @@ def integrated_gradients(
     engine: str = "grow",
     show_progress: bool = False,
 ) -> Tensor:
-    """Attr(w_i^(l)) of every FFN neuron for the fact (prompt -> target): [L, d_ff] float32, CPU.
+    """Attr(w_i^(l)) of every FFN neuron for the fact (prompt -> target): [L, d_ff] float32 (float64
+    for a float64 model: probabilities, gradients and sums stay in float64), CPU.
 
     prompt, target: one fact, or lists of facts (a single target string is shared by all
         prompts); for n facts the result is [n, L, d_ff].
@@ -182,7 +183,8 @@ def integrated_gradients_naive(
     target_tokens: str = "all",
 ) -> Tensor:
     """The definition, one layer and one step at a time: m full forward+backward passes per
-    layer, no batching, no cache. The reference for tests and the benchmark: [L, d_ff]."""
+    layer, no batching, no cache. The reference for tests and the benchmark: [L, d_ff] (in the
+    dtype of `integrated_gradients`: float64 for a float64 model, else float32)."""
     layer_list = _layers(model, layers)
     alphas = riemann_alphas(steps, rule).tolist()
     query = _query(model, tokenizer, prompt, target, position, target_tokens, get_device(model))
@@ -192,7 +194,7 @@ def integrated_gradients_naive(
         with torch.no_grad(), Recorder(model, ("key", layer)) as rec:
             model(input_ids=ids)
         w_bar = rec[("key", layer)][0, query.q]  # [d_ff]
-        total = torch.zeros_like(w_bar, dtype=torch.float32)
+        total = torch.zeros_like(w_bar, dtype=probability_dtype(w_bar.dtype))
         for alpha in alphas:
             scaled = (alpha * w_bar).detach().requires_grad_(True)
 
@@ -203,8 +205,8 @@ def integrated_gradients_naive(
             with patch(model, "key", layer, write):
                 prob = _target_prob(model(input_ids=ids).logits, query)[0]
             (grad,) = torch.autograd.grad(prob, scaled)
-            total += grad.float()
-        attributions.append((w_bar.float() * total / len(alphas)).cpu())
+            total += grad.to(total.dtype)
+        attributions.append((w_bar.to(total.dtype) * total / len(alphas)).cpu())
     return torch.stack(attributions)
 
 
@@ -265,8 +267,8 @@ def activation_times_gradient(model, tokenizer, prompt, target, layers=None, pos
 def path_probabilities(model, tokenizer, prompt: str, target: str, alphas: Sequence[float] | Tensor,
                        layers=None, position: int = -1, target_tokens: str = "all",
                        batch_size: int | None = None, engine: str = "grow") -> Tensor:
-    """P_x(α w̄^(l)) for every layer and α, [L, len(alphas)] float32 CPU: the curve whose
-    integral of slopes the attributions are. One batched pass, no gradients."""
+    """P_x(α w̄^(l)) for every layer and α, [L, len(alphas)] float32 (float64 for a float64 model)
+    CPU: the curve whose integral of slopes the attributions are. One batched pass, no gradients."""
     layer_list = _layers(model, layers)
     _check_batch_size(batch_size)
     alphas = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
@@ -279,7 +281,7 @@ def path_probabilities(model, tokenizer, prompt: str, target: str, alphas: Seque
                         grad=False)[0]
         for s in range(0, len(row_layer), chunk)
     ]
-    return torch.cat(probs).float().cpu().reshape(len(layer_list), len(alphas))
+    return torch.cat(probs).cpu().reshape(len(layer_list), len(alphas))  # _target_prob's dtype
 
 
 def probability_gap(model, tokenizer, prompt: str, target: str, layers=None, position: int = -1,
@@ -312,7 +314,8 @@ def suppressed_probabilities(model, tokenizer, prompt: str, target: str,
                              neuron_sets: Sequence[Sequence[tuple[int, int]]], position: int = -1,
                              target_tokens: str = "all") -> Tensor:
     """P(target) with each set of (layer, neuron) activations set to 0 at the scored position
-    (Dai et al.'s suppression experiment), one batch row per set: [len(neuron_sets)] float32 CPU."""
+    (Dai et al.'s suppression experiment), one batch row per set: [len(neuron_sets)] float32 CPU
+    (float64 for a float64 model)."""
     query = _query(model, tokenizer, prompt, target, position, target_tokens, get_device(model))
     n_rows, width = len(neuron_sets), d_ff(model)
     keep = torch.ones(n_rows, n_layers(model), width, device=query.seq.device)  # 0 where suppressed

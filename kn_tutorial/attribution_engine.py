@@ -50,6 +50,7 @@ from .gpt2_written import is_plain_gpt2
 from .hooks import Recorder, patch
 from .kv_cache import block_pairs, broadcast_cache, cache_keyword, output_cache
 from .models import final_norm, fused_activations, get_block, mlp_out_weight, n_layers
+from .scoring import probability_dtype
 from .weights import frozen
 
 
@@ -90,7 +91,8 @@ def _run_rows_flat(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor
 
     Row r's key at layer layers[row_layer[r]], position q, is set to α w̄; every other
     activation is computed normally. Returns P per row [b] and, with grad=True, the
-    gradient of P with respect to the row's own scaled key [b, d_ff] (float32).
+    gradient of P with respect to the row's own scaled key [b, d_ff] (float32; float64 for a
+    float64 model: scoring.probability_dtype).
     "flat": every row runs every block (the simple layout; blocks below a row's layer
     recompute the clean state).
     """
@@ -121,9 +123,10 @@ def _run_rows_flat(model, query: _Query, cache, w_bar: Tensor, row_layer: Tensor
         return probs.detach(), None
     order = list(leaves)
     grads = torch.autograd.grad((probs / p_ref).sum(), [leaves[j][1] for j in order])
-    row_grads = torch.empty(b, w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
+    grad_dtype = probability_dtype(dtype)
+    row_grads = torch.empty(b, w_bar.shape[1], dtype=grad_dtype, device=w_bar.device)
     for j, g in zip(order, grads):
-        row_grads[leaves[j][0]] = g.float() * p_ref
+        row_grads[leaves[j][0]] = g.to(grad_dtype) * p_ref
     return probs.detach(), row_grads
 
 
@@ -212,10 +215,10 @@ def _grow_or_flat(model, *args, **kwargs):
 def _path_gradients(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None,
                     engine: str) -> tuple[Tensor, Tensor]:
     """w̄ [L, d_ff] and Σ over the given α of ∂P_x(α w̄^(l))/∂w^(l), accumulated per distinct α:
-    returns (w_bar, grads [L, len(alphas), d_ff]), both float32 on the model's device. The
-    engines that go through the modules run with the weights frozen (`weights.frozen`: autograd
-    keeps nothing for weight gradients) and GPT-2's GELU as one kernel (models.fused_activations:
-    the same numbers to float rounding)."""
+    returns (w_bar, grads [L, len(alphas), d_ff]), both float32 (float64 for a float64 model:
+    scoring.probability_dtype) on the model's device. The engines that go through the modules
+    run with the weights frozen (`weights.frozen`: autograd keeps nothing for weight gradients)
+    and GPT-2's GELU as one kernel (models.fused_activations: the same numbers to float rounding)."""
     _check_batch_size(batch_size)
     if engine == "grow" and _gpt2_one_token(query) and is_plain_gpt2(model):  # no module, no autograd graph
         return _gpt2_one_token_path(model, query, layers, alphas.to(query.seq.device), batch_size)
@@ -231,12 +234,13 @@ def _path_gradients_fused(model, query: _Query, layers: list[int], alphas: Tenso
     else:
         w_bar, p_clean, cache = _clean_pass(model, query, layers)
     # Gradients of P / P(clean), rescaled after: in float16 the gradients of a small P would
-    # underflow (the loss-scaling trick of mixed-precision training); exact in float32.
+    # underflow (the loss-scaling trick of mixed-precision training); exact in float32 and float64.
     p_ref = max(float(p_clean), 1e-30)
     row_layer, row_alpha = _row_plan(len(layers), alphas, w_bar.device)
     row_step = torch.arange(len(alphas), device=w_bar.device).repeat(len(layers))  # [L·m] index of α
     chunk = batch_size or _default_batch_size(model, query, len(row_layer))
-    grads = torch.zeros(len(layers), len(alphas), w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
+    grad_dtype = probability_dtype(w_bar.dtype)
+    grads = torch.zeros(len(layers), len(alphas), w_bar.shape[1], dtype=grad_dtype, device=w_bar.device)
     for start in range(0, len(row_layer), chunk):
         rows = slice(start, start + chunk)
         if written_out:
@@ -246,7 +250,7 @@ def _path_gradients_fused(model, query: _Query, layers: list[int], alphas: Tenso
             _, row_grads = _engine(engine)(model, query, cache, w_bar, row_layer[rows], row_alpha[rows], layers,
                                             grad=True, p_ref=p_ref)
         grads[row_layer[rows], row_step[rows]] = row_grads
-    return w_bar.float(), grads
+    return w_bar.to(grad_dtype), grads
 
 
 def _one_fact_ig(model, query: _Query, layers: list[int], alphas: Tensor, batch_size: int | None,

@@ -17,6 +17,7 @@ from torch import Tensor
 from . import gpt2_written as written
 from .attribution_rows import _default_batch_size, _in_row_order, _Query, _rows_by_layer, _target_prob
 from .models import d_ff
+from .scoring import probability_dtype
 
 
 @torch.no_grad()
@@ -38,7 +39,8 @@ def _gpt2_clean_pass(model, query: _Query, layers: list[int]):
         past.append((k[0, :, :query.q].transpose(1, 2).contiguous(), v[0, :, :query.q]) if query.q > 0 else None)
     states.append(h[0, query.q:])
     logits = model.lm_head(written.layer_norm(h[:, query.predict_at], transformer.ln_f))  # [1, T, vocab]
-    picked = torch.log_softmax(logits.float(), dim=-1)[0].gather(-1, query.targets[:, None])
+    logprobs = torch.log_softmax(logits.to(probability_dtype(logits.dtype)), dim=-1)  # float64 for a float64 model
+    picked = logprobs[0].gather(-1, query.targets[:, None])
     w_bar = torch.stack([keys[layer] for layer in layers])
     return w_bar, picked.sum().exp(), past, torch.stack(states), torch.stack(mids)
 
@@ -98,7 +100,8 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
     respect to α w̄ is the first product of block l's backward pass (through W of W key + b).
     The clean row is the row α = 1 of every layer; with `clean_rows`, it gives their gradients.
 
-    Writes the gradients (float32) into grads[layer index, step index, :] for the given rows
+    Writes the gradients (in grads' dtype: scoring.probability_dtype of the model's) into
+    grads[layer index, step index, :] for the given rows
     (and every layer's steps α = 1 with `clean_rows`); returns w̄ [L, d_ff]."""
     transformer, n_head, q = model.transformer, model.config.n_head, query.q
     steps: dict[int, list[int]] = {}  # absolute layer -> its rows' step indices, in order
@@ -121,7 +124,7 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
     ln_f = transformer.ln_f
     normed, mean_f, rstd_f = torch.native_layer_norm(h, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps)
     unembed = model.lm_head.weight  # [vocab, d]
-    logprobs = torch.log_softmax((normed @ unembed.T).float(), dim=-1)  # [1 + b, vocab]
+    logprobs = torch.log_softmax((normed @ unembed.T).to(probability_dtype(unembed.dtype)), dim=-1)  # [1 + b, vocab]
     target = int(query.targets[0])
     probs = logprobs[:, target].exp()
     # Gradients of P / P(clean), rescaled after (as `_path_gradients_fused`), through the kernel
@@ -140,9 +143,9 @@ def _gpt2_one_token_pass(model, query: _Query, layers: list[int], alphas: Tensor
         grad_keys = grad @ blocks[block].mlp.c_proj.weight.T  # [rows at block's output, d_ff]
         leaving = len(steps.get(block, ()))
         if leaving:
-            grads[position[block], steps[block]] = grad_keys[-leaving:].float() * p_ref
+            grads[position[block], steps[block]] = grad_keys[-leaving:].to(grads.dtype) * p_ref
         if clean_rows and block in position:
-            grads[position[block], one] = grad_keys[0].float() * p_ref
+            grads[position[block], one] = grad_keys[0].to(grads.dtype) * p_ref
         if block == lowest:
             break
         staying = len(grad) - leaving
@@ -157,9 +160,10 @@ def _gpt2_one_token_path(model, query: _Query, layers: list[int], alphas: Tensor
     others = [k for k, alpha in enumerate(alphas.tolist()) if alpha != 1.0]
     rows = [(j, k) for j in range(len(layers)) for k in others]
     chunk = batch_size or _default_batch_size(model, query, max(len(rows), 1))
-    grads = torch.zeros(len(layers), len(alphas), d_ff(model), dtype=torch.float32, device=query.seq.device)
+    grad_dtype = probability_dtype(model.transformer.wte.weight.dtype)  # float64 for a float64 model
+    grads = torch.zeros(len(layers), len(alphas), d_ff(model), dtype=grad_dtype, device=query.seq.device)
     w_bar = None
     for start in range(0, max(len(rows), 1), chunk):
         w_bar = _gpt2_one_token_pass(model, query, layers, alphas, rows[start:start + chunk], w_bar,
                                      start == 0 and len(others) < len(alphas), grads)
-    return w_bar.float().clone(), grads  # a clone made here is an ordinary tensor, not an inference-mode one
+    return w_bar.to(grad_dtype).clone(), grads  # a clone made here is an ordinary tensor, not an inference-mode one

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .models import d_ff, d_model, get_device, n_layers
+from .scoring import probability_dtype
 from .validate import require_positive_int
 
 
@@ -26,8 +27,10 @@ class _Query:
 
 
 def _target_prob(logits: Tensor, query: _Query, offset: int = 0) -> Tensor:
-    """P(target) per row from logits [b, s', vocab] of seq[offset:]: [b] (float32)."""
-    logprobs = torch.log_softmax(logits[:, query.predict_at - offset].float(), dim=-1)  # [b, T, vocab]
+    """P(target) per row from logits [b, s', vocab] of seq[offset:]: [b] (float32; float64 for a
+    float64 model: scoring.probability_dtype)."""
+    logits = logits[:, query.predict_at - offset]
+    logprobs = torch.log_softmax(logits.to(probability_dtype(logits.dtype)), dim=-1)  # [b, T, vocab]
     picked = logprobs.gather(-1, query.targets[None, :, None].expand(len(logits), -1, 1))  # [b, T, 1]
     return picked.sum(dim=(1, 2)).exp()
 
@@ -65,8 +68,9 @@ def _in_row_order(probs, order, grad: bool, leaves: dict, n_rows: int, w_bar, p_
     if not grad:
         return out_probs, None
     grads = torch.autograd.grad((probs / p_ref).sum(), [leaves[layer] for layer in leaves])
-    row_grads = torch.empty(n_rows, w_bar.shape[1], dtype=torch.float32, device=w_bar.device)
-    row_grads[order] = torch.cat(grads).float() * p_ref
+    grad_dtype = probability_dtype(w_bar.dtype)  # float32 for 16-bit models (p_ref rescales)
+    row_grads = torch.empty(n_rows, w_bar.shape[1], dtype=grad_dtype, device=w_bar.device)
+    row_grads[order] = torch.cat(grads).to(grad_dtype) * p_ref
     return out_probs, row_grads
 
 

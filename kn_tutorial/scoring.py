@@ -16,6 +16,14 @@ from .models import get_device
 from .progress import progress
 
 
+def probability_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype probabilities (and the gradients of integrated gradients) are computed in for a
+    model of `dtype`: float64 for a float64 model, so that the fast engines of tracing and
+    attribution can be held to their literal definitions at 1e-9; float32 otherwise (also for
+    float16/bfloat16 models, whose softmax would lose too many digits)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def target_ids(tokenizer, target: str) -> list[int]:
     """Token ids of a target with its leading space; a clear error for an empty one."""
     if not isinstance(target, str) or not target.strip():

@@ -50,10 +50,10 @@ from .hooks import Recorder, canonical_site, patch
 from .lazy import lazy_exports
 from .models import embedding_matrix, fused_activations, get_device, n_layers
 from .progress import progress_bar
-from .scoring import target_ids
+from .scoring import probability_dtype, target_ids
 from .tokens import subject_span
 from .tracing_engine import (  # noqa: F401  (the engine's names stay importable from here)
-    _INPUT_SITES, _chunks, _first_blocks, _Group, _restored_rows, _writer, prepare_runs, probability_dtype,
+    _INPUT_SITES, _chunks, _first_blocks, _Group, _restored_rows, _writer, prepare_runs,
 )
 from .tracing_noise import _check_embeddings, noise_level, subject_noise  # noqa: F401  (re-exported)
 from .validate import check_context

@@ -49,6 +49,7 @@ from .gpt2_written import is_plain_gpt2
 from .hooks import Recorder, patch
 from .kv_cache import output_cache
 from .models import embedding_matrix, get_device, n_layers
+from .scoring import probability_dtype
 from .suffix import run_rows_from_blocks
 from .validate import NonFiniteEditError, nonfinite_cause
 
@@ -90,12 +91,6 @@ def _writer(rows: Tensor, pos: Tensor, values: Tensor):
 def _INPUT_SITES(L: int) -> list[tuple[str, int]]:
     """The input of every block (the noise included at block 0), then the last block's output."""
     return [("resid_pre", layer) for layer in range(L)] + [("hidden", L - 1)]
-
-
-def probability_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype probabilities are computed in: float64 for a float64 model (so that the engine can
-    be held to the literal definition at 1e-9), float32 otherwise (also for float16/bfloat16 models)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunks(total: int, batch_size: int):
