@@ -26,6 +26,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from queue import Empty
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "KN_SUITE_REPORT "
@@ -46,6 +47,33 @@ print({MARK!r} + _json.dumps({{
     "kn_tutorial": getattr(_sys.modules.get("kn_tutorial"), "__file__", None),
 }}))
 """
+
+
+def poll_shell_in_steps(kernel_client, step: float = 0.5) -> None:
+    """Make the kernel client wait for shell replies in polls of at most `step` seconds.
+
+    nbclient waits for a cell's execute_reply with one poll on the shell socket that lasts the
+    whole cell timeout, while its proxy of an ipywidgets Output widget (interactive_output,
+    the explorers) sends comm messages on that same socket. ZeroMQ signals a socket's
+    readiness by an edge-triggered descriptor, and the send can consume the edge that the
+    reply raised: the poll then never wakes, and the run waits on an idle kernel until the
+    timeout (seen here once in a CI run, on chapter 3's explorer; nbclient issue #312). A new
+    poll checks the socket's events first, so polling in short steps finds the reply within
+    `step` seconds. The timeout as a whole is kept."""
+    channel = kernel_client.shell_channel
+    get_msg = channel.get_msg
+
+    async def get_msg_in_steps(timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = step if deadline is None else max(0.0, min(step, deadline - time.monotonic()))
+            try:
+                return await get_msg(timeout=wait)
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    channel.get_msg = get_msg_in_steps
 
 
 def run_one(path: Path, out_dir: Path, timeout: int, run_skipped: bool) -> dict:
@@ -70,6 +98,7 @@ def run_one(path: Path, out_dir: Path, timeout: int, run_skipped: bool) -> dict:
     start = time.perf_counter()
     try:
         with client.setup_kernel():
+            poll_shell_in_steps(client.kc)
             try:  # the chapter's cells, stopping at the first error (as nbval does)
                 for index, cell in enumerate(nb.cells[:-1]):
                     client.execute_cell(cell, index)

@@ -59,3 +59,43 @@ def test_fine_tune_many_trains_only_its_matrices_and_restores_every_flag():
     assert all((p - before[n]).abs().max() <= 1e-3 + 1e-7 for n, p in model.named_parameters() if n in trained)
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_run_notebooks_finds_a_reply_that_one_long_poll_would_miss():
+    """scripts/run_notebooks.py polls the shell channel in short steps (poll_shell_in_steps): a
+    reply whose wake-up a long poll loses (ZeroMQ's edge-triggered readiness, consumed by a send
+    on the same socket: nbclient issue #312) is found at the next step, and the caller's timeout
+    still holds when nothing comes."""
+    import asyncio
+    import time
+    from queue import Empty
+    from types import SimpleNamespace
+
+    runner = load_script("run_notebooks")
+
+    class LostWakeup:
+        """A shell channel whose reply arrives at `arrives`; a poll started before that never wakes up."""
+        def __init__(self, arrives: float):
+            self.arrives, self.polls = arrives, []
+
+        async def get_msg(self, timeout=None):
+            self.polls.append(timeout)
+            if time.monotonic() >= self.arrives:
+                return {"msg_type": "execute_reply"}
+            await asyncio.sleep(timeout)  # the wake-up is lost: the poll lasts its whole timeout
+            raise Empty
+
+    channel = LostWakeup(time.monotonic() + 0.2)
+    with pytest.raises(Empty):  # without the steps: one poll sleeps through the reply
+        asyncio.run(channel.get_msg(timeout=0.5))
+    client = SimpleNamespace(shell_channel=LostWakeup(time.monotonic() + 0.2))
+    runner.poll_shell_in_steps(client, step=0.05)
+    started = time.monotonic()
+    assert asyncio.run(client.shell_channel.get_msg(timeout=30))["msg_type"] == "execute_reply"
+    assert time.monotonic() - started < 5  # not the 30 s of the caller's timeout
+    silent = SimpleNamespace(shell_channel=LostWakeup(float("inf")))
+    runner.poll_shell_in_steps(silent, step=0.05)
+    started = time.monotonic()
+    with pytest.raises(Empty):
+        asyncio.run(silent.shell_channel.get_msg(timeout=0.3))
+    assert 0.25 <= time.monotonic() - started < 5
