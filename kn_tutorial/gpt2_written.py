@@ -121,8 +121,8 @@ def block_prompt_and_rows(block, h: Tensor, q: int, n_head: int, join: Tensor | 
                           join_key: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, tuple, tuple]:
     """One block, without autograd, on h [q + n, d]: rows 0..q-1 are a prompt's first q tokens
     (causal among themselves), and each of the n rows after them is one token at position q
-    that attends to those q tokens and to itself (`block_one_token`'s rows, with the prompt in
-    the same matrix products). join [j]: j more rows come out of the block, each the row at q
+    that attends to those q tokens and to itself (the prompt and the rows share the block's
+    matrix products). join [j]: j more rows come out of the block, each the row at q
     with its key activations scaled by join (of join_key [d_ff] when given): their MLP output
     is computed in the same product as the others' (their residual after attention is row q's).
     Returns (output [q + n + j, d], residual after attention, key activations [q + n + j, d_ff],
@@ -187,22 +187,6 @@ def block_one_token_backward(block, grad_out: Tensor, grad_keys: Tensor, n_head:
     ln_1 = block.ln_1
     return torch.ops.aten.native_layer_norm_backward(grad_qkv @ block.attn.c_attn.weight.T, h, ln_1.normalized_shape,
                                                      mean_1, rstd_1, ln_1.weight, ln_1.bias, mask)[0].add_(grad_mid)
-
-
-def block_one_token(block, h: Tensor, n_head: int, past) -> Tensor:
-    """`block` for one new token per row (the usual suffix: a one-token answer at the last
-    position), h [n, d] -> [n, d], laid out heads-first so each product is one batched matrix
-    product per head rather than one tiny product per row and head."""
-    n, d = h.shape
-    dh = d // n_head
-    past_kt, past_v = past  # [heads, d_head, q], [heads, q, d_head]
-    query, key, value = conv1d(layer_norm(h, block.ln_1), block.attn.c_attn).view(n, 3, n_head, dh).permute(1, 2, 0, 3)
-    own = (query * key).sum(-1, keepdim=True)  # [heads, n, 1]
-    weights = torch.softmax(torch.cat([query @ past_kt, own], dim=-1) * dh ** -0.5, dim=-1)
-    q = past_kt.shape[2]
-    attended = torch.baddbmm(weights[..., q:] * value, weights[..., :q], past_v)  # [heads, n, d_head]
-    h = h + conv1d(attended.transpose(0, 1).reshape(n, d), block.attn.c_proj)
-    return mlp(block, h)[0]
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -273,8 +257,8 @@ def forward_recorded(model, input_ids: Tensor, added: Tensor | None = None, reco
     return out
 
 
-def rows_from_blocks(model, starts: Tensor, hidden: Tensor, writes: dict, source: Tensor | None = None,
-                     past: list | None = None, first_qkv: list | None = None, changed: Tensor | None = None) -> Tensor:
+def rows_from_blocks(model, starts: Tensor, hidden: Tensor, writes: dict, source: Tensor, past: list | None,
+                     first_qkv: list, changed: Tensor) -> Tensor:
     """`suffix.run_rows_from_blocks(..., last_only=True)` written out, with the patches as `writes`.
 
     Every row is a variant of a recorded run (`source` [R]: which one) on the M suffix tokens.
@@ -329,13 +313,10 @@ def rows_from_blocks(model, starts: Tensor, hidden: Tensor, writes: dict, source
             else:
                 parts.append(conv1d(x, block.attn.c_attn))
         if joining is not None:
-            if first_qkv is not None:
-                qkv = first_qkv[layer].index_select(0, source[low:high])
-                rows, pos = changed[low:high].nonzero(as_tuple=True)
-                if len(rows):
-                    qkv[rows, pos] = conv1d(layer_norm(joining[rows, pos], block.ln_1), block.attn.c_attn)
-            else:
-                qkv = conv1d(layer_norm(joining, block.ln_1), block.attn.c_attn)
+            qkv = first_qkv[layer].index_select(0, source[low:high])
+            rows, pos = changed[low:high].nonzero(as_tuple=True)
+            if len(rows):
+                qkv[rows, pos] = conv1d(layer_norm(joining[rows, pos], block.ln_1), block.attn.c_attn)
             parts.append(qkv)
             h = joining if h is None else torch.cat([h, joining])
         if split:

@@ -180,12 +180,13 @@ def _first_blocks(restore: Tensor, site: str, frozen: Tensor | None, fold_attent
     """[R] the first block each row has to run: the lowest layer it restores or freezes, L when it
     changes nothing; one higher for a hidden state or an MLP output of layer l, which changes only
     the output of block l at its token (the MLP output is added last), i.e. the input of block l + 1.
-    fold_attention: one higher for an attention output of layer l too (no row freezes anything):
-    the caller computes block l's output at the restored tokens (GPT-2: its MLP after the
-    restored attention output; the attention of the other tokens reads block l's input, unchanged)."""
+    fold_attention: one higher for an attention output of layer l too (the caller passes it only
+    when no row freezes anything, and computes block l's output at the restored tokens (GPT-2:
+    its MLP after the restored attention output; the attention of the other tokens reads block
+    l's input, unchanged))."""
     R, L, _ = restore.shape
     first = lambda mask: torch.where(mask.any(1), mask.int().argmax(1), L)  # noqa: E731  [R]
-    later = site in ("hidden", "mlp_out") or (site == "attn_out" and fold_attention and frozen is None)
+    later = site in ("hidden", "mlp_out") or (site == "attn_out" and fold_attention)
     start = first(restore.any(-1)) + (1 if later else 0)
     if frozen is not None:
         start = torch.minimum(start, first(frozen.any(-1)))
@@ -225,6 +226,11 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
     steps = (T - start) * (L - first_block[order]).clamp(min=1)  # (token, block) steps of each row
     budget = batch_size * T * L  # as many steps as batch_size full rows
     prob = group.clean_prob.dtype  # probability_dtype of the model's
+    if written:  # the same for every chunk: the corrupted runs' keys and values of tokens 0..start-1,
+        # read by row, and their c_attn outputs at the suffix (a row's first block reads them)
+        written_past = None if start == 0 else [(keys[:, :, :start].contiguous(), values[:, :, :start].contiguous())
+                                                for keys, values in group.corrupted_kv]
+        first_qkv = [x[:, start:].contiguous() for x in group.corrupted_qkv]
     out = torch.zeros(len(row_prompt), device=device, dtype=prob)
     begin = 0
     while begin < len(order):
@@ -253,10 +259,9 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
                 at = below[rows] == layer
                 hidden[rows[at], pos[at]] = gpt2_written.block_after_attention(model.transformer.h[layer], mid[at])
         past = None
-        if written:  # the corrupted runs' keys and values of tokens 0..start-1, read by row (cached)
-            past = None if start == 0 else [(keys[:, :, :start].contiguous(), values[:, :, :start].contiguous())
-                                            for keys, values in group.corrupted_kv]
-        elif start > 0:  # the same, one copy per row
+        if written:
+            past = written_past
+        elif start > 0:  # the corrupted runs' keys and values of tokens 0..start-1, one copy per row
             first = int(starts[0])
             past = [None if layer < first else (keys[cached, :, :start], values[cached, :, :start])
                     for layer, (keys, values) in enumerate(group.corrupted_kv)]
@@ -273,7 +278,6 @@ def _restored_rows(model, group: _Group, row_prompt: Tensor, row_sample: Tensor,
         if written:
             # a row's queries, keys and values in its first block are its corrupted run's except at
             # the tokens whose input the restoration changed (`changed`)
-            first_qkv = [x[:, start:].contiguous() for x in group.corrupted_qkv]
             logits = gpt2_written.rows_from_blocks(model, starts, hidden, writes, source=cached, past=past,
                                                    first_qkv=first_qkv, changed=changed)
         else:
